@@ -1,0 +1,193 @@
+"""The one typed config of a slap-ray run: YAML file + dotted overrides, validated.
+
+Defaults live only here. Unknown keys are errors that name the key; ranges are checked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where rows come from and how they are normalised and tokenised."""
+
+    paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat"])
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf_disk"] = "auto"
+    schema_: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_response"] = Field(
+        "auto", alias="schema"
+    )
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    system_field: str | None = None
+    id_field: str = "id"
+    source: str | None = None
+    task: str | None = None
+    on_bad_rows: Literal["error", "skip"] = "error"
+    max_rows: int | None = Field(None, ge=1)
+    max_length: int = Field(512, ge=8)
+    truncation: Literal["keep_response", "right"] = "keep_response"
+    chitchat_mode: Literal["pairs", "multiturn"] = "pairs"
+    eval_paths: list[str] = Field(default_factory=list)
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelConfig(_Section):
+    """The causal LM that scores (and later trains): offline alias, local dir or Hub id."""
+
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class EmbedConfig(_Section):
+    """Sentence embeddings for the distribution strata."""
+
+    model: str = "all-minilm-l6-v2"
+    batch_size: int = Field(128, ge=1)
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    max_chars: int = Field(2000, ge=16)
+
+
+class StrataConfig(_Section):
+    """k-means distribution strata (SLAP_METHOD.md section 3, step 1)."""
+
+    num_clusters: int = Field(8, ge=1)
+    fit_sample_size: int = Field(4096, ge=1)
+    max_iter: int = Field(50, ge=1)
+
+
+class SelectConfig(_Section):
+    """Per-batch selection (section 1) and the budget grid."""
+
+    method: Literal["slap", "random", "full", "online_hard", "ccs", "infobatch"] = "slap"
+    alphas: list[float] = Field(default_factory=lambda: [0.2, 0.3, 0.4])
+    batch_size: int = Field(32, ge=1)
+    num_strata: int = Field(3, ge=1)
+    tau: float = Field(1.0, gt=0)
+    strata: Literal["width", "quantile"] = "width"
+    eps: float = Field(1e-6, gt=0)
+    projection_dim: int | None = Field(None, ge=1)
+    calibration_batches: int = Field(4, ge=0)
+    beta2: float = Field(0.999, ge=0, lt=1)
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_in_range(cls, alphas: list[float]) -> list[float]:
+        if not alphas:
+            raise ValueError("at least one alpha is needed")
+        for alpha in alphas:
+            if not 0.0 <= alpha < 1.0:
+                raise ValueError(f"alpha must satisfy 0 <= alpha < 1, got {alpha}")
+        if len(set(alphas)) != len(alphas):
+            raise ValueError(f"alphas must be distinct, got {alphas}")
+        return sorted(alphas)
+
+
+class ScoreConfig(_Section):
+    """Scorer actors holding model replicas."""
+
+    num_scorers: int = Field(1, ge=1)
+    num_gpus_per_scorer: float = Field(0.0, ge=0)
+    micro_batch_size: int = Field(8, ge=1)
+    vocab_chunk: int | None = Field(None, ge=1)
+
+
+class RayConfig(_Section):
+    """How to reach (or start) Ray."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    object_store_memory: int | None = Field(None, ge=78_643_200)
+
+
+class SlapConfig(_Section):
+    """A whole run."""
+
+    seed: int = 0
+    output_dir: str = "runs/default"
+    resume: bool = False
+    progress: bool = True
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    strata: StrataConfig = Field(default_factory=StrataConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form dotted.key=value")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Set ``a.b.c=value`` overrides (values parsed as YAML) in a nested dict, in place."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]).replace("schema_", "schema")
+        reason = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"{key}: {reason}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | None = None) -> SlapConfig:
+    """Validate a nested dict (plus overrides) into a ``SlapConfig``."""
+    tree = apply_overrides(dict(tree or {}), list(overrides or []))
+    try:
+        return SlapConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SlapConfig:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        loaded = yaml.safe_load(text)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = loaded or {}
+    return build_config(tree, overrides)
+
+
+def config_to_dict(config: SlapConfig) -> dict:
+    """The resolved config as plain data (YAML/JSON ready), with public key names."""
+    return config.model_dump(mode="json", by_alias=True)
+
+
+def write_resolved_config(config: SlapConfig, path: str | Path) -> Path:
+    """Write the fully resolved config (defaults filled in) next to a run's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+    return path

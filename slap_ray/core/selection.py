@@ -1,0 +1,231 @@
+"""Per-batch selection: SLAP (SLAP_METHOD.md section 1, steps 2-5) and the section 4 baselines.
+
+Every method has the same interface: per-example losses (B,), features (B, D) or None,
+``n_keep`` and a seeded ``numpy.random.Generator``; it returns sorted, unique int64 indices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+METHODS = ("slap", "random", "full", "online_hard", "ccs", "infobatch")
+STRATA_KINDS = ("width", "quantile")
+METHOD_OPTIONS = {"slap": ("num_strata", "tau", "strata"), "ccs": ("num_strata",)}
+
+
+def _as_losses(losses: np.ndarray | torch.Tensor) -> np.ndarray:
+    values = np.asarray(losses.detach().cpu() if isinstance(losses, torch.Tensor) else losses)
+    values = values.astype(np.float64).reshape(-1)
+    if not np.all(np.isfinite(values)):
+        bad = np.flatnonzero(~np.isfinite(values)).tolist()
+        raise ValueError(f"losses must be finite; non-finite at batch positions {bad}")
+    return values
+
+
+def _check_n_keep(n_keep: int, batch: int) -> int:
+    if not 0 <= int(n_keep) <= batch:
+        raise ValueError(f"n_keep must be in [0, {batch}], got {n_keep}")
+    return int(n_keep)
+
+
+def _sorted(indices: np.ndarray | list[int]) -> np.ndarray:
+    return np.sort(np.asarray(indices, dtype=np.int64))
+
+
+def loss_strata(losses: np.ndarray, num_strata: int, kind: str = "width") -> np.ndarray:
+    """Stratum of each example, 0 = lowest loss: (B,) -> (B,) int64 in [0, num_strata).
+
+    ``width``: equal-width bins over [min, max] (all equal losses -> stratum 0).
+    ``quantile``: equal-count bins by loss rank (ties by index).
+    """
+    if num_strata < 1:
+        raise ValueError(f"num_strata must be >= 1, got {num_strata}")
+    if kind not in STRATA_KINDS:
+        raise ValueError(f"strata must be one of {STRATA_KINDS}, got {kind!r}")
+    batch = len(losses)
+    if kind == "quantile":
+        ranks = np.empty(batch, dtype=np.int64)
+        ranks[np.argsort(losses, kind="stable")] = np.arange(batch)
+        return ranks * num_strata // max(batch, 1)
+    low, high = (float(losses.min()), float(losses.max())) if batch else (0.0, 0.0)
+    if high <= low:
+        return np.zeros(batch, dtype=np.int64)
+    position = (losses - low) / (high - low) * num_strata
+    return np.minimum(position.astype(np.int64), num_strata - 1)
+
+
+def exp_loss_draw(losses: np.ndarray, n_keep: int, tau: float, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``n_keep`` indices without replacement with probability proportional to exp(loss/tau).
+
+    Gumbel-top-k: the top-k of log-weight + Gumbel noise has exactly the distribution of
+    sequential weighted draws without replacement, and stays stable for any loss scale.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    keys = losses / tau + rng.gumbel(size=len(losses))
+    return np.argsort(-keys, kind="stable")[:n_keep]
+
+
+def farthest_point_fill(
+    features: np.ndarray, strata: np.ndarray, budgets: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Stratified greedy farthest-point selection (step 5).
+
+    features (B, D) float64, strata (B,) int, budgets (K,) -> selected indices in pick order.
+    Strata are visited in ascending order; the first with budget starts S at a random member;
+    then each stratum adds the member farthest (max of min L2 distance) from all of S.
+    """
+    batch = len(features)
+    selected: list[int] = []
+    # Squared distance to the nearest selected point; monotone in the distance, so argmax agrees.
+    nearest = np.full(batch, np.inf)
+    taken = np.zeros(batch, dtype=bool)
+
+    def add(index: int) -> None:
+        selected.append(index)
+        taken[index] = True
+        np.minimum(nearest, ((features - features[index]) ** 2).sum(axis=1), out=nearest)
+
+    for stratum, budget in enumerate(budgets):
+        members = np.flatnonzero(strata == stratum)
+        for _ in range(int(budget)):
+            if not selected:
+                add(int(members[rng.integers(len(members))]))
+                continue
+            candidates = members[~taken[members]]
+            # argmax returns the first maximum: ties break by lowest index.
+            add(int(candidates[np.argmax(nearest[candidates])]))
+    return np.asarray(selected, dtype=np.int64)
+
+
+def slap_select(
+    losses: np.ndarray | torch.Tensor,
+    features: np.ndarray | torch.Tensor,
+    n_keep: int,
+    rng: np.random.Generator,
+    num_strata: int = 3,
+    tau: float = 1.0,
+    strata: str = "width",
+) -> np.ndarray:
+    """SLAP selection of one batch: loss strata, exp(loss) budgets, stratified farthest points.
+
+    losses (B,), features (B, D) -> sorted unique int64 indices, ``n_keep`` of them.
+    """
+    values = _as_losses(losses)
+    n_keep = _check_n_keep(n_keep, len(values))
+    points = np.asarray(
+        features.detach().cpu() if isinstance(features, torch.Tensor) else features, dtype=np.float64
+    )
+    if points.ndim != 2 or len(points) != len(values):
+        raise ValueError(f"features must be (B, D) with B={len(values)}, got {points.shape}")
+    if n_keep == 0:
+        return np.empty(0, dtype=np.int64)
+    stratum_of = loss_strata(values, num_strata, strata)
+    drawn = exp_loss_draw(values, n_keep, tau, rng)
+    budgets = np.bincount(stratum_of[drawn], minlength=num_strata)
+    return _sorted(farthest_point_fill(points, stratum_of, budgets, rng))
+
+
+def random_select(losses: np.ndarray, n_keep: int, rng: np.random.Generator) -> np.ndarray:
+    """Uniform without replacement."""
+    return _sorted(rng.choice(len(losses), size=n_keep, replace=False))
+
+
+def online_hard_select(losses: np.ndarray, n_keep: int) -> np.ndarray:
+    """The ``n_keep`` highest-loss examples (ties by lowest index)."""
+    return _sorted(np.argsort(-losses, kind="stable")[:n_keep])
+
+
+def ccs_select(
+    losses: np.ndarray, n_keep: int, rng: np.random.Generator, num_strata: int = 3
+) -> np.ndarray:
+    """Coverage-centric selection: equal-width loss strata, budget to the smallest strata first.
+
+    Each non-empty stratum, in ascending size (ties by stratum index), gets
+    min(size, floor(remaining budget / remaining strata)); members are sampled uniformly.
+    """
+    stratum_of = loss_strata(losses, num_strata, "width")
+    members = [np.flatnonzero(stratum_of == s) for s in range(num_strata)]
+    order = sorted((len(m), s) for s, m in enumerate(members) if len(m))
+    remaining = n_keep
+    chosen: list[np.ndarray] = []
+    for position, (size, stratum) in enumerate(order):
+        take = min(size, remaining // (len(order) - position))
+        chosen.append(rng.choice(members[stratum], size=take, replace=False))
+        remaining -= take
+    picked = np.concatenate(chosen) if chosen else np.empty(0, dtype=np.int64)
+    return _sorted(picked)
+
+
+def infobatch_select(
+    losses: np.ndarray, n_keep: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """InfoBatch with a fixed budget: prune below-mean-loss examples at random.
+
+    Returns (indices, weights): the ratio r = n_prune / n_low is chosen to hit ``n_keep``
+    exactly; kept low-loss rows get weight 1 / (1 - r), others 1. If fewer rows lie below the
+    mean than must be pruned (r would exceed 1), all low rows go and the rest of the pruning is
+    uniform over the others, all kept weights 1.
+    """
+    batch = len(losses)
+    n_prune = batch - n_keep
+    low = np.flatnonzero(losses < losses.mean())
+    high = np.setdiff1d(np.arange(batch), low)
+    if n_prune <= len(low):
+        pruned = rng.choice(low, size=n_prune, replace=False)
+        ratio = n_prune / len(low) if len(low) else 0.0
+    else:
+        pruned = np.concatenate([low, rng.choice(high, size=n_prune - len(low), replace=False)])
+        ratio = 1.0
+    kept = np.setdiff1d(np.arange(batch), pruned)
+    weights = np.ones(len(kept))
+    if ratio < 1.0:
+        weights[np.isin(kept, low)] = 1.0 / (1.0 - ratio)
+    return kept.astype(np.int64), weights
+
+
+def select(
+    method: str,
+    losses: np.ndarray | torch.Tensor,
+    features: np.ndarray | torch.Tensor | None,
+    n_keep: int,
+    rng: np.random.Generator,
+    **options,
+) -> np.ndarray:
+    """Dispatch to one selection method; returns sorted unique int64 indices.
+
+    Options: ``num_strata``, ``tau``, ``strata`` (slap); ``num_strata`` (ccs). ``full`` keeps
+    every row whatever ``n_keep`` says (alpha = 0).
+    """
+    unknown = set(options) - set().union(*METHOD_OPTIONS.values())
+    if unknown:
+        raise ValueError(f"unknown selection options {sorted(unknown)}")
+    # Options meant for other methods are ignored, so one config can drive any method.
+    options = {k: v for k, v in options.items() if k in METHOD_OPTIONS.get(method, ())}
+    values = _as_losses(losses)
+    n_keep = _check_n_keep(n_keep, len(values))
+    table: dict[str, Callable[[], np.ndarray]] = {
+        "slap": lambda: slap_select(values, features, n_keep, rng, **options),
+        "random": lambda: random_select(values, n_keep, rng),
+        "full": lambda: np.arange(len(values), dtype=np.int64),
+        "online_hard": lambda: online_hard_select(values, n_keep),
+        "ccs": lambda: ccs_select(values, n_keep, rng, **options),
+        "infobatch": lambda: infobatch_select(values, n_keep, rng)[0],
+    }
+    if method not in table:
+        raise ValueError(f"unknown selection method {method!r}; choose from {METHODS}")
+    if method == "slap" and features is None:
+        raise ValueError("method 'slap' needs features")
+    return table[method]()
+
+
+def n_keep_for(batch_size: int, alpha: float) -> int:
+    """Examples kept from a batch of ``batch_size`` at pruning ratio ``alpha``."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    # Half-up rounding (Python's round() would send 2.5 to 2).
+    return int(math.floor((1.0 - alpha) * batch_size + 0.5))

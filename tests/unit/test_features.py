@@ -1,0 +1,149 @@
+"""lm_head_features against per-example autograd on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from slap_ray.core.features import (
+    IGNORE_INDEX,
+    SecondMomentEMA,
+    lm_head_batch_gradient,
+    lm_head_features,
+    response_token_losses,
+    shift_labels,
+)
+
+VOCAB, HIDDEN = 97, 24
+
+
+def tiny_llama(tied: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Four examples of different lengths, right padded, prompts masked with -100."""
+    generator = torch.Generator().manual_seed(1)
+    lengths, prompts = [12, 7, 10, 5], [5, 3, 2, 4]
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, (length, prompt) in enumerate(zip(lengths, prompts, strict=True)):
+        input_ids[row, :length] = torch.randint(1, VOCAB, (length,), generator=generator)
+        attention[row, :length] = 1
+        labels[row, prompt:length] = input_ids[row, prompt:length]
+    return input_ids, attention, labels
+
+
+def autograd_reference(hidden, weight, aligned, second_moment=None, eps=1e-6):
+    """Row norms of d(mean response loss of example j)/dW, one backward per example."""
+    rows = []
+    for j in range(hidden.shape[0]):
+        w = weight.detach().clone().requires_grad_(True)
+        mask = aligned[j] != IGNORE_INDEX
+        logits = hidden[j][mask].detach() @ w.T
+        loss = torch.nn.functional.cross_entropy(logits, aligned[j][mask])
+        (grad,) = torch.autograd.grad(loss, w)
+        denominator = (second_moment.sqrt() if second_moment is not None else 1.0) + eps
+        rows.append((grad / denominator).norm(dim=1))
+    return torch.stack(rows)
+
+
+@pytest.fixture(params=[True, False], ids=["tied", "untied"])
+def model_outputs(request):
+    model = tiny_llama(request.param)
+    input_ids, attention, labels = padded_batch()
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    return model, hidden, shift_labels(labels)
+
+
+@pytest.mark.parametrize("with_moment", [False, True], ids=["raw", "preconditioned"])
+def test_features_match_autograd(model_outputs, with_moment):
+    model, hidden, aligned = model_outputs
+    weight = model.lm_head.weight
+    moment = torch.rand(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(3)) * 1e-3 if with_moment else None
+    expected = autograd_reference(hidden, weight, aligned, moment)
+    actual = lm_head_features(hidden, weight, aligned, second_moment=moment)
+    assert actual.shape == (4, VOCAB) and actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_moment", [False, True])
+@pytest.mark.parametrize("chunk", [1, 10, 33])
+def test_chunked_equals_unchunked(model_outputs, with_moment, chunk):
+    model, hidden, aligned = model_outputs
+    moment = torch.full((VOCAB, HIDDEN), 0.5) if with_moment else None
+    full = lm_head_features(hidden, model.lm_head.weight, aligned, moment, vocab_chunk=VOCAB)
+    chunked = lm_head_features(hidden, model.lm_head.weight, aligned, moment, vocab_chunk=chunk)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-7)
+
+
+def test_gram_and_explicit_paths_agree():
+    """Many response tokens (R >= H) take the explicit path; few take the Gram path."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(VOCAB, 8, generator=generator)
+    hidden = torch.randn(2, 20, 8, generator=generator)
+    labels = torch.randint(0, VOCAB, (2, 20), generator=generator)
+    labels[1, 3:] = IGNORE_INDEX  # example 1: 3 tokens (< H: Gram), example 0: 20 (>= H)
+    expected = autograd_reference(hidden, weight, labels)
+    torch.testing.assert_close(lm_head_features(hidden, weight, labels), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        lm_head_features(hidden[1:], weight, labels[1:]), expected[1:], rtol=1e-4, atol=1e-6
+    )
+
+
+def test_example_without_response_tokens_is_zero(model_outputs):
+    model, hidden, aligned = model_outputs
+    aligned = aligned.clone()
+    aligned[2] = IGNORE_INDEX
+    features = lm_head_features(hidden, model.lm_head.weight, aligned)
+    assert torch.all(features[2] == 0)
+    assert torch.isnan(response_token_losses(model.lm_head(hidden), aligned)[2])
+
+
+def test_response_losses_match_cross_entropy(model_outputs):
+    model, hidden, aligned = model_outputs
+    logits = model.lm_head(hidden)
+    losses = response_token_losses(logits, aligned)
+    for j in range(4):
+        mask = aligned[j] != IGNORE_INDEX
+        ref = torch.nn.functional.cross_entropy(logits[j][mask], aligned[j][mask])
+        torch.testing.assert_close(losses[j], ref)
+
+
+def test_batch_gradient_matches_autograd(model_outputs):
+    model, hidden, aligned = model_outputs
+    w = model.lm_head.weight.detach().clone().requires_grad_(True)
+    mask = aligned != IGNORE_INDEX
+    loss = torch.nn.functional.cross_entropy(hidden[mask] @ w.T, aligned[mask])
+    (expected,) = torch.autograd.grad(loss, w)
+    actual = lm_head_batch_gradient(hidden, model.lm_head.weight, aligned, vocab_chunk=13)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_second_moment_ema_matches_adam():
+    """SecondMomentEMA holds what torch's Adam holds in exp_avg_sq, bias-corrected."""
+    generator = torch.Generator().manual_seed(5)
+    param = torch.nn.Parameter(torch.zeros(6, 4))
+    adam = torch.optim.Adam([param], betas=(0.9, 0.999))
+    ema = SecondMomentEMA(beta2=0.999)
+    assert ema.value() is None
+    for _ in range(5):
+        grad = torch.randn(6, 4, generator=generator)
+        param.grad = grad.clone()
+        adam.step()
+        ema.update(grad)
+    adam_state = adam.state[param]
+    corrected = adam_state["exp_avg_sq"] / (1 - 0.999 ** int(adam_state["step"]))
+    torch.testing.assert_close(ema.value(), corrected)
+    restored = SecondMomentEMA()
+    restored.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(restored.value(), ema.value())
