@@ -144,7 +144,9 @@ def lm_head_features(
 
 
 def lm_head_batch_gradient(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
     vocab_chunk: int | None = None,
 ) -> torch.Tensor:
     """LM-head weight gradient of the token-mean response loss of a whole batch: (V, H) float32.

@@ -58,7 +58,9 @@ def loss_strata(losses: np.ndarray, num_strata: int, kind: str = "width") -> np.
     return np.minimum(position.astype(np.int64), num_strata - 1)
 
 
-def exp_loss_draw(losses: np.ndarray, n_keep: int, tau: float, rng: np.random.Generator) -> np.ndarray:
+def exp_loss_draw(
+    losses: np.ndarray, n_keep: int, tau: float, rng: np.random.Generator
+) -> np.ndarray:
     """Draw ``n_keep`` indices without replacement with probability proportional to exp(loss/tau).
 
     Gumbel-top-k: the top-k of log-weight + Gumbel noise has exactly the distribution of
@@ -118,7 +120,8 @@ def slap_select(
     values = _as_losses(losses)
     n_keep = _check_n_keep(n_keep, len(values))
     points = np.asarray(
-        features.detach().cpu() if isinstance(features, torch.Tensor) else features, dtype=np.float64
+        features.detach().cpu() if isinstance(features, torch.Tensor) else features,
+        dtype=np.float64,
     )
     if points.ndim != 2 or len(points) != len(values):
         raise ValueError(f"features must be (B, D) with B={len(values)}, got {points.shape}")
@@ -184,7 +187,8 @@ def infobatch_select(
     kept = np.setdiff1d(np.arange(batch), pruned)
     weights = np.ones(len(kept))
     if ratio < 1.0:
-        weights[np.isin(kept, low)] = 1.0 / (1.0 - ratio)
+        # 1 / (1 - r) with r = n_prune / n_low, written exactly.
+        weights[np.isin(kept, low)] = len(low) / (len(low) - n_prune)
     return kept.astype(np.int64), weights
 
 

@@ -21,8 +21,13 @@ VOCAB, HIDDEN = 97, 24
 def tiny_llama(tied: bool) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -69,7 +74,11 @@ def model_outputs(request):
 def test_features_match_autograd(model_outputs, with_moment):
     model, hidden, aligned = model_outputs
     weight = model.lm_head.weight
-    moment = torch.rand(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(3)) * 1e-3 if with_moment else None
+    moment = (
+        torch.rand(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(3)) * 1e-3
+        if with_moment
+        else None
+    )
     expected = autograd_reference(hidden, weight, aligned, moment)
     actual = lm_head_features(hidden, weight, aligned, second_moment=moment)
     assert actual.shape == (4, VOCAB) and actual.dtype == torch.float32
@@ -94,7 +103,9 @@ def test_gram_and_explicit_paths_agree():
     labels = torch.randint(0, VOCAB, (2, 20), generator=generator)
     labels[1, 3:] = IGNORE_INDEX  # example 1: 3 tokens (< H: Gram), example 0: 20 (>= H)
     expected = autograd_reference(hidden, weight, labels)
-    torch.testing.assert_close(lm_head_features(hidden, weight, labels), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        lm_head_features(hidden, weight, labels), expected, rtol=1e-4, atol=1e-6
+    )
     torch.testing.assert_close(
         lm_head_features(hidden[1:], weight, labels[1:]), expected[1:], rtol=1e-4, atol=1e-6
     )

@@ -1,0 +1,56 @@
+"""Typed config: YAML, dotted overrides, unknown keys and ranges."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from slap_ray.config import ConfigError, build_config, load_config, write_resolved_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 3\nselect:\n  method: ccs\n  alphas: [0.4, 0.2]\n")
+    config = load_config(path, ["select.num_strata=5", "data.max_rows=100", "ray.num_cpus=2"])
+    assert config.seed == 3 and config.select.method == "ccs"
+    assert config.select.alphas == [0.2, 0.4]
+    assert config.select.num_strata == 5 and config.data.max_rows == 100
+    assert config.select.batch_size == 32  # default
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match=r"select\.alpha: unknown key"):
+        build_config({}, ["select.alpha=0.3"])
+    with pytest.raises(ConfigError, match=r"bogus: unknown key"):
+        build_config({"bogus": 1})
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("select.alphas=[1.0]", "select.alphas"),
+        ("select.alphas=[-0.1]", "select.alphas"),
+        ("select.num_strata=0", "select.num_strata"),
+        ("select.tau=0", "select.tau"),
+        ("select.batch_size=0", "select.batch_size"),
+        ("select.method=magic", "select.method"),
+        ("data.on_bad_rows=ignore", "data.on_bad_rows"),
+        ("score.num_scorers=0", "score.num_scorers"),
+    ],
+)
+def test_range_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        build_config({}, [override])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        build_config({}, ["select.alphas"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = build_config({"data": {"schema": "alpaca"}}, ["select.alphas=[0.3]"])
+    written = write_resolved_config(config, tmp_path / "config.yaml")
+    tree = yaml.safe_load(written.read_text())
+    assert tree["data"]["schema"] == "alpaca" and tree["select"]["alphas"] == [0.3]
+    assert load_config(written) == config

@@ -1,0 +1,75 @@
+"""k-means, largest-remainder apportionment and stratified batch composition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slap_ray.core.seeds import derive_seed
+from slap_ray.core.strata import assign_clusters, compose_batches, kmeans_fit, largest_remainder
+
+
+def blobs(seed=0, per=50):
+    rng = np.random.default_rng(seed)
+    centers = np.array([[0, 0], [10, 0], [0, 10]], dtype=float)
+    points = np.concatenate([c + rng.normal(scale=0.5, size=(per, 2)) for c in centers])
+    return points, np.repeat(np.arange(3), per)
+
+
+def test_kmeans_recovers_separated_blobs_deterministically():
+    points, truth = blobs()
+    centroids = kmeans_fit(points, 3, seed=0)
+    labels = assign_clusters(points, centroids)
+    # each true blob maps to exactly one cluster
+    assert all(len(set(labels[truth == k].tolist())) == 1 for k in range(3))
+    assert len(set(labels.tolist())) == 3
+    np.testing.assert_array_equal(kmeans_fit(points, 3, seed=0), centroids)
+
+
+def test_kmeans_rejects_bad_cluster_count():
+    points, _ = blobs(per=2)
+    with pytest.raises(ValueError, match="num_clusters"):
+        kmeans_fit(points, 7, seed=0)
+
+
+def test_largest_remainder():
+    assert largest_remainder(10, np.array([1, 1, 1])).tolist() == [4, 3, 3]
+    assert largest_remainder(7, np.array([5, 3, 2])).tolist() == [4, 2, 1]
+    assert largest_remainder(0, np.array([5, 3])).tolist() == [0, 0]
+
+
+def test_compose_batches_mirrors_the_mix_and_covers_every_row():
+    rng = np.random.default_rng(1)
+    ids = [f"row-{i:04d}" for i in range(1000)]
+    clusters = rng.choice(4, size=1000, p=[0.5, 0.25, 0.15, 0.10])
+    batch_of = compose_batches(ids, clusters, 32, seed=3)
+    assert (batch_of >= 0).all()
+    sizes = np.bincount(batch_of)
+    assert (sizes[:-1] == 32).all() and sizes.sum() == 1000
+    share = np.bincount(clusters, minlength=4) / 1000
+    for b in range(len(sizes) - 1):
+        counts = np.bincount(clusters[batch_of == b], minlength=4)
+        assert np.all(np.abs(counts - 32 * share) <= 2.0), (b, counts)
+
+
+def test_compose_batches_ignores_input_order():
+    rng = np.random.default_rng(2)
+    ids = np.array([f"id{i}" for i in range(300)])
+    clusters = rng.integers(0, 3, 300)
+    first = dict(zip(ids.tolist(), compose_batches(ids, clusters, 16, 9).tolist(), strict=True))
+    order = rng.permutation(300)
+    second = dict(
+        zip(
+            ids[order].tolist(),
+            compose_batches(ids[order], clusters[order], 16, 9).tolist(),
+            strict=True,
+        )
+    )
+    assert first == second
+
+
+def test_derive_seed_is_stable_and_separates_stages():
+    assert derive_seed(0, "select", 3) == derive_seed(0, "select", 3)
+    assert derive_seed(0, "select", 3) != derive_seed(0, "select", 4)
+    assert derive_seed(0, "select", 3) != derive_seed(1, "select", 3)
+    assert 0 <= derive_seed(5, "x") < 2**63
