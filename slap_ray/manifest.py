@@ -1,0 +1,86 @@
+"""Run manifest: versions, git commit, row counts and per-stage wall time, as manifest.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = (
+    "slap-ray",
+    "torch",
+    "ray",
+    "transformers",
+    "peft",
+    "sentence-transformers",
+    "numpy",
+    "pyarrow",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(directory: Path | None = None) -> str | None:
+    """The checkout's commit (with '-dirty' if modified), or None outside git."""
+    here = directory or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+class Manifest:
+    """Collects counts and timings during a run; ``write`` puts them next to the outputs."""
+
+    def __init__(self, kind: str) -> None:
+        self.data: dict[str, Any] = {
+            "kind": kind,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "argv": sys.argv,
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "counts": {},
+            "timings_s": {},
+        }
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data["timings_s"][name] = round(time.perf_counter() - start, 3)
+
+    def count(self, stage: str, **counts: Any) -> None:
+        self.data["counts"].setdefault(stage, {}).update(counts)
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    def write(self, path: Path) -> Path:
+        self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        path.write_text(json.dumps(self.data, indent=2, default=str), encoding="utf-8")
+        return path

@@ -1,0 +1,38 @@
+"""Sentence-embedding stage: a callable class for ``map_batches`` on an actor pool."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+
+def conversation_text(messages: list[dict], max_chars: int) -> str:
+    """The text a conversation is embedded by: its turns as 'role: content', capped in length."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)[:max_chars]
+
+
+class Embedder:
+    """Holds one sentence-transformers model; adds an ``embedding`` column (N, D) float32.
+
+    Embeddings are L2-normalised and rounded to 1e-4 so that tiny float differences from
+    different block compositions cannot move a row to another k-means cluster.
+    """
+
+    def __init__(self, model_path: str, batch_size: int, max_chars: int, use_gpu: bool) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(1)
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = SentenceTransformer(model_path, device=device)
+        self.batch_size = batch_size
+        self.max_chars = max_chars
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [conversation_text(json.loads(m), self.max_chars) for m in batch["messages"]]
+        vectors = self.model.encode(
+            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
+        batch["embedding"] = list(np.round(vectors.astype(np.float32), 4))
+        return batch

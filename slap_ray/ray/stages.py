@@ -1,0 +1,156 @@
+"""Ray Data stages of the selection job; each wraps one pure function of slap_ray.data/core.
+
+Rows travel with ``messages`` as a JSON string (one Arrow type for any conversation shape) and
+carry ``path``/``line`` so rejects point at their origin.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import ray
+from ray.data import ActorPoolStrategy, Dataset
+
+from slap_ray.core.seeds import id_rank_key
+from slap_ray.core.strata import assign_clusters
+from slap_ray.data.ingest import (
+    RowRejected,
+    SchemaOptions,
+    iter_raw_records,
+    normalize_record,
+    source_for_path,
+)
+from slap_ray.ray.embed import Embedder
+
+EMBEDDED_CHITCHAT = "embedded:chitchat"
+ROW_COLUMNS = ("id", "source", "task", "messages", "path", "line", "reject_reason", "raw")
+
+
+def _row(path: str, line: int, normalised: dict | None, reason: str | None, raw: str | None):
+    return {
+        "id": normalised["id"] if normalised else f"__rejected__:{path}:{line}",
+        "source": normalised["source"] if normalised else None,
+        "task": normalised["task"] if normalised else None,
+        "messages": json.dumps(normalised["messages"], ensure_ascii=False) if normalised else None,
+        "path": path,
+        "line": int(line),
+        "reject_reason": reason,
+        "raw": raw,
+    }
+
+
+def read_file_rows(item: dict[str, Any], options: SchemaOptions, fmt: str) -> list[dict]:
+    """One input file -> its rows, normalised or marked rejected (never raised)."""
+    path = item["path"]
+    stem = source_for_path(path)
+    rows = []
+    for raw in iter_raw_records(path, format=fmt):
+        try:
+            if raw.error is not None or raw.record is None:
+                raise RowRejected(raw.error or "no record")
+            rows.append(
+                _row(raw.path, raw.line, normalize_record(raw.record, options, stem), None, None)
+            )
+        except RowRejected as rejected:
+            rows.append(_row(raw.path, raw.line, None, rejected.reason, raw.raw))
+    return rows
+
+
+def read_stage(files: list[str], options: SchemaOptions, fmt: str) -> Dataset:
+    """Read every file in parallel: one read task per file."""
+    items = ray.data.from_items(
+        [{"path": f} for f in files], override_num_blocks=max(1, len(files))
+    )
+    return items.flat_map(read_file_rows, fn_args=(options, fmt))
+
+
+def chitchat_stage(mode: str) -> Dataset:
+    """The embedded default dataset (chitchat-dataset package) as normalised rows."""
+    from slap_ray.data.chitchat import chitchat_rows
+
+    rows = [_row(EMBEDDED_CHITCHAT, i, r, None, None) for i, r in enumerate(chitchat_rows(mode))]
+    return ray.data.from_items(rows)
+
+
+class Tokenizer:
+    """Chat-template tokenisation (slap_ray.data.tokenize.tokenize_rows) for ``map_batches``."""
+
+    def __init__(self, model_name: str, max_length: int, truncation: str) -> None:
+        from slap_ray.assets import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_name)
+        self.max_length, self.truncation = max_length, truncation
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from slap_ray.data.tokenize import tokenize_rows
+
+        rows = [
+            {"id": i, "messages": json.loads(m)}
+            for i, m in zip(batch["id"], batch["messages"], strict=True)
+        ]
+        kept, rejected = tokenize_rows(rows, self.tokenizer, self.max_length, self.truncation)
+        by_id = {r["id"]: r for r in kept}
+        reasons = {r["id"]: r["reason"] for r in rejected}
+        out = {k: list(batch[k]) for k in batch}
+        out["input_ids"] = [
+            np.asarray(by_id[i]["input_ids"] if i in by_id else [], np.int32) for i in batch["id"]
+        ]
+        out["labels"] = [
+            np.asarray(by_id[i]["labels"] if i in by_id else [], np.int32) for i in batch["id"]
+        ]
+        out["num_tokens"] = [len(x) for x in out["input_ids"]]
+        out["reject_reason"] = [reasons.get(i) for i in batch["id"]]
+        return out
+
+
+def tokenize_stage(ds: Dataset, model_name: str, max_length: int, truncation: str) -> Dataset:
+    return ds.map_batches(
+        Tokenizer,
+        fn_constructor_args=(model_name, max_length, truncation),
+        compute=ActorPoolStrategy(size=1),
+        batch_size=256,
+        num_cpus=1,
+    )
+
+
+def embed_stage(
+    ds: Dataset, model_path: str, batch_size: int, max_chars: int, num_actors: int, num_gpus: float
+) -> Dataset:
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_args=(model_path, batch_size, max_chars, num_gpus > 0),
+        compute=ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        num_cpus=0 if num_gpus > 0 else 1,
+        num_gpus=num_gpus,
+    )
+
+
+def fit_sample(ds: Dataset, seed: int, fraction: float) -> tuple[list[str], np.ndarray]:
+    """A seeded sample chosen by id hash (same rows whatever the sharding), sorted by id."""
+    threshold = int(fraction * 2**63)
+
+    def pick(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = np.array(
+            [id_rank_key(seed, "kmeans-sample", i) < threshold for i in batch["id"]], bool
+        )
+        return {"id": batch["id"][keep], "embedding": batch["embedding"][keep]}
+
+    sample = ds.map_batches(pick, batch_format="numpy").to_pandas().sort_values("id")
+    return sample["id"].tolist(), np.stack(sample["embedding"].to_numpy()) if len(
+        sample
+    ) else np.empty((0, 0))
+
+
+def assign_stage(ds: Dataset, centroids: np.ndarray) -> Dataset:
+    """Nearest-centroid cluster of every row, block by block (core.strata.assign_clusters)."""
+    centroids_ref = ray.put(centroids)
+
+    def assign(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch["cluster"] = assign_clusters(np.stack(batch["embedding"]), ray.get(centroids_ref))
+        del batch["embedding"]
+        return batch
+
+    return ds.map_batches(assign, batch_format="numpy")
