@@ -136,10 +136,20 @@ def prepare(config: SlapConfig, manifest: Manifest) -> pd.DataFrame:
             strict=True,
         )
     )
-    sampled_ids = set(meta.loc[meta["sampled"], "id"])
+    # Rows are keyed by origin: a duplicate shares its id with the row that won.
+    sampled_keys = set(
+        zip(meta.loc[meta["sampled"], "path"], meta.loc[meta["sampled"], "line"], strict=True)
+    )
     rejected = rows.filter(lambda r: (r["path"], r["line"]) in rejected_keys).to_pandas()
+    reasons = dict(
+        zip(zip(meta["path"], meta["line"], strict=True), meta["reject_reason"], strict=True)
+    )
+    if len(rejected):
+        rejected["reject_reason"] = [
+            reasons[k] for k in zip(rejected["path"], rejected["line"], strict=True)
+        ]
     with manifest.stage("tokenize"):
-        accepted = rows.filter(lambda r: r["id"] in sampled_ids and r["reject_reason"] is None)
+        accepted = rows.filter(lambda r: (r["path"], r["line"]) in sampled_keys)
         tokenized = stages.tokenize_stage(
             accepted, config.model.name, config.data.max_length, config.data.truncation
         ).materialize()

@@ -24,3 +24,32 @@ def _require_shared(path: Path) -> Path:
 def shared_data() -> Path:
     """The real instruction pool (`pool/`, `eval/`): read in place, never copied."""
     return _require_shared(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session (Ray's own test style), loopback only."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=400 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def pool_subset(tmp_path_factory, shared_data) -> Path:
+    """The first 20 rows of every ../shared/data/pool file (160 real rows), in a temp folder."""
+    folder = tmp_path_factory.mktemp("pool_subset")
+    for source in sorted((shared_data / "pool").glob("*.jsonl")):
+        with source.open(encoding="utf-8") as handle:
+            lines = [next(handle) for _ in range(20)]
+        (folder / source.name).write_text("".join(lines), encoding="utf-8")
+    return folder

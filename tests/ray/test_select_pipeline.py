@@ -1,0 +1,193 @@
+"""The selection job end to end on Ray with the tiny model: outputs, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slap_ray.config import build_config
+from slap_ray.core.selection import n_keep_for
+from slap_ray.select_job import run_select
+
+ALPHAS = [0.2, 0.3, 0.4]
+
+
+def tiny_config(paths: list[str], output_dir: Path, **extra: object):
+    overrides = [f"{k}={json.dumps(v)}" for k, v in extra.items()]
+    return build_config(
+        {
+            "output_dir": str(output_dir),
+            "progress": False,
+            "data": {"paths": paths, "max_length": 96},
+            "model": {"name": "tiny-random"},
+            "embed": {"max_chars": 256, "batch_size": 64},
+            "strata": {"num_clusters": 4},
+            "select": {"batch_size": 16, "alphas": ALPHAS, "calibration_batches": 2},
+            "score": {"num_scorers": 1, "micro_batch_size": 8},
+        },
+        overrides,
+    )
+
+
+def kept_ids(run_dir: Path) -> dict[float, list[str]]:
+    return {a: (run_dir / "kept" / f"alpha-{a:g}.txt").read_text().split() for a in ALPHAS}
+
+
+@pytest.fixture(scope="module")
+def baseline_run(ray_cluster, pool_subset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("baseline")
+    run_select(tiny_config([str(pool_subset / "*.jsonl")], out))
+    return out
+
+
+def test_every_row_scored_once_and_kept_fractions_match(baseline_run, pool_subset):
+    scores = pd.read_parquet(baseline_run / "scores.parquet")
+    input_ids = [
+        json.loads(line)["id"] for f in sorted(pool_subset.glob("*.jsonl")) for line in f.open()
+    ]
+    assert sorted(scores["id"]) == sorted(input_ids)
+    assert scores["id"].is_unique
+    assert scores["loss"].notna().all() and np.isfinite(scores["loss"]).all()
+    for alpha in ALPHAS:
+        per_batch = scores.groupby("batch_id")[f"keep_a{alpha:g}"].agg(["sum", "size"])
+        expected = [n_keep_for(size, alpha) for size in per_batch["size"]]
+        assert per_batch["sum"].tolist() == expected
+        assert abs(scores[f"keep_a{alpha:g}"].mean() - (1 - alpha)) < 0.03
+        assert kept_ids(baseline_run)[alpha] == sorted(scores.loc[scores[f"keep_a{alpha:g}"], "id"])
+    # each composed batch mirrors the pool: full batches hold 16 rows from several clusters
+    sizes = scores.groupby("batch_id").size()
+    assert (sizes.iloc[:-1] == 16).all()
+    assert scores.groupby("batch_id")["cluster"].nunique().iloc[:-1].min() >= 2
+
+
+def test_report_manifest_and_config_written(baseline_run):
+    for name in ("report.md", "manifest.json", "config.yaml", "rejected.jsonl"):
+        assert (baseline_run / name).is_file(), name
+    plots = sorted(p.name for p in (baseline_run / "plots").glob("*.png"))
+    assert plots == [
+        "cluster_sizes.png",
+        "kept_per_source.png",
+        "kept_per_task.png",
+        "loss_kept_vs_pruned.png",
+    ]
+    assert all((baseline_run / "plots" / p).stat().st_size > 1000 for p in plots)
+    manifest = json.loads((baseline_run / "manifest.json").read_text())
+    assert manifest["counts"]["read"]["rows"] == 160
+    assert manifest["counts"]["output"]["scored"] == 160
+    assert set(manifest["timings_s"]) >= {
+        "read",
+        "tokenize",
+        "embed",
+        "kmeans",
+        "score",
+        "calibrate",
+    }
+    assert manifest["versions"]["ray"] == "2.60.0"
+    assert manifest["scorer_throughput_rows_per_s"] > 0
+    report = (baseline_run / "report.md").read_text()
+    assert "| 0.3 |" in report and "plots/loss_kept_vs_pruned.png" in report
+
+
+def test_same_selection_with_two_scorers_shuffled_files_other_blocks(
+    baseline_run, pool_subset, tmp_path
+):
+    files = sorted(str(p) for p in pool_subset.glob("*.jsonl"))
+    shuffled = [files[i] for i in np.random.default_rng(3).permutation(len(files))]
+    config = tiny_config(shuffled, tmp_path, **{"score.num_scorers": 2, "embed.batch_size": 16})
+    run_select(config)
+    assert kept_ids(tmp_path) == kept_ids(baseline_run)
+
+
+def test_bad_rows_skipped_and_written(ray_cluster, pool_subset, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = json.loads((pool_subset / "gsm8k.jsonl").open().readline())
+    good["id"] = "bad-file-good-row"
+    duplicate = dict(good)
+    bad.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                "{not json",
+                json.dumps({"id": "x1", "messages": [{"role": "wizard", "content": "hi"}]}),
+                json.dumps({"id": "x2", "messages": [{"role": "user", "content": "no answer"}]}),
+                json.dumps(duplicate),
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    run_select(
+        tiny_config(
+            [str(bad), str(pool_subset / "mbpp.jsonl")], out, **{"data.on_bad_rows": "skip"}
+        )
+    )
+    scores = pd.read_parquet(out / "scores.parquet")
+    rejects = [json.loads(line) for line in (out / "rejected.jsonl").open()]
+    assert len(rejects) == 4
+    reasons = " ".join(r["reason"] for r in rejects)
+    assert "duplicate id 'bad-file-good-row'" in reasons and "wizard" in reasons
+    assert all(r["path"].endswith("bad.jsonl") for r in rejects)
+    assert scores["reject_reason"].notna().sum() == 4
+    assert scores.loc[scores["reject_reason"].isna(), "loss"].notna().all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["read"]["rows"] == 25 == len(scores)
+
+
+def test_bad_rows_stop_the_run_in_error_mode(ray_cluster, tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text(
+        '{"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{oops\n'
+    )
+    from slap_ray.data.ingest import BadRowError
+
+    with pytest.raises(BadRowError, match=r"broken\.jsonl:2"):
+        run_select(tiny_config([str(bad)], tmp_path / "run"))
+
+
+def test_resume_after_kill_matches_uninterrupted_run(baseline_run, pool_subset, tmp_path):
+    """Kill the job (whole process group) once scoring has begun, resume, compare with baseline."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from slap_ray.config import config_to_dict
+
+    out = tmp_path / "run"
+    config = tiny_config([str(pool_subset / "*.jsonl")], out)
+    tree = config_to_dict(config)
+    tree["ray"] = {"num_cpus": 2, "object_store_memory": 200 * 1024 * 1024}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    repo = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, str(repo / "pipelines" / "select.py"), "--config", str(path)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    try:
+        while len(list((out / "scored").glob("batch-*.parquet"))) < 2:
+            assert process.poll() is None, "the job ended before it could be killed"
+            assert time.time() < deadline, "scoring never started"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finished_before = len(list((out / "scored").glob("batch-*.parquet")))
+    assert 2 <= finished_before < 10 and not (out / "scores.parquet").exists()
+
+    run_select(config.model_copy(update={"resume": True}))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["resume"]["prepared_reused"] is True
+    assert manifest["counts"]["score"]["resumed_batches"] >= finished_before
+    assert kept_ids(out) == kept_ids(baseline_run)
