@@ -49,45 +49,58 @@ def response_token_losses(logits: torch.Tensor, aligned_labels: torch.Tensor) ->
     return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).float()
 
 
-def _gather_response_tokens(
-    hidden: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pack each example's response positions to the front.
-
-    hidden (B, T, H), labels (B, T) -> (h (B, R, H) float32 zero-padded, y (B, R) long with -100
-    padding, counts (B,)), where R is the largest number of response tokens in the batch.
-    """
-    mask = labels != IGNORE_INDEX
-    counts = mask.sum(dim=1)
-    width = max(int(counts.max().item()) if counts.numel() else 0, 1)
-    # A stable sort on ~mask moves response positions to the front in their original order.
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    h = torch.gather(hidden, 1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).float()
-    y = torch.gather(labels, 1, order)
-    valid = torch.arange(width, device=labels.device).unsqueeze(0) < counts.unsqueeze(1)
-    h = h * valid.unsqueeze(-1)
-    y = y.masked_fill(~valid, IGNORE_INDEX)
-    return h, y, counts
-
-
 def _log_normalizer(h: torch.Tensor, weight: torch.Tensor, vocab_chunk: int) -> torch.Tensor:
-    """logsumexp over the vocabulary of W h for every packed token, chunked: (B, R, H) -> (B, R)."""
-    running = torch.full(h.shape[:2], -math.inf, dtype=torch.float32, device=h.device)
+    """logsumexp over the vocabulary of W h_t, chunked: h (T, H), weight (V, H) -> (T,)."""
+    running = torch.full(h.shape[:1], -math.inf, dtype=torch.float32, device=h.device)
     for start in range(0, weight.shape[0], vocab_chunk):
-        logits = h @ weight[start : start + vocab_chunk].T
-        running = torch.logaddexp(running, torch.logsumexp(logits, dim=-1))
+        running = torch.logaddexp(
+            running, torch.logsumexp(h @ weight[start : start + vocab_chunk].T, -1)
+        )
     return running
 
 
-def _residual_chunk(
-    h: torch.Tensor, y: torch.Tensor, weight_chunk: torch.Tensor, lse: torch.Tensor, start: int
-) -> torch.Tensor:
-    """softmax(W h) - onehot(y) restricted to vocabulary rows [start, start + Vc): (B, R, Vc)."""
-    residual = torch.exp(h @ weight_chunk.T - lse.unsqueeze(-1))
-    in_chunk = (y >= start) & (y < start + weight_chunk.shape[0])
-    b, r = torch.nonzero(in_chunk, as_tuple=True)
-    residual[b, r, y[b, r] - start] -= 1.0
-    return residual * (y != IGNORE_INDEX).unsqueeze(-1)
+class _ExampleResidual:
+    """softmax(W h_t) - onehot(y_t) of one example's response tokens, served in vocab chunks.
+
+    Uses the forward pass's logits (T, V) when given, else recomputes W h per chunk after one
+    chunked log-normaliser pass, so memory stays O(T x chunk).
+    """
+
+    def __init__(self, h, y, weight, logits, vocab_chunk):
+        self.h, self.y, self.weight, self.logits = h, y, weight, logits
+        self.lse = (
+            torch.logsumexp(logits, -1)
+            if logits is not None
+            else _log_normalizer(h, weight, vocab_chunk)
+        )
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor:
+        """(T, stop - start) residual block."""
+        z = (
+            self.logits[:, start:stop]
+            if self.logits is not None
+            else self.h @ self.weight[start:stop].T
+        )
+        residual = torch.exp(z - self.lse.unsqueeze(-1))
+        rows = torch.nonzero((self.y >= start) & (self.y < stop)).squeeze(-1)
+        residual[rows, self.y[rows] - start] -= 1.0
+        return residual
+
+
+def _examples(hidden, labels, logits):
+    """Yield (j, h (T_j, H), y (T_j,), logits (T_j, V) or None) for examples with response tokens."""
+    for j in range(hidden.shape[0]):
+        positions = torch.nonzero(labels[j] != IGNORE_INDEX).squeeze(-1)
+        if positions.numel() == 0:
+            continue
+        z = logits[j, positions].float() if logits is not None else None
+        yield j, hidden[j, positions].float(), labels[j, positions], z
+
+
+def _chunk_size(vocab_chunk: int | None, tokens: int, width: int, vocab: int) -> int:
+    if vocab_chunk is None:
+        vocab_chunk = max(256, DEFAULT_BLOCK_ELEMENTS // max(tokens, width, 1))
+    return min(vocab_chunk, vocab)
 
 
 def lm_head_features(
@@ -97,16 +110,18 @@ def lm_head_features(
     second_moment: torch.Tensor | None = None,
     eps: float = 1e-6,
     vocab_chunk: int | None = None,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example row norms of the preconditioned LM-head gradient of the mean response loss.
 
     hidden (B, T, H): last hidden states (after the final norm). lm_head_weight (V, H).
     labels (B, T): aligned with ``hidden`` (label t is the token predicted from position t),
     IGNORE_INDEX where not trained. second_moment (V, H) or None (then s_hat = 1).
+    logits (B, T, V), optional: the forward pass's own W h, reused instead of recomputed.
     Returns (B, V) float32; an example without response tokens gets all zeros.
 
-    Memory: blocks of (examples x vocab_chunk x H) of at most ``DEFAULT_BLOCK_ELEMENTS`` floats,
-    plus the packed response hidden states; B x V x H is never allocated.
+    Work goes example by example (no padding waste) and vocabulary chunk by chunk: at most
+    (T_j x chunk) and (chunk x H) blocks live at once; B x V x H is never allocated.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} mismatch")
@@ -114,32 +129,29 @@ def lm_head_features(
     vocab, width = weight.shape
     if second_moment is not None and second_moment.shape != weight.shape:
         raise ValueError(f"second_moment {tuple(second_moment.shape)} != weight {(vocab, width)}")
+    features = torch.zeros(hidden.shape[0], vocab, dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
-        h, y, counts = _gather_response_tokens(hidden.detach(), labels)
-        batch, packed = y.shape
-        if vocab_chunk is None:
-            vocab_chunk = max(256, DEFAULT_BLOCK_ELEMENTS // max(1, batch * max(width, packed)))
-        vocab_chunk = min(vocab_chunk, vocab)
-        lse = _log_normalizer(h, weight, vocab_chunk)
-        scale = 1.0 / counts.clamp(min=1).float()
-        features = torch.empty(batch, vocab, dtype=torch.float32, device=h.device)
-        use_gram = second_moment is None and packed < width
-        for start in range(0, vocab, vocab_chunk):
-            weight_chunk = weight[start : start + vocab_chunk]
-            residual = _residual_chunk(h, y, weight_chunk, lse, start)  # (B, R, Vc)
-            if use_gram:
-                # Gram form: ||sum_t e_t h_t||^2 = e^T (H H^T) e, cheaper than V x H when R < H.
-                gram = h @ h.transpose(1, 2)  # (B, R, R)
-                squared = (residual * (gram @ residual)).sum(dim=1).clamp(min=0)
-                rows = squared.sqrt() / (1.0 + eps)
-            else:
-                grad = residual.transpose(1, 2) @ h  # (B, Vc, H)
-                if second_moment is None:
-                    rows = torch.linalg.vector_norm(grad, dim=-1) / (1.0 + eps)
+        for j, h, y, z in _examples(
+            hidden.detach(), labels, None if logits is None else logits.detach()
+        ):
+            tokens = h.shape[0]
+            chunk = _chunk_size(vocab_chunk, tokens, width, vocab)
+            residual = _ExampleResidual(h, y, weight, z, chunk)
+            # Gram form: ||sum_t e_t h_t||^2 = e^T (H H^T) e, cheaper than V x H when T < H.
+            gram = h @ h.T if second_moment is None and tokens < width else None
+            for start in range(0, vocab, chunk):
+                stop = min(start + chunk, vocab)
+                e = residual.chunk(start, stop)  # (T, Vc)
+                if gram is not None:
+                    rows = (e * (gram @ e)).sum(0).clamp(min=0).sqrt() / (1.0 + eps)
                 else:
-                    chunk_moment = second_moment[start : start + vocab_chunk].float()
-                    rows = torch.linalg.vector_norm(grad / (chunk_moment.sqrt() + eps), dim=-1)
-            features[:, start : start + vocab_chunk] = rows * scale.unsqueeze(1)
+                    grad = e.T @ h  # (Vc, H)
+                    if second_moment is None:
+                        rows = torch.linalg.vector_norm(grad, dim=-1) / (1.0 + eps)
+                    else:
+                        root = second_moment[start:stop].float().sqrt() + eps
+                        rows = torch.linalg.vector_norm(grad / root, dim=-1)
+                features[j, start:stop] = rows / tokens
     return features
 
 
@@ -148,6 +160,7 @@ def lm_head_batch_gradient(
     lm_head_weight: torch.Tensor,
     labels: torch.Tensor,
     vocab_chunk: int | None = None,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LM-head weight gradient of the token-mean response loss of a whole batch: (V, H) float32.
 
@@ -155,18 +168,20 @@ def lm_head_batch_gradient(
     ``SecondMomentEMA`` when the LM head is frozen. Shapes as in ``lm_head_features``.
     """
     weight = lm_head_weight.detach().float()
-    vocab = weight.shape[0]
+    vocab, width = weight.shape
+    grad = torch.zeros_like(weight)
+    total = 0
     with torch.no_grad():
-        h, y, counts = _gather_response_tokens(hidden.detach(), labels)
-        total = max(int(counts.sum().item()), 1)
-        vocab_chunk = min(vocab_chunk or 4096, vocab)
-        lse = _log_normalizer(h, weight, vocab_chunk)
-        flat_h = h.reshape(-1, h.shape[-1])
-        grad = torch.empty_like(weight)
-        for start in range(0, vocab, vocab_chunk):
-            residual = _residual_chunk(h, y, weight[start : start + vocab_chunk], lse, start)
-            grad[start : start + vocab_chunk] = residual.reshape(-1, residual.shape[-1]).T @ flat_h
-    return grad / total
+        for _, h, y, z in _examples(
+            hidden.detach(), labels, None if logits is None else logits.detach()
+        ):
+            chunk = _chunk_size(vocab_chunk, h.shape[0], width, vocab)
+            residual = _ExampleResidual(h, y, weight, z, chunk)
+            for start in range(0, vocab, chunk):
+                stop = min(start + chunk, vocab)
+                grad[start:stop] += residual.chunk(start, stop).T @ h
+            total += h.shape[0]
+    return grad / max(total, 1)
 
 
 class SecondMomentEMA:

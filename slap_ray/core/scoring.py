@@ -88,7 +88,9 @@ def losses_and_features(
         aligned = shift_labels(targets)
         losses.append(response_token_losses(logits, aligned).double().numpy())
         features.append(
-            lm_head_features(hidden, weight, aligned, second_moment, eps, vocab_chunk=vocab_chunk)
+            lm_head_features(
+                hidden, weight, aligned, second_moment, eps, vocab_chunk=vocab_chunk, logits=logits
+            )
         )
     return np.concatenate(losses), torch.cat(features)
 
@@ -157,10 +159,10 @@ def calibrate_second_moment(
         for start in range(0, len(input_ids), micro_batch_size):
             stop = start + micro_batch_size
             ids, mask, targets = pad_batch(input_ids[start:stop], labels[start:stop], pad_token_id)
-            hidden, _ = forward_hidden_and_logits(model, ids, mask)
+            hidden, logits = forward_hidden_and_logits(model, ids, mask)
             aligned = shift_labels(targets)
             count = int((aligned != IGNORE_INDEX).sum())
-            total += lm_head_batch_gradient(hidden, weight, aligned) * count
+            total += lm_head_batch_gradient(hidden, weight, aligned, logits=logits) * count
             tokens += count
         ema.update(total / max(tokens, 1))
     return ema

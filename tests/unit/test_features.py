@@ -158,3 +158,15 @@ def test_second_moment_ema_matches_adam():
     restored = SecondMomentEMA()
     restored.load_state_dict(ema.state_dict())
     torch.testing.assert_close(restored.value(), ema.value())
+
+
+@pytest.mark.parametrize("with_moment", [False, True])
+def test_reusing_forward_logits_gives_the_same_features(model_outputs, with_moment):
+    model, hidden, aligned = model_outputs
+    moment = torch.full((VOCAB, HIDDEN), 0.25) if with_moment else None
+    logits = model.lm_head(hidden)
+    recomputed = lm_head_features(hidden, model.lm_head.weight, aligned, moment, vocab_chunk=20)
+    reused = lm_head_features(
+        hidden, model.lm_head.weight, aligned, moment, vocab_chunk=20, logits=logits
+    )
+    torch.testing.assert_close(reused, recomputed, rtol=1e-5, atol=1e-7)
