@@ -88,13 +88,40 @@ class _ExampleResidual:
 
 
 def _examples(hidden, labels, logits):
-    """Yield (j, h (T_j, H), y (T_j,), logits (T_j, V) or None) for examples with response tokens."""
+    """Yield (j, h (T_j, H), y (T_j,), logits (T_j, V) or None) for examples with response tokens.
+
+    ``logits`` is (B, T, V), or (N, V) for the N labelled positions in row-major order.
+    """
+    offset = 0
     for j in range(hidden.shape[0]):
         positions = torch.nonzero(labels[j] != IGNORE_INDEX).squeeze(-1)
-        if positions.numel() == 0:
+        count = positions.numel()
+        if count == 0:
             continue
-        z = logits[j, positions].float() if logits is not None else None
+        if logits is None:
+            z = None
+        elif logits.dim() == 2:
+            z = logits[offset : offset + count].float()
+        else:
+            z = logits[j, positions].float()
+        offset += count
         yield j, hidden[j, positions].float(), labels[j, positions], z
+
+
+def response_token_losses_packed(
+    response_logits: torch.Tensor, aligned_labels: torch.Tensor
+) -> torch.Tensor:
+    """Per-example mean response loss from packed logits (N, V) of the labelled positions.
+
+    aligned_labels (B, T) -> (B,) float32; NaN for rows without response tokens.
+    """
+    mask = aligned_labels != IGNORE_INDEX
+    token_loss = torch.nn.functional.cross_entropy(
+        response_logits.float(), aligned_labels[mask], reduction="none"
+    )
+    rows = torch.nonzero(mask)[:, 0]
+    sums = torch.zeros(aligned_labels.shape[0], dtype=torch.float32).index_add_(0, rows, token_loss)
+    return sums / mask.sum(dim=1).float()
 
 
 def _chunk_size(vocab_chunk: int | None, tokens: int, width: int, vocab: int) -> int:
@@ -117,8 +144,9 @@ def lm_head_features(
     hidden (B, T, H): last hidden states (after the final norm). lm_head_weight (V, H).
     labels (B, T): aligned with ``hidden`` (label t is the token predicted from position t),
     IGNORE_INDEX where not trained. second_moment (V, H) or None (then s_hat = 1).
-    logits (B, T, V), optional: the forward pass's own W h, reused instead of recomputed.
-    Returns (B, V) float32; an example without response tokens gets all zeros.
+    logits, optional: the forward pass's own W h, reused instead of recomputed: (B, T, V), or
+    (N, V) for only the N labelled positions in row-major order (the cheap forward computes the
+    LM head only there). Returns (B, V) float32; an example without response tokens gets all zeros.
 
     Work goes example by example (no padding waste) and vocabulary chunk by chunk: at most
     (T_j x chunk) and (chunk x H) blocks live at once; B x V x H is never allocated.
@@ -130,6 +158,8 @@ def lm_head_features(
     if second_moment is not None and second_moment.shape != weight.shape:
         raise ValueError(f"second_moment {tuple(second_moment.shape)} != weight {(vocab, width)}")
     features = torch.zeros(hidden.shape[0], vocab, dtype=torch.float32, device=hidden.device)
+    # The preconditioner is shared by every example: compute 1 / (sqrt(s_hat) + eps) once.
+    inverse_root = None if second_moment is None else 1.0 / (second_moment.float().sqrt() + eps)
     with torch.no_grad():
         for j, h, y, z in _examples(
             hidden.detach(), labels, None if logits is None else logits.detach()
@@ -149,8 +179,7 @@ def lm_head_features(
                     if second_moment is None:
                         rows = torch.linalg.vector_norm(grad, dim=-1) / (1.0 + eps)
                     else:
-                        root = second_moment[start:stop].float().sqrt() + eps
-                        rows = torch.linalg.vector_norm(grad / root, dim=-1)
+                        rows = torch.linalg.vector_norm(grad * inverse_root[start:stop], dim=-1)
                 features[j, start:stop] = rows / tokens
     return features
 

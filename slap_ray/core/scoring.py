@@ -18,7 +18,7 @@ from slap_ray.core.features import (
     lm_head_batch_gradient,
     lm_head_features,
     project_features,
-    response_token_losses,
+    response_token_losses_packed,
     shift_labels,
 )
 from slap_ray.core.seeds import derive_rng, derive_seed
@@ -65,6 +65,23 @@ class BatchScores:
     num_tokens: int = 0
 
 
+@torch.no_grad()
+def forward_response_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    aligned_labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states (B, T, H) and LM-head logits (N, V) at the N response positions only.
+
+    Prompt and padding positions need no logits for losses or features, so the LM head (and
+    the softmax over V) runs only where labels are, in row-major order.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+    hidden = hidden.last_hidden_state
+    return hidden, model.get_output_embeddings()(hidden[aligned_labels != IGNORE_INDEX])
+
+
 def losses_and_features(
     model: torch.nn.Module,
     input_ids: Sequence[Sequence[int]],
@@ -77,22 +94,25 @@ def losses_and_features(
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Forward a batch in micro-batches: losses (B,) float64 and features (B, V) float32.
 
-    Rows are padded per micro-batch, so one long row does not pad the whole batch.
+    Rows are grouped into micro-batches by length (ties by position) so little padding is
+    forwarded; results come back in the input order.
     """
-    losses, features = [], []
+    order = sorted(range(len(input_ids)), key=lambda i: (len(input_ids[i]), i))
+    losses = np.empty(len(input_ids), dtype=np.float64)
+    features = torch.empty(len(input_ids), model.get_output_embeddings().weight.shape[0])
     weight = lm_head_of(model)
-    for start in range(0, len(input_ids), micro_batch_size):
-        stop = start + micro_batch_size
-        ids, mask, targets = pad_batch(input_ids[start:stop], labels[start:stop], pad_token_id)
-        hidden, logits = forward_hidden_and_logits(model, ids, mask)
-        aligned = shift_labels(targets)
-        losses.append(response_token_losses(logits, aligned).double().numpy())
-        features.append(
-            lm_head_features(
-                hidden, weight, aligned, second_moment, eps, vocab_chunk=vocab_chunk, logits=logits
-            )
+    for start in range(0, len(order), micro_batch_size):
+        rows = order[start : start + micro_batch_size]
+        ids, mask, targets = pad_batch(
+            [input_ids[i] for i in rows], [labels[i] for i in rows], pad_token_id
         )
-    return np.concatenate(losses), torch.cat(features)
+        aligned = shift_labels(targets)
+        hidden, logits = forward_response_logits(model, ids, mask, aligned)
+        losses[rows] = response_token_losses_packed(logits, aligned).double().numpy()
+        features[rows] = lm_head_features(
+            hidden, weight, aligned, second_moment, eps, vocab_chunk=vocab_chunk, logits=logits
+        )
+    return losses, features
 
 
 def score_batch(
@@ -159,8 +179,8 @@ def calibrate_second_moment(
         for start in range(0, len(input_ids), micro_batch_size):
             stop = start + micro_batch_size
             ids, mask, targets = pad_batch(input_ids[start:stop], labels[start:stop], pad_token_id)
-            hidden, logits = forward_hidden_and_logits(model, ids, mask)
             aligned = shift_labels(targets)
+            hidden, logits = forward_response_logits(model, ids, mask, aligned)
             count = int((aligned != IGNORE_INDEX).sum())
             total += lm_head_batch_gradient(hidden, weight, aligned, logits=logits) * count
             tokens += count

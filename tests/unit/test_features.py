@@ -12,6 +12,7 @@ from slap_ray.core.features import (
     lm_head_batch_gradient,
     lm_head_features,
     response_token_losses,
+    response_token_losses_packed,
     shift_labels,
 )
 
@@ -170,3 +171,20 @@ def test_reusing_forward_logits_gives_the_same_features(model_outputs, with_mome
         hidden, model.lm_head.weight, aligned, moment, vocab_chunk=20, logits=logits
     )
     torch.testing.assert_close(reused, recomputed, rtol=1e-5, atol=1e-7)
+
+
+def test_packed_response_logits_give_the_same_losses_and_features(model_outputs):
+    model, hidden, aligned = model_outputs
+    full = model.lm_head(hidden)
+    packed = model.lm_head(hidden[aligned != IGNORE_INDEX])
+    moment = torch.full((VOCAB, HIDDEN), 0.25)
+    torch.testing.assert_close(
+        response_token_losses_packed(packed, aligned), response_token_losses(full, aligned)
+    )
+    for second in (None, moment):
+        torch.testing.assert_close(
+            lm_head_features(hidden, model.lm_head.weight, aligned, second, logits=packed),
+            lm_head_features(hidden, model.lm_head.weight, aligned, second, logits=full),
+            rtol=1e-5,
+            atol=1e-7,
+        )
