@@ -78,11 +78,8 @@ def _schema_options(config: SlapConfig) -> SchemaOptions:
 
 def _read(config: SlapConfig, manifest: Manifest) -> ray.data.Dataset:
     embedded = [p for p in config.data.paths if p == stages.EMBEDDED_CHITCHAT]
-    files = (
-        expand_paths([p for p in config.data.paths if p != stages.EMBEDDED_CHITCHAT])
-        if len(embedded) < len(config.data.paths)
-        else []
-    )
+    patterns = [p for p in config.data.paths if p != stages.EMBEDDED_CHITCHAT]
+    files = expand_paths(patterns) if patterns else []
     parts = [stages.read_stage(files, _schema_options(config), config.data.format)] if files else []
     if embedded:
         parts.append(stages.chitchat_stage(config.data.chitchat_mode))
@@ -298,7 +295,8 @@ def write_outputs(
     scored: pd.DataFrame,
     run_dir: Path,
     manifest: Manifest,
-) -> Path:
+) -> pd.DataFrame:
+    """scores.parquet, kept ids per alpha and rejected.jsonl; returns the scores table."""
     scores = prepared.drop(columns=["input_ids", "labels", "raw"]).merge(
         scored, on="id", how="left"
     )
@@ -336,7 +334,7 @@ def write_outputs(
         kept_per_alpha=summary,
     )
     manifest.set("method", config.select.method)
-    return write_selection_report(scores, config.select.alphas, run_dir, manifest.data)
+    return scores
 
 
 def run_select(config: SlapConfig) -> Path:
@@ -371,16 +369,13 @@ def run_select(config: SlapConfig) -> Path:
             )
         scored = score(config, prepared, run_dir, manifest)
         with manifest.stage("write"):
-            report = write_outputs(config, prepared, scored, run_dir, manifest)
+            scores = write_outputs(config, prepared, scored, run_dir, manifest)
     finally:
         manifest.write(run_dir / "manifest.json")
         if started:
             ray.shutdown()
-    # The report is rewritten after the manifest so its timings include every stage.
-    write_selection_report(
-        pd.read_parquet(run_dir / "scores.parquet"), config.select.alphas, run_dir, manifest.data
-    )
-    return report
+    # Written last, so its timings include every stage.
+    return write_selection_report(scores, config.select.alphas, run_dir, manifest.data)
 
 
 def main_select(config: SlapConfig) -> int:
