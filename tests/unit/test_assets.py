@@ -7,10 +7,8 @@ session-scoped fixture; only `test_smollm2_matches_gguf` pays for a fresh GGUF l
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -19,22 +17,7 @@ import torch
 
 from slap_ray import assets
 
-_real_connect = socket.socket.connect
-
-
-def _guarded_connect(self: socket.socket, address: object) -> None:
-    if self.family == socket.AF_UNIX:
-        return _real_connect(self, address)
-    raise RuntimeError(f"unit tests must not use the network (tried to connect to {address})")
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Hub offline mode (env and the already-imported constant) plus a hard socket guard."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
-    yield
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import socket
-from collections.abc import Iterator
 
 import huggingface_hub.constants
 import numpy as np
@@ -34,21 +32,7 @@ SHAREGPT = [
     {"role": "assistant", "content": "Paris has more inhabitants than Rome within city limits."},
 ]
 
-_real_connect = socket.socket.connect
-
-
-def _guarded_connect(self: socket.socket, address: object) -> None:
-    if self.family == socket.AF_UNIX:
-        return _real_connect(self, address)
-    raise RuntimeError(f"unit tests must not use the network (tried to connect to {address})")
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
-    yield
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")
