@@ -26,20 +26,26 @@ def shared_data() -> Path:
     return _require_shared(SHARED_DATA)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray instance for the whole session (Ray's own test style), loopback only."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+TEST_RAY = {"num_cpus": 2, "object_store_memory": 400 * 1024 * 1024}
+
+
+def start_local_ray():
+    """The suite's local Ray instance (loopback only, capped object store), via the product's
+    own ``ensure_ray``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            object_store_memory=400 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+    from slap_ray.config import RayConfig
+    from slap_ray.ray.runtime import ensure_ray
+
+    ensure_ray(RayConfig(**TEST_RAY))
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session (Ray's own test style)."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

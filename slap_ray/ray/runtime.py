@@ -23,7 +23,9 @@ def ensure_ray(config: RayConfig) -> bool:
     if config.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=config.address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
+        # "local" always starts a fresh instance, never a leftover cluster found on the machine.
         ray.init(
+            address="local",
             num_cpus=config.num_cpus,
             object_store_memory=config.object_store_memory,
             include_dashboard=False,

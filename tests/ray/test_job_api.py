@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,8 +27,28 @@ def ray_cli(*args: str, env: dict, timeout: int = 120) -> subprocess.CompletedPr
     )
 
 
+def _wait_for_dashboard(env: dict, deadline_s: float = 90) -> None:
+    deadline = time.time() + deadline_s
+    while ray_cli("job", "list", "--address", DASHBOARD, env=env).returncode != 0:
+        assert time.time() < deadline, "the head's job API never came up"
+        time.sleep(1)
+
+
 @pytest.fixture
 def head_node():
+    """A separate head (`ray start --head --block`) in its own process group.
+
+    The suite's in-process instance is paused meanwhile (2 cores), and only this head's process
+    group is killed afterwards: `ray stop` would kill every Ray process on the machine.
+    """
+    import ray
+
+    from slap_ray.config import RayConfig
+    from slap_ray.ray.runtime import ensure_ray
+
+    had_local = ray.is_initialized()
+    if had_local:
+        ray.shutdown()
     # Loopback-only test cluster: opt out of token auth for the head and the job client alike.
     env = dict(
         os.environ,
@@ -36,23 +58,37 @@ def head_node():
     )
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     env.pop("RAY_ADDRESS", None)
-    started = ray_cli(
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        "--port=6390",
-        "--dashboard-host=127.0.0.1",
-        "--dashboard-port=8275",
-        "--num-cpus=2",
-        "--object-store-memory=200000000",
-        "--disable-usage-stats",
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--port=6390",
+            "--dashboard-host=127.0.0.1",
+            "--dashboard-port=8275",
+            "--num-cpus=2",
+            "--object-store-memory=200000000",
+            "--disable-usage-stats",
+        ],
         env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    assert started.returncode == 0, started.stderr
     try:
+        _wait_for_dashboard(env)
         yield env
     finally:
-        ray_cli("stop", "--force", env=env)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        if had_local:  # the same settings as the suite's session fixture
+            ensure_ray(RayConfig(num_cpus=2, object_store_memory=400 * 1024 * 1024))
 
 
 def test_select_job_through_ray_job_submit(head_node, pool_subset, tmp_path):
