@@ -45,16 +45,6 @@ def lm_head_of(model: torch.nn.Module) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
-@torch.no_grad()
-def forward_hidden_and_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last hidden states (B, T, H) after the final norm, and logits (B, T, V)."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-    hidden = hidden.last_hidden_state
-    return hidden, model.get_output_embeddings()(hidden)
-
-
 @dataclass
 class BatchScores:
     """Per-example results of one batch, aligned with the rows passed in."""
