@@ -213,6 +213,39 @@ def lm_head_batch_gradient(
     return grad / max(total, 1)
 
 
+def lm_head_example_gradient_sum(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    example_weights: torch.Tensor,
+    vocab_chunk: int | None = None,
+    logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_j w_j G_j: the LM-head gradient of a weighted sum of per-example mean losses (V, H).
+
+    With w_j = 1 / n over the n trained examples this is the gradient an optimizer sees when the
+    objective is the mean over examples of their mean response-token loss (the on-policy
+    trainer's objective). example_weights (B,); examples with weight 0 are skipped. Other
+    shapes as in ``lm_head_features``.
+    """
+    weight = lm_head_weight.detach().float()
+    vocab, width = weight.shape
+    grad = torch.zeros_like(weight)
+    with torch.no_grad():
+        for j, h, y, z in _examples(
+            hidden.detach(), labels, None if logits is None else logits.detach()
+        ):
+            scale = float(example_weights[j]) / h.shape[0]
+            if scale == 0.0:
+                continue
+            chunk = _chunk_size(vocab_chunk, h.shape[0], width, vocab)
+            residual = _ExampleResidual(h, y, weight, z, chunk)
+            for start in range(0, vocab, chunk):
+                stop = min(start + chunk, vocab)
+                grad[start:stop] += (residual.chunk(start, stop).T @ h) * scale
+    return grad
+
+
 class SecondMomentEMA:
     """Adam-style bias-corrected EMA of squared LM-head gradients (``exp_avg_sq``).
 

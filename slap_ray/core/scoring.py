@@ -40,9 +40,14 @@ def pad_batch(
     return ids, mask, targets
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face causal LM inside a peft wrapper (LoRA layers stay injected), or itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def lm_head_of(model: torch.nn.Module) -> torch.Tensor:
     """The output projection weight (V, H) of a Hugging Face causal LM (tied or not)."""
-    return model.get_output_embeddings().weight
+    return unwrap(model).get_output_embeddings().weight
 
 
 @dataclass
@@ -67,9 +72,10 @@ def forward_response_logits(
     Prompt and padding positions need no logits for losses or features, so the LM head (and
     the softmax over V) runs only where labels are, in row-major order.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+    base = unwrap(model)
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
     hidden = hidden.last_hidden_state
-    return hidden, model.get_output_embeddings()(hidden[aligned_labels != IGNORE_INDEX])
+    return hidden, base.get_output_embeddings()(hidden[aligned_labels != IGNORE_INDEX])
 
 
 def losses_and_features(
@@ -89,8 +95,8 @@ def losses_and_features(
     """
     order = sorted(range(len(input_ids)), key=lambda i: (len(input_ids[i]), i))
     losses = np.empty(len(input_ids), dtype=np.float64)
-    features = torch.empty(len(input_ids), model.get_output_embeddings().weight.shape[0])
     weight = lm_head_of(model)
+    features = torch.empty(len(input_ids), weight.shape[0])
     for start in range(0, len(order), micro_batch_size):
         rows = order[start : start + micro_batch_size]
         ids, mask, targets = pad_batch(

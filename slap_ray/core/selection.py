@@ -227,6 +227,26 @@ def select(
     return table[method]()
 
 
+def select_weighted(
+    method: str,
+    losses: np.ndarray | torch.Tensor,
+    features: np.ndarray | torch.Tensor | None,
+    n_keep: int,
+    rng: np.random.Generator,
+    **options,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`select`, plus the training weight of each kept example (aligned with it).
+
+    Only ``infobatch`` reweights (1 / (1 - r) on kept low-loss rows); every other method trains
+    its kept rows with weight 1 (SLAP_METHOD.md section 1, step 6: no reweighting).
+    """
+    if method == "infobatch":
+        n_keep = _check_n_keep(n_keep, len(_as_losses(losses)))
+        return infobatch_select(_as_losses(losses), n_keep, rng)
+    kept = select(method, losses, features, n_keep, rng, **options)
+    return kept, np.ones(len(kept))
+
+
 def n_keep_for(batch_size: int, alpha: float) -> int:
     """Examples kept from a batch of ``batch_size`` at pruning ratio ``alpha``."""
     if not 0.0 <= alpha < 1.0:
