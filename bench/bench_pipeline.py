@@ -181,12 +181,16 @@ def bench_embed_chitchat(args) -> dict:
     from slap_ray.ray import stages
 
     ray.init(
-        num_cpus=2, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False
+        address="local",  # never join a leftover cluster recorded in /tmp/ray
+        num_cpus=2,
+        object_store_memory=2 * 1024**3,
+        include_dashboard=False,
+        log_to_driver=False,
     )
     timings = {}
     with PeakMemory() as memory:
         start = time.perf_counter()
-        rows = stages.chitchat_stage("pairs")
+        rows = stages.chitchat_stage("pairs", "all")
         if args.limit:
             rows = rows.limit(args.limit)
         embedded = stages.embed_stage(

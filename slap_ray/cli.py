@@ -1,35 +1,65 @@
-"""The `slap` command: `slap select --config CFG [dotted.key=value ...] [--resume]`."""
+"""The `slap` command: `slap {select,finetune,run} --config CFG [dotted.key=value ...] [--resume]`.
+
+- `select`: offline SLAP over the pool (kept ids per alpha, scores, report).
+- `finetune`: Ray Train fine-tuning on a selection (`train.selection_dir`, `train.alpha`) or
+  with on-policy selection (`select.mode=online`).
+- `run`: select -> fine-tune -> evaluate -> report in one run directory.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from slap_ray.config import ConfigError, load_config
+from slap_ray.config import ConfigError, SlapConfig, load_config
 
 
-def parse(argv: list[str] | None, command: str) -> tuple[argparse.Namespace, list[str]]:
+def parse(argv: list[str] | None, command: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"slap {command}", description=__doc__)
     parser.add_argument("--config", help="YAML config file (defaults when omitted)")
-    parser.add_argument("--resume", action="store_true", help="reuse finished stages of output_dir")
+    parser.add_argument("--resume", action="store_true", help="reuse finished work in output_dir")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. select.alphas=[0.3]")
-    return parser.parse_args(argv), []
+    return parser.parse_args(argv)
 
 
-def select_main(argv: list[str] | None = None) -> int:
-    """Entry point shared by `slap select` and `pipelines/select.py`."""
-    args, _ = parse(argv, "select")
-    try:
-        config = load_config(args.config, args.overrides + (["resume=true"] if args.resume else []))
-    except (ConfigError, OSError) as error:
-        print(f"slap select: {error}", file=sys.stderr)
-        return 2
-    from slap_ray.select_job import main_select  # heavy imports (Ray, torch) only when running
+def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
+    def main_for(argv: list[str] | None = None) -> int:
+        args = parse(argv, command)
+        overrides = args.overrides + (["resume=true"] if args.resume else [])
+        try:
+            config = load_config(args.config, overrides)
+        except (ConfigError, OSError) as error:
+            print(f"slap {command}: {error}", file=sys.stderr)
+            return 2
+        return job()(config)  # heavy imports (Ray, torch) only when running
 
-    return main_select(config)
+    main_for.__doc__ = f"Entry point shared by `slap {command}` and `pipelines/{command}.py`."
+    return main_for
 
 
-COMMANDS = {"select": select_main}
+def _select():
+    from slap_ray.select_job import main_select
+
+    return main_select
+
+
+def _finetune():
+    from slap_ray.finetune_job import main_finetune
+
+    return main_finetune
+
+
+def _run():
+    from slap_ray.run_job import main_run
+
+    return main_run
+
+
+select_main = _entry("select", _select)
+finetune_main = _entry("finetune", _finetune)
+run_main = _entry("run", _run)
+COMMANDS = {"select": select_main, "finetune": finetune_main, "run": run_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,6 @@ class DataConfig(_Section):
     max_length: int = Field(512, ge=8)
     truncation: Literal["keep_response", "right"] = "keep_response"
     chitchat_mode: Literal["pairs", "multiturn"] = "pairs"
-    eval_paths: list[str] = Field(default_factory=list)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -66,8 +65,13 @@ class StrataConfig(_Section):
 
 
 class SelectConfig(_Section):
-    """Per-batch selection (section 1) and the budget grid."""
+    """Per-batch selection (section 1) and the budget grid.
 
+    ``mode``: ``offline`` scores the pool once (``slap select``) and fine-tunes on the kept ids;
+    ``online`` selects every training batch inside the training loop (the paper's setting).
+    """
+
+    mode: Literal["offline", "online"] = "offline"
     method: Literal["slap", "random", "full", "online_hard", "ccs", "infobatch"] = "slap"
     alphas: list[float] = Field(default_factory=lambda: [0.2, 0.3, 0.4])
     batch_size: int = Field(32, ge=1)
@@ -101,6 +105,61 @@ class ScoreConfig(_Section):
     vocab_chunk: int | None = Field(None, ge=1)
 
 
+class TrainConfig(_Section):
+    """Fine-tuning with Ray Train (``slap finetune``, ``slap run``).
+
+    ``batch_size`` is the global batch per optimizer step (the B that on-policy selection sees),
+    split over workers and then into micro-batches whose gradients accumulate. ``alpha``: the
+    pruning ratio trained on (offline: which ``kept/alpha-*.txt`` of the selection; 0 = all
+    scored rows; online: pruned per batch).
+    """
+
+    alpha: float = Field(0.3, ge=0, lt=1)
+    selection_dir: str | None = None
+    finetuning: Literal["lora", "full"] = "lora"
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    torch_threads: int = Field(1, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    num_checkpoints_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    log_every: int = Field(1, ge=1)
+
+    def resolved_micro_batch_size(self, mode: str) -> int:
+        """Online selection saves backward work only per whole micro-batch: default 1 there."""
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        return 1 if mode == "online" else 4
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation: response-token loss / perplexity, optional generation + ROUGE-L."""
+
+    paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat-eval"])
+    max_rows: int | None = Field(256, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    generate_rows: int = Field(0, ge=0)
+    max_new_tokens: int = Field(64, ge=1)
+
+
 class RayConfig(_Section):
     """How to reach (or start) Ray."""
 
@@ -122,6 +181,8 @@ class SlapConfig(_Section):
     strata: StrataConfig = Field(default_factory=StrataConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

@@ -57,8 +57,9 @@ PREPARED_COLUMNS = [
 def _fingerprint(config: SlapConfig) -> str:
     """What the prepared/scored stages depend on: everything except where and how to run."""
     tree = config_to_dict(config)
-    for key in ("output_dir", "resume", "progress", "ray", "score"):
+    for key in ("output_dir", "resume", "progress", "ray", "score", "train", "eval"):
         tree.pop(key, None)
+    tree["select"].pop("mode", None)
     tree["select"].pop("alphas", None)  # scored batches carry every alpha they were asked for
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -76,15 +77,23 @@ def _schema_options(config: SlapConfig) -> SchemaOptions:
     )
 
 
-def _read(config: SlapConfig, manifest: Manifest) -> ray.data.Dataset:
-    embedded = [p for p in config.data.paths if p == stages.EMBEDDED_CHITCHAT]
-    patterns = [p for p in config.data.paths if p != stages.EMBEDDED_CHITCHAT]
+def read_rows(
+    config: SlapConfig, paths: list[str], manifest: Manifest | None = None, stage: str = "read"
+) -> ray.data.Dataset:
+    """Globs/files of any ingestion format plus the embedded sources, as one Ray dataset."""
+    embedded = [p for p in paths if p in stages.EMBEDDED]
+    patterns = [p for p in paths if p not in stages.EMBEDDED]
     files = expand_paths(patterns) if patterns else []
     parts = [stages.read_stage(files, _schema_options(config), config.data.format)] if files else []
-    if embedded:
-        parts.append(stages.chitchat_stage(config.data.chitchat_mode))
-    manifest.count("read", files=len(files), embedded=embedded)
+    for name in dict.fromkeys(embedded):
+        parts.append(stages.chitchat_stage(config.data.chitchat_mode, stages.EMBEDDED[name]))
+    if manifest is not None:
+        manifest.count(stage, files=len(files), embedded=embedded)
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def _read(config: SlapConfig, manifest: Manifest) -> ray.data.Dataset:
+    return read_rows(config, config.data.paths, manifest)
 
 
 def _mark_rejects(meta: pd.DataFrame, config: SlapConfig) -> pd.DataFrame:

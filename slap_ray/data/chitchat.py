@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,10 @@ from typing import Any, Literal
 SOURCE = "chitchat"
 TASK = "dialogue"
 PACKAGE = "chitchat_dataset"
+# Held-out evaluation split: whole conversations (so no pair of one conversation is on both
+# sides), chosen by a stable hash of the conversation id: 1 in EVAL_EVERY.
+EVAL_EVERY = 50
+SPLITS = ("all", "train", "eval")
 COUNT_KEYS = (
     "conversations",
     "turns",
@@ -45,12 +50,18 @@ def dataset_path() -> Path:
     return path
 
 
+def conversation_split(conv_id: str) -> str:
+    """``"eval"`` for about 2% of conversations (stable crc32 of the id), else ``"train"``."""
+    return "eval" if zlib.crc32(conv_id.encode("utf-8")) % EVAL_EVERY == 0 else "train"
+
+
 def chitchat_rows(
     mode: Literal["pairs", "multiturn"] = "pairs",
     max_rows: int | None = None,
     max_turns: int | None = None,
     counts: dict[str, int] | None = None,
     path: str | os.PathLike[str] | None = None,
+    split: Literal["all", "train", "eval"] = "all",
 ) -> Iterator[dict[str, Any]]:
     """Yield normalised rows (source "chitchat", task "dialogue"), conversations sorted by id.
 
@@ -62,8 +73,11 @@ def chitchat_rows(
 
     `max_turns` caps the turns taken from the start of each conversation, `max_rows` the rows
     yielded. Skips are not silent: pass a dict as `counts` and it is filled (as rows are
-    yielded) with the keys of `COUNT_KEYS`.
+    yielded) with the keys of `COUNT_KEYS`. `split` keeps only the conversations of one side of
+    the held-out split (`conversation_split`); the counts then cover that side only.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if mode not in ("pairs", "multiturn"):
         raise ValueError(f"mode must be 'pairs' or 'multiturn', got {mode!r}")
     for name, value in (("max_rows", max_rows), ("max_turns", max_turns)):
@@ -78,6 +92,8 @@ def chitchat_rows(
         data: dict[str, Any] = json.load(handle)
     build = _pairs if mode == "pairs" else _multiturn
     for conv_id in sorted(data):
+        if split != "all" and conversation_split(conv_id) != split:
+            continue
         turns = [_turn(group) for group in data[conv_id].get("messages", [])]
         if max_turns is not None:
             turns = turns[:max_turns]

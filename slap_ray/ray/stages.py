@@ -25,6 +25,9 @@ from slap_ray.data.ingest import (
 from slap_ray.ray.embed import Embedder
 
 EMBEDDED_CHITCHAT = "embedded:chitchat"
+EMBEDDED_CHITCHAT_EVAL = "embedded:chitchat-eval"
+# Embedded sources: the chitchat training side and its held-out conversations.
+EMBEDDED = {EMBEDDED_CHITCHAT: "train", EMBEDDED_CHITCHAT_EVAL: "eval"}
 ROW_COLUMNS = ("id", "source", "task", "messages", "path", "line", "reject_reason", "raw")
 
 
@@ -66,11 +69,16 @@ def read_stage(files: list[str], options: SchemaOptions, fmt: str) -> Dataset:
     return items.flat_map(read_file_rows, fn_args=(options, fmt))
 
 
-def chitchat_stage(mode: str) -> Dataset:
-    """The embedded default dataset (chitchat-dataset package) as normalised rows."""
+def chitchat_stage(mode: str, split: str = "train") -> Dataset:
+    """The embedded default dataset (chitchat-dataset package) as normalised rows.
+
+    ``split``: "train" (what selection and training use), "eval" (held-out conversations) or
+    "all".
+    """
     from slap_ray.data.chitchat import chitchat_rows
 
-    rows = [_row(EMBEDDED_CHITCHAT, i, r, None, None) for i, r in enumerate(chitchat_rows(mode))]
+    name = EMBEDDED_CHITCHAT_EVAL if split == "eval" else EMBEDDED_CHITCHAT
+    rows = [_row(name, i, r, None, None) for i, r in enumerate(chitchat_rows(mode, split=split))]
     return ray.data.from_items(rows)
 
 

@@ -431,7 +431,7 @@ def test_rayjob_entrypoint_runs_an_existing_pipeline_with_a_valid_config():
     assert argv[0] == "python", argv
     script = argv[1]
     assert script.startswith("pipelines/") and (REPO_ROOT / script).is_file(), script
-    args, _ = parse(argv[2:], "select")  # the job's own CLI parser
+    args = parse(argv[2:], "select")  # the job's own CLI parser
     assert args.config and (REPO_ROOT / args.config).is_file(), args.config
     config = load_config(REPO_ROOT / args.config, args.overrides)
 
@@ -446,7 +446,7 @@ def test_rayjob_entrypoint_runs_an_existing_pipeline_with_a_valid_config():
 def test_rayjob_actors_fit_the_worker_groups():
     """Scorers and embedders ask for no more than the worker groups can offer at maxReplicas."""
     job, _, argv = _job()
-    args, _ = parse(argv[2:], "select")
+    args = parse(argv[2:], "select")
     config = load_config(REPO_ROOT / args.config, args.overrides)
     groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus = sum(g["maxReplicas"] * float(g["rayStartParams"].get("num-gpus", 0)) for g in groups)

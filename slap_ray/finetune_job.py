@@ -1,0 +1,214 @@
+"""`slap finetune`: Ray Train fine-tuning on a selection (offline) or with on-policy SLAP.
+
+Driver side: read and tokenise the training rows (joined to the selection by id) and the eval
+rows, run the ``TorchTrainer``, then write the final model, ``metrics.json``, ``manifest.json``
+and ``report.md`` into the run directory. ``--resume`` keeps Ray Train's storage, so the trainer
+restarts from its latest checkpoint instead of step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import ray
+
+from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
+from slap_ray.core.seeds import id_rank_key
+from slap_ray.data.ingest import BadRowError
+from slap_ray.manifest import Manifest
+from slap_ray.ray import stages
+from slap_ray.ray.runtime import ensure_ray
+from slap_ray.select_job import _mark_rejects, read_rows
+from slap_ray.train_report import write_train_report
+from slap_ray.training import MODEL_DIR, STATE_FILE, flops_estimate, total_steps
+
+log = logging.getLogger("slap_ray.finetune")
+TABLE_COLUMNS = ("id", "source", "task", "input_ids", "labels", "num_tokens")
+RAY_TRAIN_DIR = "ray_train"
+RUN_NAME = "finetune"
+
+
+def selected_ids(config: SlapConfig, sampled: list[str]) -> tuple[list[str], str]:
+    """The training ids and where they came from (offline: the selection's kept ids)."""
+    alpha, folder = config.train.alpha, config.train.selection_dir
+    if config.select.mode == "online":
+        return sampled, "all sampled rows (selection happens on-policy)"
+    if folder is None:
+        if alpha == 0:
+            return sampled, "all sampled rows (alpha = 0, no selection)"
+        raise ConfigError(
+            "train.selection_dir: offline fine-tuning at alpha > 0 needs a `slap select` run "
+            "directory (or use `slap run`, or select.mode=online)"
+        )
+    folder = Path(folder)
+    if alpha == 0:
+        scores = pd.read_parquet(folder / "scores.parquet", columns=["id", "loss"])
+        return sorted(scores.loc[scores["loss"].notna(), "id"]), f"{folder}: all scored rows"
+    kept = folder / "kept" / f"alpha-{alpha:g}.txt"
+    if not kept.exists():
+        have = sorted(p.stem.removeprefix("alpha-") for p in (folder / "kept").glob("alpha-*.txt"))
+        raise ConfigError(f"train.alpha: {kept} does not exist; the selection has alphas {have}")
+    return kept.read_text(encoding="utf-8").split(), f"{kept}"
+
+
+def _tokenized_table(config: SlapConfig, rows: ray.data.Dataset) -> tuple[dict, int]:
+    """Tokenise with the training model's tokenizer; returns columns sorted by id, rejects."""
+    tokenized = stages.tokenize_stage(
+        rows, config.model.name, config.data.max_length, config.data.truncation
+    ).materialize()
+    frame = tokenized.drop_columns(["messages", "raw"]).to_pandas()
+    rejected = int(frame["reject_reason"].notna().sum())
+    frame = frame[frame["reject_reason"].isna()].sort_values("id", kind="stable")
+    table = {c: frame[c].tolist() for c in TABLE_COLUMNS}
+    table["input_ids"] = [list(map(int, x)) for x in table["input_ids"]]
+    table["labels"] = [list(map(int, x)) for x in table["labels"]]
+    table["source"] = [x if isinstance(x, str) else "unknown" for x in table["source"]]
+    table["task"] = [x if isinstance(x, str) else "unknown" for x in table["task"]]
+    return table, rejected
+
+
+def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
+    """Training rows (the selection's kept ids, or all sampled rows) and eval rows, tokenised."""
+    with manifest.stage("prepare"):
+        rows = read_rows(config, config.data.paths, manifest, "train_read").materialize()
+        meta = _mark_rejects(
+            rows.select_columns(["id", "path", "line", "reject_reason"]).to_pandas(), config
+        )
+        sampled = sorted(meta.loc[meta["sampled"], "id"])
+        ids, origin = selected_ids(config, sampled)
+        wanted = set(ids)
+        first = meta[meta["sampled"] & meta["id"].isin(wanted)]
+        keys = set(zip(first["path"], first["line"], strict=True))
+        train, train_rejected = _tokenized_table(
+            config, rows.filter(lambda r: (r["path"], r["line"]) in keys)
+        )
+        missing = len(wanted - set(train["id"])) - train_rejected
+        evals = read_rows(config, config.eval.paths, manifest, "eval_read")
+        evals = evals.filter(lambda r: r["reject_reason"] is None and r["id"] not in wanted)
+        eval_meta = evals.select_columns(["id"]).to_pandas()
+        eval_ids = sorted(
+            set(eval_meta["id"]), key=lambda i: (id_rank_key(config.seed, "eval-rows", i), i)
+        )[: config.eval.max_rows]
+        chosen = set(eval_ids)
+        evaluation, eval_rejected = _tokenized_table(
+            config, evals.filter(lambda r: r["id"] in chosen)
+        )
+    if not train["id"]:
+        raise ConfigError(f"no training rows: {origin} selects none of data.paths")
+    if not evaluation["id"]:
+        raise ConfigError(f"eval.paths {config.eval.paths}: no usable eval rows")
+    manifest.count(
+        "prepare",
+        train_origin=origin,
+        train_ids_requested=len(wanted),
+        train_rows=len(train["id"]),
+        train_rows_rejected=train_rejected,
+        train_ids_not_found=max(missing, 0),
+        eval_rows=len(evaluation["id"]),
+        eval_rows_rejected=eval_rejected,
+    )
+    return train, evaluation
+
+
+def _finish(config: SlapConfig, result, run_dir: Path, manifest: Manifest) -> dict:
+    """Copy the final model out of Ray Train's storage and gather the loop's records."""
+    import torch
+
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+        target = run_dir / MODEL_DIR
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(Path(folder) / MODEL_DIR, target)
+    from slap_ray.assets import load_tokenizer
+
+    load_tokenizer(config.model.name).save_pretrained(target)
+    counters, params = state["counters"], state["parameters"]
+    lora = config.train.finetuning == "lora"
+    flops = flops_estimate(params, counters["forward_tokens"], counters["backward_tokens"], lora)
+    steps = len(state["history"])
+    compute = {
+        **counters,
+        "parameters": params,
+        "flops_estimate": flops,
+        "steps": steps,
+        "mean_step_seconds": {
+            k: round(v / max(steps - (state["resumed_from_step"] or 0), 1), 4)
+            for k, v in state["step_seconds"].items()
+        },
+    }
+    manifest.set("compute", compute)
+    manifest.count(
+        "train",
+        steps=steps,
+        resumed_from_step=state["resumed_from_step"],
+        checkpoint=str(result.checkpoint.path),
+    )
+    manifest.data["timings_s"]["eval_base"] = state["base_eval"]["overall"]["seconds"]
+    manifest.data["timings_s"]["eval_final"] = state["final_eval"]["overall"]["seconds"]
+    metrics = {
+        "base_eval": state["base_eval"],
+        "final_eval": state["final_eval"],
+        "generation": state["generation"],
+        "compute": compute,
+        "history": state["history"],
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def run_finetune(
+    config: SlapConfig,
+    selection_report: Path | None = None,
+    prior_timings: dict[str, float] | None = None,
+) -> Path:
+    """Fine-tune per the config; returns the path of report.md.
+
+    ``slap run`` passes the selection's report and wall time, so one manifest covers the run.
+    """
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(config, run_dir / "config.yaml")
+    manifest = Manifest("run" if selection_report or prior_timings else "finetune")
+    manifest.data["timings_s"].update(prior_timings or {})
+    storage = run_dir / RAY_TRAIN_DIR
+    if not config.resume:
+        shutil.rmtree(storage, ignore_errors=True)
+    started = ensure_ray(config.ray)
+    try:
+        train, evaluation = prepare_tables(config, manifest)
+        steps = total_steps(len(train["id"]), config.train)
+        manifest.count("train", planned_steps=steps, mode=config.select.mode)
+        from slap_ray.ray.train_loop import make_trainer
+
+        trainer = make_trainer(config, train, evaluation, steps, storage, RUN_NAME)
+        with manifest.stage("train"):
+            result = trainer.fit()
+        metrics = _finish(config, result, run_dir, manifest)
+    finally:
+        manifest.write(run_dir / "manifest.json")
+        if started:
+            ray.shutdown()
+    return write_train_report(config, metrics, run_dir, manifest.data, selection_report)
+
+
+def main_finetune(config: SlapConfig) -> int:
+    try:
+        report = run_finetune(config)
+    except BadRowError as error:
+        print(f"slap finetune: bad input row: {error}", file=sys.stderr)
+        return 2
+    except ConfigError as error:
+        print(f"slap finetune: {error}", file=sys.stderr)
+        return 2
+    metrics = json.loads((Path(config.output_dir) / "metrics.json").read_text())
+    base, final = metrics["base_eval"]["overall"], metrics["final_eval"]["overall"]
+    print(
+        f"slap finetune: done; eval loss {base['loss']:.4f} -> {final['loss']:.4f}; "
+        f"report: {report}"
+    )
+    return 0

@@ -1,0 +1,277 @@
+"""Ray Train: the per-worker fine-tuning loop and the ``TorchTrainer`` that runs it.
+
+Each step calls ``core.onpolicy.onpolicy_step`` (offline mode is its alpha = 0 / ``full`` case);
+everything else here is Ray Train plumbing: worker rank, the process group, checkpoints and
+``ray.train.report``. Gradients are summed with one explicit all-reduce instead of DDP, because
+the on-policy step forwards several micro-batches with their graphs kept before a single
+backward, which DDP's per-forward reducer does not support.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from slap_ray.config import SlapConfig, TrainConfig
+from slap_ray.core.evaluation import (
+    example_loss_sums,
+    greedy_generate,
+    last_response_split,
+    rouge_l,
+    summarize_losses,
+)
+from slap_ray.core.features import SecondMomentEMA
+from slap_ray.core.onpolicy import (
+    SelectionSettings,
+    SingleProcess,
+    TorchDistributed,
+    onpolicy_step,
+)
+from slap_ray.core.scoring import lm_head_of
+from slap_ray.core.seeds import derive_rng, derive_seed
+from slap_ray.training import (
+    BatchSchedule,
+    adam_second_moment,
+    build_model,
+    lm_head_is_trained,
+    load_training_state,
+    make_optimizer,
+    parameter_counts,
+    save_training_state,
+    warmup_cosine,
+)
+
+COUNTERS = ("forward_examples", "forward_tokens", "backward_examples", "backward_tokens")
+
+
+def _evaluate(model, table: dict, collective, micro_batch_size: int, pad_token_id: int) -> dict:
+    """Loss / perplexity of the eval rows, sharded over workers, identical result on each."""
+    start = time.perf_counter()
+    mine = list(range(collective.rank, len(table["id"]), collective.world_size))
+    model.eval()
+    sums, tokens = example_loss_sums(
+        model,
+        [table["input_ids"][i] for i in mine],
+        [table["labels"][i] for i in mine],
+        pad_token_id,
+        micro_batch_size,
+    )
+    model.train()
+    parts = collective.all_gather((mine, sums.tolist(), tokens.tolist()))
+    all_sums, all_tokens = np.zeros(len(table["id"])), np.zeros(len(table["id"]), dtype=np.int64)
+    for rows, s, t in parts:
+        all_sums[rows], all_tokens[rows] = s, t
+    summary = summarize_losses(
+        all_sums, all_tokens, {"source": table["source"], "task": table["task"]}
+    )
+    summary["overall"]["seconds"] = round(time.perf_counter() - start, 3)
+    return summary
+
+
+def _generation_eval(model, table: dict, rows: int, max_new_tokens: int, tokenizer) -> dict:
+    scores, samples = [], []
+    model.eval()
+    for i in range(min(rows, len(table["id"]))):
+        prompt, reference = last_response_split(table["input_ids"][i], table["labels"][i])
+        new = greedy_generate(model, prompt, max_new_tokens, tokenizer.eos_token_id)
+        reference_text = tokenizer.decode(reference, skip_special_tokens=True)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        scores.append(rouge_l(text, reference_text))
+        samples.append({"id": table["id"][i], "generated": text, "reference": reference_text})
+    model.train()
+    return {
+        "rouge_l": float(np.mean(scores)) if scores else None,
+        "rows": len(scores),
+        "samples": samples[:5],
+    }
+
+
+def _autocast(precision: str, device: str):
+    if precision == "bf16":
+        return partial(torch.autocast, device_type=device, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def train_loop_per_worker(settings: dict[str, Any]) -> None:
+    """One data-parallel worker. ``settings``: see ``make_trainer``."""
+    from slap_ray.assets import load_tokenizer
+
+    train = TrainConfig.model_validate(settings["train"])
+    torch.set_num_threads(train.torch_threads)
+    context = ray.train.get_context()
+    collective = TorchDistributed() if context.get_world_size() > 1 else SingleProcess()
+    device = "cuda" if train.use_gpu and torch.cuda.is_available() else "cpu"
+    table, eval_table = ray.get(settings["train_ref"]), ray.get(settings["eval_ref"])
+    tokenizer = load_tokenizer(settings["model_name"])
+    pad = tokenizer.pad_token_id
+    model = build_model(settings["model_name"], train, device)
+    optimizer = make_optimizer(model, train)
+    steps = settings["total_steps"]
+    scheduler = warmup_cosine(optimizer, steps, train.warmup_ratio)
+    ema = None if lm_head_is_trained(model) else SecondMomentEMA(settings["beta2"])
+    selection = SelectionSettings(**settings["selection"])
+    state: dict[str, Any] = {
+        "step": 0,
+        "history": [],
+        "counters": dict.fromkeys(COUNTERS, 0),
+        "base_eval": None,
+        "ema": None,
+        "resumed_from_step": None,
+        "step_seconds": {},
+    }
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_training_state(Path(folder), model, optimizer, scheduler)
+        state["resumed_from_step"] = state["step"]
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+    if state["base_eval"] is None:
+        state["base_eval"] = _evaluate(
+            model, eval_table, collective, settings["eval_micro_batch"], pad
+        )
+    schedule = BatchSchedule(table["id"], train.batch_size, settings["seed"])
+    autocast = _autocast(train.precision, device)
+    micro = settings["micro_batch_size"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    head = lm_head_of(model)
+
+    def report(final_metrics: dict | None = None) -> None:
+        metrics = {"step": state["step"], **(final_metrics or {})}
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if collective.rank == 0:
+                state["ema"] = None if ema is None else ema.state_dict()
+                save_training_state(Path(folder), model, optimizer, scheduler, state)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{state['step']:06d}"
+            )
+
+    while state["step"] < steps:
+        step = state["step"]
+        start = time.perf_counter()
+        rows = schedule.rows(step)
+        mine = list(range(collective.rank, len(rows), collective.world_size))
+        stats = onpolicy_step(
+            model,
+            [(table["input_ids"][rows[k]], table["labels"][rows[k]]) for k in mine],
+            mine,
+            len(rows),
+            selection,
+            derive_rng(settings["seed"], "online-select", selection.method, selection.alpha, step),
+            pad,
+            micro_batch_size=micro,
+            second_moment=ema.value() if ema is not None else adam_second_moment(optimizer, head),
+            lm_head_ema=ema,
+            collective=collective,
+            autocast=autocast,
+        )
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
+            if train.max_grad_norm
+            else None
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        for key in COUNTERS:
+            state["counters"][key] += getattr(stats, key)
+        elapsed = time.perf_counter() - start
+        for key, value in {**stats.seconds, "step": elapsed}.items():
+            state["step_seconds"][key] = state["step_seconds"].get(key, 0.0) + value
+        state["history"].append(
+            {
+                "step": step,
+                "loss": stats.objective,
+                "batch_loss": float(np.mean(stats.losses)),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "batch_size": stats.batch_size,
+                "backward_examples": stats.backward_examples,
+                "kept_ids": [table["id"][rows[i]] for i in stats.kept.tolist()]
+                if selection.method != "full"
+                else None,
+                "seconds": round(elapsed, 4),
+            }
+        )
+        state["step"] = step + 1
+        if state["step"] % train.checkpoint_every == 0 and state["step"] < steps:
+            report()
+
+    final_eval = _evaluate(model, eval_table, collective, settings["eval_micro_batch"], pad)
+    generation = None
+    if settings["generate_rows"] and collective.rank == 0:
+        generation = _generation_eval(
+            model, eval_table, settings["generate_rows"], settings["max_new_tokens"], tokenizer
+        )
+    state["final_eval"] = final_eval
+    state["generation"] = generation
+    state["parameters"] = parameter_counts(model)
+    report({"eval_loss": final_eval["overall"]["loss"], "done": True})
+
+
+def make_trainer(
+    config: SlapConfig,
+    train_table: dict,
+    eval_table: dict,
+    total_steps: int,
+    storage_path: Path,
+    run_name: str,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of a run: scaling, storage, checkpoints and failure policy."""
+    train, select = config.train, config.select
+    online = select.mode == "online"
+    selection = SelectionSettings(
+        method=select.method if online else "full",
+        alpha=train.alpha if online else 0.0,
+        num_strata=select.num_strata,
+        tau=select.tau,
+        strata=select.strata,
+        eps=select.eps,
+        projection_dim=select.projection_dim,
+        projection_seed=derive_seed(config.seed, "projection"),
+        vocab_chunk=config.score.vocab_chunk,
+    )
+    from slap_ray.assets import resolve_model_path
+
+    settings = {
+        "train": train.model_dump(mode="json"),
+        "model_name": resolve_model_path(config.model.name),
+        "seed": derive_seed(config.seed, "train"),
+        "beta2": select.beta2,
+        "selection": selection.__dict__,
+        "micro_batch_size": train.resolved_micro_batch_size(select.mode),
+        "total_steps": total_steps,
+        "train_ref": ray.put(train_table),
+        "eval_ref": ray.put(eval_table),
+        "eval_micro_batch": config.eval.micro_batch_size,
+        "generate_rows": config.eval.generate_rows,
+        "max_new_tokens": config.eval.max_new_tokens,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=settings,
+        scaling_config=ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker=dict(train.resources_per_worker),
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage_path.resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.num_checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+        ),
+    )
