@@ -115,7 +115,9 @@ def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
     return train, evaluation
 
 
-def _finish(config: SlapConfig, result, run_dir: Path, manifest: Manifest) -> dict:
+def _finish(
+    config: SlapConfig, result, run_dir: Path, manifest: Manifest, eval_ids: list[str]
+) -> dict:
     """Copy the final model out of Ray Train's storage and gather the loop's records."""
     import torch
 
@@ -146,6 +148,9 @@ def _finish(config: SlapConfig, result, run_dir: Path, manifest: Manifest) -> di
         "train",
         steps=steps,
         resumed_from_step=state["resumed_from_step"],
+        frozen_parameters=params["total"] - params["trainable"],
+        frozen_weights_unchanged=state["frozen_weights_unchanged"],
+        trainable_weights_changed=state["trainable_digest_end"] != state["trainable_digest_start"],
         checkpoint=str(result.checkpoint.path),
     )
     manifest.data["timings_s"]["eval_base"] = state["base_eval"]["overall"]["seconds"]
@@ -156,6 +161,7 @@ def _finish(config: SlapConfig, result, run_dir: Path, manifest: Manifest) -> di
         "generation": state["generation"],
         "compute": compute,
         "history": state["history"],
+        "eval_ids": list(eval_ids),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return metrics
@@ -188,7 +194,7 @@ def run_finetune(
         trainer = make_trainer(config, train, evaluation, steps, storage, RUN_NAME)
         with manifest.stage("train"):
             result = trainer.fit()
-        metrics = _finish(config, result, run_dir, manifest)
+        metrics = _finish(config, result, run_dir, manifest, evaluation["id"])
     finally:
         manifest.write(run_dir / "manifest.json")
         if started:

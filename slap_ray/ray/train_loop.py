@@ -9,6 +9,7 @@ backward, which DDP's per-forward reducer does not support.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from contextlib import nullcontext
@@ -97,6 +98,14 @@ def _generation_eval(model, table: dict, rows: int, max_new_tokens: int, tokeniz
     }
 
 
+def _digest(params: list[torch.Tensor]) -> str:
+    """sha256 of parameter values: proves frozen weights stayed bit-identical."""
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _autocast(precision: str, device: str):
     if precision == "bf16":
         return partial(torch.autocast, device_type=device, dtype=torch.bfloat16)
@@ -115,11 +124,15 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     table, eval_table = ray.get(settings["train_ref"]), ray.get(settings["eval_ref"])
     tokenizer = load_tokenizer(settings["model_name"])
     pad = tokenizer.pad_token_id
+    # Adapter initialisation is random: seed it, identically on every worker.
+    torch.manual_seed(derive_seed(settings["seed"], "init") % 2**63)
     model = build_model(settings["model_name"], train, device)
     optimizer = make_optimizer(model, train)
     steps = settings["total_steps"]
     scheduler = warmup_cosine(optimizer, steps, train.warmup_ratio)
     ema = None if lm_head_is_trained(model) else SecondMomentEMA(settings["beta2"])
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen_at_load = _digest(frozen)
     selection = SelectionSettings(**settings["selection"])
     state: dict[str, Any] = {
         "step": 0,
@@ -129,6 +142,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         "ema": None,
         "resumed_from_step": None,
         "step_seconds": {},
+        "trainable_digest_start": _digest([p for p in model.parameters() if p.requires_grad]),
     }
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -219,6 +233,8 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     state["final_eval"] = final_eval
     state["generation"] = generation
     state["parameters"] = parameter_counts(model)
+    state["frozen_weights_unchanged"] = _digest(frozen) == frozen_at_load
+    state["trainable_digest_end"] = _digest(trainable)
     report({"eval_loss": final_eval["overall"]["loss"], "done": True})
 
 
