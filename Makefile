@@ -34,7 +34,7 @@ format: install
 	$(BIN)/ruff check --fix slap_ray pipelines tests bench
 
 run: install
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/slap select --config pipelines/configs/default.yaml
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/slap run --config pipelines/configs/default.yaml
 
 bench: install
 	$(BIN)/python bench/bench_features.py

@@ -127,3 +127,20 @@ def test_multiturn_merges_around_empty_turns_and_drops_trailing_user(tiny: Path)
         {"role": "assistant", "content": "r"},
     ]
     assert "chitchat-a" not in rows and counts["skipped_conversations"] == 1
+
+
+def test_eval_split_holds_out_whole_conversations(
+    pairs: tuple[list[dict[str, Any]], dict[str, int]],
+) -> None:
+    rows, _ = pairs
+    train = {r["id"] for r in chitchat_rows("pairs", split="train")}
+    held_out = {r["id"] for r in chitchat_rows("pairs", split="eval")}
+    assert train.isdisjoint(held_out) and train | held_out == {r["id"] for r in rows}
+    assert 0.01 < len(held_out) / len(rows) < 0.03  # about 1 conversation in 50
+
+    def conversation(row_id: str) -> str:
+        return row_id.rsplit("-", 1)[0]
+
+    assert {conversation(i) for i in train}.isdisjoint({conversation(i) for i in held_out})
+    with pytest.raises(ValueError, match="split"):
+        list(chitchat_rows("pairs", split="test"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -54,3 +56,41 @@ def test_resolved_config_round_trips(tmp_path):
     tree = yaml.safe_load(written.read_text())
     assert tree["data"]["schema"] == "alpaca" and tree["select"]["alphas"] == [0.3]
     assert load_config(written) == config
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "pipelines" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_validate(path):
+    config = load_config(path)
+    assert config.output_dir.startswith("runs/")
+    if config.select.mode == "offline" and config.train.alpha > 0:
+        # `slap run` trains on one of the selection's budgets
+        assert config.train.alpha in config.select.alphas
+
+
+def test_example_configs_exist():
+    names = {p.name for p in EXAMPLES}
+    assert {"default.yaml", "pool_tiny.yaml", "pool_smollm2.yaml", "online_smollm2.yaml"} <= names
+
+
+def test_train_and_eval_sections():
+    config = build_config({}, ["select.mode=online", "train.finetuning=full", "train.alpha=0.4"])
+    assert config.train.resolved_micro_batch_size("online") == 1
+    assert config.train.resolved_micro_batch_size("offline") == 4
+    assert build_config({}, ["train.micro_batch_size=2"]).train.resolved_micro_batch_size(
+        "online"
+    ) == 2
+    assert config.eval.paths == ["embedded:chitchat-eval"]
+    for override, key in [
+        ("train.alpha=1.0", "train.alpha"),
+        ("train.finetuning=qlora", "train.finetuning"),
+        ("train.precision=fp8", "train.precision"),
+        ("select.mode=sometimes", "select.mode"),
+        ("train.lora_rank=0", "train.lora_rank"),
+        ("eval.max_rows=0", "eval.max_rows"),
+        ("train.bogus=1", "train.bogus"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            build_config({}, [override])
