@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     from slap_ray.assets import load_tokenizer
 
     rows = long_rows(load_tokenizer(args.model), args.batch * (args.steps + 1), args.length)
-    out = {"args": vars(args), "results": [r for f in args.finetuning for r in measure(f, args, rows)]}
+    out = {
+        "args": vars(args),
+        "results": [r for f in args.finetuning for r in measure(f, args, rows)],
+    }
     print(json.dumps(out, indent=2))
     return 0
 

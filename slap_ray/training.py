@@ -173,7 +173,7 @@ def load_training_state(directory: Path, model, optimizer, scheduler) -> dict[st
             raise ValueError(
                 f"checkpoint mismatch: missing {real_missing}, unexpected {unexpected}"
             )
-    saved = torch.load(directory / STATE_FILE, weights_only=False)
+    saved = torch.load(directory / STATE_FILE, weights_only=False, map_location="cpu")
     optimizer.load_state_dict(saved.pop("optimizer"))
     scheduler.load_state_dict(saved.pop("scheduler"))
     return saved

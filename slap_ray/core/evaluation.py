@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from slap_ray.core.features import IGNORE_INDEX, shift_labels
-from slap_ray.core.scoring import forward_response_logits, pad_batch, unwrap
+from slap_ray.core.scoring import forward_response_logits, lm_head_of, pad_batch, unwrap
 
 
 @torch.no_grad()
@@ -27,10 +27,11 @@ def example_loss_sums(
     sums = np.zeros(len(input_ids))
     tokens = np.zeros(len(input_ids), dtype=np.int64)
     order = sorted(range(len(input_ids)), key=lambda i: (len(input_ids[i]), i))
+    device = lm_head_of(model).device
     for start in range(0, len(order), micro_batch_size):
         rows = order[start : start + micro_batch_size]
         ids, mask, targets = pad_batch(
-            [input_ids[i] for i in rows], [labels[i] for i in rows], pad_token_id
+            [input_ids[i] for i in rows], [labels[i] for i in rows], pad_token_id, device
         )
         aligned = shift_labels(targets)
         _, logits = forward_response_logits(model, ids, mask, aligned)
@@ -39,11 +40,11 @@ def example_loss_sums(
             logits.float(), aligned[labelled], reduction="none"
         )
         owner = torch.nonzero(labelled)[:, 0]
-        per_row = torch.zeros(len(rows), dtype=torch.float64).index_add_(
+        per_row = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(
             0, owner, token_loss.double()
         )
-        sums[rows] = per_row.numpy()
-        tokens[rows] = labelled.sum(dim=1).numpy()
+        sums[rows] = per_row.cpu().numpy()
+        tokens[rows] = labelled.sum(dim=1).cpu().numpy()
     return sums, tokens
 
 
@@ -114,7 +115,7 @@ def greedy_generate(
     model: torch.nn.Module, prompt_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None
 ) -> list[int]:
     """Greedy continuation of one prompt (new tokens only, eos excluded)."""
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=lm_head_of(model).device)
     out = unwrap(model).generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),

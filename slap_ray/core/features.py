@@ -120,7 +120,9 @@ def response_token_losses_packed(
         response_logits.float(), aligned_labels[mask], reduction="none"
     )
     rows = torch.nonzero(mask)[:, 0]
-    sums = torch.zeros(aligned_labels.shape[0], dtype=torch.float32).index_add_(0, rows, token_loss)
+    sums = torch.zeros(
+        aligned_labels.shape[0], dtype=torch.float32, device=token_loss.device
+    ).index_add_(0, rows, token_loss)
     return sums / mask.sum(dim=1).float()
 
 

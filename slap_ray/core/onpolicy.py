@@ -188,17 +188,18 @@ def onpolicy_step(
     local_features: list[torch.Tensor | None] = [None] * len(examples)
     kept_graphs: list[_MicroBatch] = []
     local_backward = local_backward_tokens = 0
-    ema_grad = None if lm_head_ema is None else torch.zeros(weight.shape, dtype=torch.float32)
+    device = weight.device
+    ema_grad = None if lm_head_ema is None else torch.zeros_like(weight, dtype=torch.float32)
 
     for rows in _micro_batches([len(x[0]) for x in examples], micro_batch_size):
         start = time.perf_counter()
         ids, mask, targets = pad_batch(
-            [examples[i][0] for i in rows], [examples[i][1] for i in rows], pad_token_id
+            [examples[i][0] for i in rows], [examples[i][1] for i in rows], pad_token_id, device
         )
         aligned = shift_labels(targets)
         hidden, logits = _forward(model, ids, mask, aligned, autocast)
         losses = response_token_losses_packed(logits, aligned)
-        local_losses[rows] = losses.detach().double().numpy()
+        local_losses[rows] = losses.detach().double().cpu().numpy()
         seconds["forward"] += time.perf_counter() - start
         if streaming:
             # Nothing is pruned: back-propagate now (plain gradient accumulation, bounded memory).
@@ -208,7 +209,7 @@ def onpolicy_step(
             local_backward += len(rows)
             local_backward_tokens += int(mask.sum())
             if ema_grad is not None:
-                scale = torch.full((len(rows),), 1.0 / batch_size)
+                scale = torch.full((len(rows),), 1.0 / batch_size, device=device)
                 ema_grad += lm_head_example_gradient_sum(
                     hidden, weight, aligned, scale, logits=logits
                 )
@@ -230,7 +231,7 @@ def onpolicy_step(
         {
             "positions": list(positions),
             "losses": local_losses,
-            "features": torch.stack(local_features).numpy() if needs_features else None,
+            "features": torch.stack(local_features).cpu().numpy() if needs_features else None,
             "tokens": [len(x[0]) for x in examples],
         }
     )
@@ -263,7 +264,8 @@ def onpolicy_step(
         objective_terms = []
         for micro in kept_graphs:
             scale = torch.tensor(
-                [weight_of.get(int(positions[i]), 0.0) / n_keep for i in micro.rows]
+                [weight_of.get(int(positions[i]), 0.0) / n_keep for i in micro.rows],
+                device=device,
             )
             chosen = torch.nonzero(scale).squeeze(-1)
             if chosen.numel() == 0:
@@ -282,7 +284,9 @@ def onpolicy_step(
 
     start = time.perf_counter()
     sum_gradients_(model, collective)
-    counts = torch.tensor([local_backward, local_backward_tokens], dtype=torch.float64)
+    counts = torch.tensor(
+        [local_backward, local_backward_tokens], dtype=torch.float64, device=device
+    )
     collective.all_reduce_sum_(counts)
     if ema_grad is not None:
         collective.all_reduce_sum_(ema_grad)

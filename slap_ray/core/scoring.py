@@ -26,9 +26,15 @@ from slap_ray.core.selection import loss_strata, n_keep_for, select
 
 
 def pad_batch(
-    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    pad_token_id: int,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad token lists: -> input_ids (B, T), attention_mask (B, T), labels (B, T)."""
+    """Right-pad token lists: -> input_ids (B, T), attention_mask (B, T), labels (B, T).
+
+    ``device``: where the tensors go (the model's device); CPU when None.
+    """
     width = max(len(x) for x in input_ids)
     ids = torch.full((len(input_ids), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -37,6 +43,8 @@ def pad_batch(
         ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
         mask[row, : len(tokens)] = 1
         targets[row, : len(target)] = torch.as_tensor(target, dtype=torch.long)
+    if device is not None:
+        return ids.to(device), mask.to(device), targets.to(device)
     return ids, mask, targets
 
 
@@ -100,14 +108,14 @@ def losses_and_features(
     for start in range(0, len(order), micro_batch_size):
         rows = order[start : start + micro_batch_size]
         ids, mask, targets = pad_batch(
-            [input_ids[i] for i in rows], [labels[i] for i in rows], pad_token_id
+            [input_ids[i] for i in rows], [labels[i] for i in rows], pad_token_id, weight.device
         )
         aligned = shift_labels(targets)
         hidden, logits = forward_response_logits(model, ids, mask, aligned)
-        losses[rows] = response_token_losses_packed(logits, aligned).double().numpy()
+        losses[rows] = response_token_losses_packed(logits, aligned).double().cpu().numpy()
         features[rows] = lm_head_features(
             hidden, weight, aligned, second_moment, eps, vocab_chunk=vocab_chunk, logits=logits
-        )
+        ).cpu()
     return losses, features
 
 
@@ -170,11 +178,13 @@ def calibrate_second_moment(
     ema = SecondMomentEMA(beta2=beta2)
     weight = lm_head_of(model)
     for input_ids, labels in batches:
-        total = torch.zeros(weight.shape, dtype=torch.float32)
+        total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         tokens = 0
         for start in range(0, len(input_ids), micro_batch_size):
             stop = start + micro_batch_size
-            ids, mask, targets = pad_batch(input_ids[start:stop], labels[start:stop], pad_token_id)
+            ids, mask, targets = pad_batch(
+                input_ids[start:stop], labels[start:stop], pad_token_id, weight.device
+            )
             aligned = shift_labels(targets)
             hidden, logits = forward_response_logits(model, ids, mask, aligned)
             count = int((aligned != IGNORE_INDEX).sum())

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -108,7 +109,7 @@ def _digest(params: list[torch.Tensor]) -> str:
 
 def _autocast(precision: str, device: str):
     if precision == "bf16":
-        return partial(torch.autocast, device_type=device, dtype=torch.bfloat16)
+        return partial(torch.autocast, device_type=device.split(":")[0], dtype=torch.bfloat16)
     return nullcontext
 
 
@@ -120,7 +121,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     torch.set_num_threads(train.torch_threads)
     context = ray.train.get_context()
     collective = TorchDistributed() if context.get_world_size() > 1 else SingleProcess()
-    device = "cuda" if train.use_gpu and torch.cuda.is_available() else "cpu"
+    device = str(ray.train.torch.get_device()) if train.use_gpu else "cpu"
     table, eval_table = ray.get(settings["train_ref"]), ray.get(settings["eval_ref"])
     tokenizer = load_tokenizer(settings["model_name"])
     pad = tokenizer.pad_token_id

@@ -79,9 +79,10 @@ def test_train_and_eval_sections():
     config = build_config({}, ["select.mode=online", "train.finetuning=full", "train.alpha=0.4"])
     assert config.train.resolved_micro_batch_size("online") == 1
     assert config.train.resolved_micro_batch_size("offline") == 4
-    assert build_config({}, ["train.micro_batch_size=2"]).train.resolved_micro_batch_size(
-        "online"
-    ) == 2
+    assert (
+        build_config({}, ["train.micro_batch_size=2"]).train.resolved_micro_batch_size("online")
+        == 2
+    )
     assert config.eval.paths == ["embedded:chitchat-eval"]
     for override, key in [
         ("train.alpha=1.0", "train.alpha"),

@@ -111,9 +111,10 @@ def test_parameter_counts_and_flops_model():
     full = flops_estimate(untied_counts, 100, 70, lora=False)
     assert full == {"forward": 200.0 * n, "backward": 280.0 * n, "total": 480.0 * n}
     # SLAP_METHOD.md section 2 at alpha = 0.3: full FT (1 + 0.7 * 2) / 3 = 0.8 of the full batch
-    ratio = flops_estimate(untied_counts, 100, 70, False)["total"] / flops_estimate(
-        untied_counts, 100, 100, False
-    )["total"]
+    ratio = (
+        flops_estimate(untied_counts, 100, 70, False)["total"]
+        / flops_estimate(untied_counts, 100, 100, False)["total"]
+    )
     assert ratio == pytest.approx(0.8)
     lora_flops = flops_estimate(counts, 100, 70, lora=True)
     assert lora_flops["backward"] == 70 * (2 * counts["forward"] + 2 * counts["trainable"])
