@@ -207,3 +207,17 @@ def test_example_gradient_sum_matches_autograd_on_lm_head():
     )
     total.backward()
     torch.testing.assert_close(ours, model.lm_head.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_autocast_step_keeps_fp32_gradients():
+    from functools import partial
+
+    model = load_causal_lm("tiny-random").train()
+    stats = onpolicy_step(
+        model, batch(10, seed=11), range(10), 10, SelectionSettings(alpha=0.3),
+        np.random.default_rng(0), pad_token_id=0,
+        autocast=partial(torch.autocast, device_type="cpu", dtype=torch.bfloat16),
+    )  # fmt: skip
+    assert stats.backward_examples == 7 and np.all(np.isfinite(stats.losses))
+    for p in model.parameters():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
