@@ -1,4 +1,5 @@
-"""The selection job submitted through Ray's real job API to a `ray start --head` on 127.0.0.1."""
+"""The selection and fine-tuning jobs submitted through Ray's real job API to a
+`ray start --head` on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -34,7 +35,21 @@ def _wait_for_dashboard(env: dict, deadline_s: float = 90) -> None:
         time.sleep(1)
 
 
-@pytest.fixture
+def submit(*entrypoint: str, env: dict) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's dashboard agent is still starting (the job
+    API answers before the agent that runs jobs has registered, more so on a loaded machine)."""
+    deadline = time.time() + 120
+    while True:
+        result = ray_cli(
+            "job", "submit", "--address", DASHBOARD, "--working-dir", str(REPO), "--",
+            *entrypoint, env=env, timeout=600,
+        )  # fmt: skip
+        if "No available agent" not in result.stderr or time.time() > deadline:
+            return result
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
 def head_node():
     """A separate head (`ray start --head --block`) in its own process group.
 
@@ -108,21 +123,7 @@ def test_select_job_through_ray_job_submit(head_node, pool_subset, tmp_path):
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))
     assert shutil.which("python", path=head_node["PATH"]).startswith(str(BIN))
-    submitted = ray_cli(
-        "job",
-        "submit",
-        "--address",
-        DASHBOARD,
-        "--working-dir",
-        str(REPO),
-        "--",
-        "python",
-        "pipelines/select.py",
-        "--config",
-        str(config_path),
-        env=head_node,
-        timeout=600,
-    )
+    submitted = submit("python", "pipelines/select.py", "--config", str(config_path), env=head_node)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "report:" in submitted.stdout
     job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
@@ -136,3 +137,30 @@ def test_select_job_through_ray_job_submit(head_node, pool_subset, tmp_path):
     )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["output"]["scored"] == 40
+
+
+def test_finetune_job_through_ray_job_submit(head_node, pool_subset, shared_data, tmp_path):
+    out = tmp_path / "finetune_job"
+    config = {
+        "output_dir": str(out),
+        "progress": False,
+        "data": {"paths": [str(pool_subset / "nq_open.jsonl")], "max_length": 96},
+        "model": {"name": "tiny-random"},
+        "select": {"mode": "online"},
+        "train": {"alpha": 0.3, "batch_size": 10, "num_workers": 2, "checkpoint_every": 1},
+        "eval": {"paths": [str(shared_data / "eval" / "nq_open.jsonl")], "max_rows": 8},
+    }
+    config_path = tmp_path / "finetune.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    submitted = submit(
+        "python", "pipelines/finetune.py", "--config", str(config_path), env=head_node
+    )
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert "slap finetune: done" in submitted.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["backward_examples"] for h in metrics["history"]] == [7, 7]
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "ray_train" / "finetune").glob("step-*")) == [
+        "step-000001",
+        "step-000002",
+    ]
