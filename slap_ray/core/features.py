@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
-# Elements of one (examples x vocab-chunk x hidden) gradient block: 2**24 float32 = 64 MiB.
-DEFAULT_BLOCK_ELEMENTS = 1 << 24
+# Elements of one (vocab-chunk x hidden) gradient block: 2**21 float32 = 8 MiB, so the block is
+# still in cache when it is preconditioned and reduced (measured 1.5-1.75x faster than 64 MiB
+# blocks for SmolLM2's V x H = 49152 x 576 on the development machine).
+DEFAULT_BLOCK_ELEMENTS = 1 << 21
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -132,6 +134,16 @@ def _chunk_size(vocab_chunk: int | None, tokens: int, width: int, vocab: int) ->
     return min(vocab_chunk, vocab)
 
 
+def inverse_root(second_moment: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The elementwise preconditioner 1 / (sqrt(s_hat) + eps), (V, H) float32.
+
+    Callers that featurise many micro-batches under one second moment (a training step, a
+    scored batch) build it once and pass it to ``lm_head_features``: for V x H = 28M entries it
+    costs as much as the features of a short example.
+    """
+    return 1.0 / (second_moment.float().sqrt() + eps)
+
+
 def lm_head_features(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -140,6 +152,7 @@ def lm_head_features(
     eps: float = 1e-6,
     vocab_chunk: int | None = None,
     logits: torch.Tensor | None = None,
+    preconditioner: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example row norms of the preconditioned LM-head gradient of the mean response loss.
 
@@ -148,7 +161,9 @@ def lm_head_features(
     IGNORE_INDEX where not trained. second_moment (V, H) or None (then s_hat = 1).
     logits, optional: the forward pass's own W h, reused instead of recomputed: (B, T, V), or
     (N, V) for only the N labelled positions in row-major order (the cheap forward computes the
-    LM head only there). Returns (B, V) float32; an example without response tokens gets all zeros.
+    LM head only there). preconditioner, optional: ``inverse_root(second_moment, eps)`` built
+    once by the caller (then ``second_moment`` may be omitted). Returns (B, V) float32; an example
+    without response tokens gets all zeros.
 
     Work goes example by example (no padding waste) and vocabulary chunk by chunk: at most
     (T_j x chunk) and (chunk x H) blocks live at once; B x V x H is never allocated.
@@ -157,11 +172,12 @@ def lm_head_features(
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} mismatch")
     weight = lm_head_weight.detach().float()
     vocab, width = weight.shape
-    if second_moment is not None and second_moment.shape != weight.shape:
-        raise ValueError(f"second_moment {tuple(second_moment.shape)} != weight {(vocab, width)}")
+    if preconditioner is None and second_moment is not None:
+        # Shared by every example of the call: computed once here.
+        preconditioner = inverse_root(second_moment, eps)
+    if preconditioner is not None and preconditioner.shape != weight.shape:
+        raise ValueError(f"second moment {tuple(preconditioner.shape)} != weight {(vocab, width)}")
     features = torch.zeros(hidden.shape[0], vocab, dtype=torch.float32, device=hidden.device)
-    # The preconditioner is shared by every example: compute 1 / (sqrt(s_hat) + eps) once.
-    inverse_root = None if second_moment is None else 1.0 / (second_moment.float().sqrt() + eps)
     with torch.no_grad():
         for j, h, y, z in _examples(
             hidden.detach(), labels, None if logits is None else logits.detach()
@@ -170,7 +186,7 @@ def lm_head_features(
             chunk = _chunk_size(vocab_chunk, tokens, width, vocab)
             residual = _ExampleResidual(h, y, weight, z, chunk)
             # Gram form: ||sum_t e_t h_t||^2 = e^T (H H^T) e, cheaper than V x H when T < H.
-            gram = h @ h.T if second_moment is None and tokens < width else None
+            gram = h @ h.T if preconditioner is None and tokens < width else None
             for start in range(0, vocab, chunk):
                 stop = min(start + chunk, vocab)
                 e = residual.chunk(start, stop)  # (T, Vc)
@@ -178,10 +194,11 @@ def lm_head_features(
                     rows = (e * (gram @ e)).sum(0).clamp(min=0).sqrt() / (1.0 + eps)
                 else:
                     grad = e.T @ h  # (Vc, H)
-                    if second_moment is None:
+                    if preconditioner is None:
                         rows = torch.linalg.vector_norm(grad, dim=-1) / (1.0 + eps)
                     else:
-                        rows = torch.linalg.vector_norm(grad * inverse_root[start:stop], dim=-1)
+                        grad.mul_(preconditioner[start:stop])
+                        rows = torch.linalg.vector_norm(grad, dim=-1)
                 features[j, start:stop] = rows / tokens
     return features
 

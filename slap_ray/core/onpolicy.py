@@ -27,6 +27,7 @@ import torch
 from slap_ray.core.features import (
     IGNORE_INDEX,
     SecondMomentEMA,
+    inverse_root,
     lm_head_example_gradient_sum,
     lm_head_features,
     project_features,
@@ -189,6 +190,11 @@ def onpolicy_step(
     kept_graphs: list[_MicroBatch] = []
     local_backward = local_backward_tokens = 0
     device = weight.device
+    preconditioner = (
+        inverse_root(second_moment, settings.eps)
+        if needs_features and second_moment is not None
+        else None
+    )
     ema_grad = None if lm_head_ema is None else torch.zeros_like(weight, dtype=torch.float32)
 
     for rows in _micro_batches([len(x[0]) for x in examples], micro_batch_size):
@@ -219,8 +225,8 @@ def onpolicy_step(
         if needs_features:
             start = time.perf_counter()
             features = lm_head_features(
-                micro.hidden, weight, aligned, second_moment, settings.eps,
-                vocab_chunk=settings.vocab_chunk, logits=micro.logits,
+                micro.hidden, weight, aligned, eps=settings.eps, vocab_chunk=settings.vocab_chunk,
+                logits=micro.logits, preconditioner=preconditioner,
             )  # fmt: skip
             for k, i in enumerate(rows):
                 local_features[i] = features[k]

@@ -15,6 +15,7 @@ import torch
 from slap_ray.core.features import (
     IGNORE_INDEX,
     SecondMomentEMA,
+    inverse_root,
     lm_head_batch_gradient,
     lm_head_features,
     project_features,
@@ -105,6 +106,7 @@ def losses_and_features(
     losses = np.empty(len(input_ids), dtype=np.float64)
     weight = lm_head_of(model)
     features = torch.empty(len(input_ids), weight.shape[0])
+    preconditioner = None if second_moment is None else inverse_root(second_moment, eps)
     for start in range(0, len(order), micro_batch_size):
         rows = order[start : start + micro_batch_size]
         ids, mask, targets = pad_batch(
@@ -114,8 +116,9 @@ def losses_and_features(
         hidden, logits = forward_response_logits(model, ids, mask, aligned)
         losses[rows] = response_token_losses_packed(logits, aligned).double().cpu().numpy()
         features[rows] = lm_head_features(
-            hidden, weight, aligned, second_moment, eps, vocab_chunk=vocab_chunk, logits=logits
-        ).cpu()
+            hidden, weight, aligned, eps=eps, vocab_chunk=vocab_chunk, logits=logits,
+            preconditioner=preconditioner,
+        ).cpu()  # fmt: skip
     return losses, features
 
 

@@ -188,3 +188,17 @@ def test_packed_response_logits_give_the_same_losses_and_features(model_outputs)
             rtol=1e-5,
             atol=1e-7,
         )
+
+
+def test_precomputed_preconditioner_equals_second_moment_path():
+    from slap_ray.core.features import inverse_root
+
+    torch.manual_seed(3)
+    hidden, weight = torch.randn(3, 7, 16), torch.randn(50, 16)
+    labels = torch.randint(0, 50, (3, 7))
+    labels[:, :2] = -100
+    moment = torch.rand(50, 16) + 0.1
+    expected = lm_head_features(hidden, weight, labels, moment, eps=1e-6)
+    ours = lm_head_features(hidden, weight, labels, preconditioner=inverse_root(moment, 1e-6))
+    torch.testing.assert_close(ours, expected)
+    assert not torch.allclose(ours, lm_head_features(hidden, weight, labels))
