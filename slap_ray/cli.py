@@ -32,7 +32,15 @@ def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
         except (ConfigError, OSError) as error:
             print(f"slap {command}: {error}", file=sys.stderr)
             return 2
-        return job()(config)  # heavy imports (Ray, torch) only when running
+        from slap_ray.data.ingest import BadRowError
+
+        try:
+            return job()(config)  # heavy imports (Ray, torch) only when running
+        except BadRowError as error:
+            print(f"slap {command}: bad input row: {error}", file=sys.stderr)
+        except ConfigError as error:
+            print(f"slap {command}: {error}", file=sys.stderr)
+        return 2
 
     main_for.__doc__ = f"Entry point shared by `slap {command}` and `pipelines/{command}.py`."
     return main_for

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +18,6 @@ import ray
 
 from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.seeds import id_rank_key
-from slap_ray.data.ingest import BadRowError
 from slap_ray.manifest import Manifest
 from slap_ray.ray import stages
 from slap_ray.ray.runtime import ensure_ray
@@ -203,14 +201,7 @@ def run_finetune(
 
 
 def main_finetune(config: SlapConfig) -> int:
-    try:
-        report = run_finetune(config)
-    except BadRowError as error:
-        print(f"slap finetune: bad input row: {error}", file=sys.stderr)
-        return 2
-    except ConfigError as error:
-        print(f"slap finetune: {error}", file=sys.stderr)
-        return 2
+    report = run_finetune(config)
     metrics = json.loads((Path(config.output_dir) / "metrics.json").read_text())
     base, final = metrics["base_eval"]["overall"], metrics["final_eval"]["overall"]
     print(

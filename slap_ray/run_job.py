@@ -6,12 +6,10 @@ Offline mode runs `slap select` into ``<output_dir>/select`` and fine-tunes on i
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from slap_ray.config import ConfigError, SlapConfig, build_config, config_to_dict
-from slap_ray.data.ingest import BadRowError
 
 SELECT_DIR = "select"
 
@@ -39,13 +37,6 @@ def run_all(config: SlapConfig) -> Path:
 
 
 def main_run(config: SlapConfig) -> int:
-    try:
-        report = run_all(config)
-    except BadRowError as error:
-        print(f"slap run: bad input row: {error}", file=sys.stderr)
-        return 2
-    except ConfigError as error:
-        print(f"slap run: {error}", file=sys.stderr)
-        return 2
+    report = run_all(config)
     print(f"slap run: done; report: {report}")
     return 0

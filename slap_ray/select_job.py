@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -388,11 +387,7 @@ def run_select(config: SlapConfig) -> Path:
 
 
 def main_select(config: SlapConfig) -> int:
-    try:
-        report = run_select(config)
-    except BadRowError as error:
-        print(f"slap select: bad input row: {error}", file=sys.stderr)
-        return 2
+    report = run_select(config)
     kept = json.loads((Path(config.output_dir) / "manifest.json").read_text())["counts"]["output"]
     print(f"slap select: done; kept per alpha {kept['kept_per_alpha']}; report: {report}")
     return 0

@@ -214,22 +214,13 @@ def lm_head_batch_gradient(
 
     The quantity whose square an optimizer's second moment tracks; used to calibrate or update
     ``SecondMomentEMA`` when the LM head is frozen. Shapes as in ``lm_head_features``.
+    It is ``lm_head_example_gradient_sum`` with example weights T_j / sum_k T_k.
     """
-    weight = lm_head_weight.detach().float()
-    vocab, width = weight.shape
-    grad = torch.zeros_like(weight)
-    total = 0
-    with torch.no_grad():
-        for _, h, y, z in _examples(
-            hidden.detach(), labels, None if logits is None else logits.detach()
-        ):
-            chunk = _chunk_size(vocab_chunk, h.shape[0], width, vocab)
-            residual = _ExampleResidual(h, y, weight, z, chunk)
-            for start in range(0, vocab, chunk):
-                stop = min(start + chunk, vocab)
-                grad[start:stop] += residual.chunk(start, stop).T @ h
-            total += h.shape[0]
-    return grad / max(total, 1)
+    tokens = (labels != IGNORE_INDEX).sum(dim=1).float()
+    weights = tokens / tokens.sum().clamp(min=1.0)
+    return lm_head_example_gradient_sum(
+        hidden, lm_head_weight, labels, weights, vocab_chunk=vocab_chunk, logits=logits
+    )
 
 
 def lm_head_example_gradient_sum(
