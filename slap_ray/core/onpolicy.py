@@ -180,7 +180,10 @@ def onpolicy_step(
     Leaves the summed gradient in ``.grad`` of every trainable parameter; does not step.
     """
     collective = collective or SingleProcess()
-    seconds = {"forward": 0.0, "features": 0.0, "select": 0.0, "backward": 0.0}
+    # "gather" and "all_reduce" include waiting for the slowest worker.
+    seconds = dict.fromkeys(
+        ("forward", "features", "gather", "select", "backward", "all_reduce"), 0.0
+    )
     n_keep = n_keep_for(batch_size, settings.alpha)
     streaming = settings.method == "full" or n_keep == batch_size
     needs_features = settings.method == "slap" and not streaming
@@ -256,6 +259,8 @@ def onpolicy_step(
             features_global = project_features(
                 features_global, settings.projection_dim, settings.projection_seed
             )
+    seconds["gather"] += time.perf_counter() - start
+    start = time.perf_counter()
     if streaming:
         kept, kept_weights = np.arange(batch_size), np.ones(batch_size)
     else:
@@ -297,7 +302,7 @@ def onpolicy_step(
     if ema_grad is not None:
         collective.all_reduce_sum_(ema_grad)
         lm_head_ema.update(ema_grad)
-    seconds["backward"] += time.perf_counter() - start
+    seconds["all_reduce"] += time.perf_counter() - start
     objective = float((losses_global[kept] * kept_weights).sum() / len(kept)) if len(kept) else 0.0
     return StepStats(
         batch_size=batch_size,
