@@ -9,7 +9,6 @@ restarts from its latest checkpoint instead of step 0.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from slap_ray.select_job import _mark_rejects, read_rows
 from slap_ray.train_report import write_train_report
 from slap_ray.training import MODEL_DIR, STATE_FILE, flops_estimate, total_steps
 
-log = logging.getLogger("slap_ray.finetune")
 TABLE_COLUMNS = ("id", "source", "task", "input_ids", "labels", "num_tokens")
 RAY_TRAIN_DIR = "ray_train"
 RUN_NAME = "finetune"
@@ -136,9 +134,9 @@ def _finish(
         "parameters": params,
         "flops_estimate": flops,
         "steps": steps,
+        # step_seconds travels in the checkpoint, so it covers every step, resumed or not.
         "mean_step_seconds": {
-            k: round(v / max(steps - (state["resumed_from_step"] or 0), 1), 4)
-            for k, v in state["step_seconds"].items()
+            k: round(v / max(steps, 1), 4) for k, v in state["step_seconds"].items()
         },
     }
     manifest.set("compute", compute)

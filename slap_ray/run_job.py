@@ -31,7 +31,6 @@ def run_all(config: SlapConfig) -> Path:
         start = time.perf_counter()
         selection_report = run_select(select_config)
         timings["select"] = round(time.perf_counter() - start, 3)
-        tree = config_to_dict(config)
         tree["train"]["selection_dir"] = str(run_dir / SELECT_DIR)
     return run_finetune(build_config(tree), selection_report, timings)
 

@@ -308,7 +308,7 @@ def onpolicy_step(
         batch_size=batch_size,
         kept=np.sort(kept),
         losses=losses_global,
-        objective=objective if not streaming else float(losses_global.mean()),
+        objective=objective,
         forward_examples=batch_size,
         forward_tokens=int(tokens_global.sum()),
         backward_examples=int(counts[0]),

@@ -13,6 +13,7 @@ import hashlib
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     steps = settings["total_steps"]
     scheduler = warmup_cosine(optimizer, steps, train.warmup_ratio)
     ema = None if lm_head_is_trained(model) else SecondMomentEMA(settings["beta2"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]
     frozen_at_load = _digest(frozen)
     selection = SelectionSettings(**settings["selection"])
@@ -143,7 +145,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         "ema": None,
         "resumed_from_step": None,
         "step_seconds": {},
-        "trainable_digest_start": _digest([p for p in model.parameters() if p.requires_grad]),
+        "trainable_digest_start": _digest(trainable),
     }
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -159,7 +161,6 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     schedule = BatchSchedule(table["id"], train.batch_size, settings["seed"])
     autocast = _autocast(train.precision, device)
     micro = settings["micro_batch_size"]
-    trainable = [p for p in model.parameters() if p.requires_grad]
     head = lm_head_of(model)
 
     def report(final_metrics: dict | None = None) -> None:
@@ -268,7 +269,7 @@ def make_trainer(
         "model_name": resolve_model_path(config.model.name),
         "seed": derive_seed(config.seed, "train"),
         "beta2": select.beta2,
-        "selection": selection.__dict__,
+        "selection": asdict(selection),
         "micro_batch_size": train.resolved_micro_batch_size(select.mode),
         "total_steps": total_steps,
         "train_ref": ray.put(train_table),
