@@ -88,7 +88,7 @@ def scoring_config(paths: list[str], out: Path, model: str, scorers: int):
 
 
 def ray_run(config) -> dict:
-    from slap_ray.select_job import run_select
+    from slap_ray.jobs.select import run_select
 
     start = time.perf_counter()
     run_select(config)

@@ -56,7 +56,7 @@ def measure(finetuning: str, args, rows) -> list[dict]:
     from slap_ray.core.onpolicy import SelectionSettings, onpolicy_step
     from slap_ray.core.scoring import lm_head_of
     from slap_ray.core.seeds import derive_rng
-    from slap_ray.training import (
+    from slap_ray.core.training import (
         adam_second_moment,
         build_model,
         flops_estimate,

@@ -1,13 +1,11 @@
-"""SLAP finetune job: run in-process or with `ray job submit ... -- python pipelines/finetune.py`."""
+"""Ray Train fine-tuning job: `python pipelines/finetune.py` or `ray job submit ... -- python pipelines/finetune.py`.
 
-import os
+Named so that no file here shadows a standard-library module when this folder is sys.path[0].
+"""
+
 import sys
 
-# Run as a script, this folder is sys.path[0], and this file would shadow the stdlib `select`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-from slap_ray.cli import finetune_main  # noqa: E402
+from slap_ray.cli import finetune_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,11 @@
-"""SLAP run job: run in-process or with `ray job submit ... -- python pipelines/run.py`."""
+"""select -> fine-tune -> evaluate -> report job: `python pipelines/run.py` or `ray job submit ... -- python pipelines/run.py`.
 
-import os
+Named so that no file here shadows a standard-library module when this folder is sys.path[0].
+"""
+
 import sys
 
-# Run as a script, this folder is sys.path[0], and this file would shadow the stdlib `select`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-from slap_ray.cli import run_main  # noqa: E402
+from slap_ray.cli import run_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,19 +47,19 @@ def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
 
 
 def _select():
-    from slap_ray.select_job import main_select
+    from slap_ray.jobs.select import main_select
 
     return main_select
 
 
 def _finetune():
-    from slap_ray.finetune_job import main_finetune
+    from slap_ray.jobs.finetune import main_finetune
 
     return main_finetune
 
 
 def _run():
-    from slap_ray.run_job import main_run
+    from slap_ray.jobs.run import main_run
 
     return main_run
 

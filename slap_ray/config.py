@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from slap_ray.vocabulary import Format, Method, Schema, StrataKind
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -19,11 +21,9 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where rows come from and how they are normalised and tokenised."""
 
-    paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat"])
-    format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf_disk"] = "auto"
-    schema_: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_response"] = Field(
-        "auto", alias="schema"
-    )
+    paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat"], min_length=1)
+    format: Format = "auto"
+    schema_: Schema = Field("auto", alias="schema")
     prompt_field: str = "prompt"
     response_field: str = "response"
     system_field: str | None = None
@@ -72,12 +72,12 @@ class SelectConfig(_Section):
     """
 
     mode: Literal["offline", "online"] = "offline"
-    method: Literal["slap", "random", "full", "online_hard", "ccs", "infobatch"] = "slap"
+    method: Method = "slap"
     alphas: list[float] = Field(default_factory=lambda: [0.2, 0.3, 0.4])
     batch_size: int = Field(32, ge=1)
     num_strata: int = Field(3, ge=1)
     tau: float = Field(1.0, gt=0)
-    strata: Literal["width", "quantile"] = "width"
+    strata: StrataKind = "width"
     eps: float = Field(1e-6, gt=0)
     projection_dim: int | None = Field(None, ge=1)
     calibration_batches: int = Field(4, ge=0)
@@ -153,7 +153,7 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """Held-out evaluation: response-token loss / perplexity, optional generation + ROUGE-L."""
 
-    paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat-eval"])
+    paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat-eval"], min_length=1)
     max_rows: int | None = Field(256, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     generate_rows: int = Field(0, ge=0)

@@ -5,17 +5,16 @@ Pure PyTorch/NumPy; the trainer shards eval rows over workers and gathers the pe
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from slap_ray.core.features import IGNORE_INDEX, shift_labels
-from slap_ray.core.scoring import forward_response_logits, lm_head_of, pad_batch, unwrap
+from slap_ray.core.model import IGNORE_INDEX, forward_micro_batches, lm_head_of, unwrap
 
 
-@torch.no_grad()
 def example_loss_sums(
     model: torch.nn.Module,
     input_ids: Sequence[Sequence[int]],
@@ -26,25 +25,16 @@ def example_loss_sums(
     """Per example: summed response-token cross-entropy (n,) float64 and response tokens (n,)."""
     sums = np.zeros(len(input_ids))
     tokens = np.zeros(len(input_ids), dtype=np.int64)
-    order = sorted(range(len(input_ids)), key=lambda i: (len(input_ids[i]), i))
-    device = lm_head_of(model).device
-    for start in range(0, len(order), micro_batch_size):
-        rows = order[start : start + micro_batch_size]
-        ids, mask, targets = pad_batch(
-            [input_ids[i] for i in rows], [labels[i] for i in rows], pad_token_id, device
-        )
-        aligned = shift_labels(targets)
-        _, logits = forward_response_logits(model, ids, mask, aligned)
-        labelled = aligned != IGNORE_INDEX
+    for micro in forward_micro_batches(model, input_ids, labels, pad_token_id, micro_batch_size):
+        labelled = micro.aligned != IGNORE_INDEX
         token_loss = torch.nn.functional.cross_entropy(
-            logits.float(), aligned[labelled], reduction="none"
+            micro.logits, micro.aligned[labelled], reduction="none"
         )
         owner = torch.nonzero(labelled)[:, 0]
-        per_row = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(
-            0, owner, token_loss.double()
-        )
-        sums[rows] = per_row.cpu().numpy()
-        tokens[rows] = labelled.sum(dim=1).cpu().numpy()
+        per_row = torch.zeros(len(micro.rows), dtype=torch.float64, device=token_loss.device)
+        per_row.index_add_(0, owner, token_loss.double())
+        sums[micro.rows] = per_row.cpu().numpy()
+        tokens[micro.rows] = micro.response_tokens.cpu().numpy()
     return sums, tokens
 
 
@@ -76,26 +66,16 @@ def summarize_losses(
     return out
 
 
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 on lower-cased whitespace tokens (longest common subsequence)."""
-    cand, ref = candidate.lower().split(), reference.lower().split()
-    if not cand or not ref:
-        return 0.0
-    lcs = _lcs_length(cand, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(cand), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 (``rouge-score``, Porter-stemmed, as published results report it)."""
+    return float(_rouge_scorer().score(reference, candidate)["rougeL"].fmeasure)
+
+
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def last_response_split(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list, list]:

@@ -21,21 +21,23 @@ import math
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from slap_ray.core.model import IGNORE_INDEX, shift_labels
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SecondMomentEMA",
+    "inverse_root",
+    "lm_head_example_gradient_sum",
+    "lm_head_features",
+    "project_features",
+    "response_token_losses",
+    "response_token_losses_packed",
+    "shift_labels",
+]
 # Elements of one (vocab-chunk x hidden) gradient block: 2**21 float32 = 8 MiB, so the block is
 # still in cache when it is preconditioned and reduced (measured 1.5-1.75x faster than 64 MiB
 # blocks for SmolLM2's V x H = 49152 x 576 on the development machine).
 DEFAULT_BLOCK_ELEMENTS = 1 << 21
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Align Hugging Face labels (B, T) with hidden states: out[:, t] = labels[:, t + 1].
-
-    The last position predicts nothing and gets IGNORE_INDEX.
-    """
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    return shifted
 
 
 def response_token_losses(logits: torch.Tensor, aligned_labels: torch.Tensor) -> torch.Tensor:
@@ -201,26 +203,6 @@ def lm_head_features(
                         rows = torch.linalg.vector_norm(grad, dim=-1)
                 features[j, start:stop] = rows / tokens
     return features
-
-
-def lm_head_batch_gradient(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    vocab_chunk: int | None = None,
-    logits: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """LM-head weight gradient of the token-mean response loss of a whole batch: (V, H) float32.
-
-    The quantity whose square an optimizer's second moment tracks; used to calibrate or update
-    ``SecondMomentEMA`` when the LM head is frozen. Shapes as in ``lm_head_features``.
-    It is ``lm_head_example_gradient_sum`` with example weights T_j / sum_k T_k.
-    """
-    tokens = (labels != IGNORE_INDEX).sum(dim=1).float()
-    weights = tokens / tokens.sum().clamp(min=1.0)
-    return lm_head_example_gradient_sum(
-        hidden, lm_head_weight, labels, weights, vocab_chunk=vocab_chunk, logits=logits
-    )
 
 
 def lm_head_example_gradient_sum(

@@ -16,8 +16,8 @@ the gradient of the (weighted) mean loss over the kept examples of the global ba
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,16 +25,14 @@ import numpy as np
 import torch
 
 from slap_ray.core.features import (
-    IGNORE_INDEX,
     SecondMomentEMA,
     inverse_root,
     lm_head_example_gradient_sum,
     lm_head_features,
     project_features,
     response_token_losses_packed,
-    shift_labels,
 )
-from slap_ray.core.scoring import pad_batch, unwrap
+from slap_ray.core.model import MicroBatch, forward_micro_batches, lm_head_of
 from slap_ray.core.selection import n_keep_for, select_weighted
 
 
@@ -99,7 +97,11 @@ class SelectionSettings:
 
 @dataclass
 class StepStats:
-    """What one step did, summed over workers (``local_*``: this worker only)."""
+    """What one step did, summed over workers (``local_*``: this worker only).
+
+    ``skipped``: the budget kept no row (e.g. a 1-row final batch at alpha 0.7), so nothing was
+    forwarded or back-propagated and the caller must not step the optimizer.
+    """
 
     batch_size: int
     kept: np.ndarray  # sorted positions in the global batch that were back-propagated
@@ -110,30 +112,8 @@ class StepStats:
     backward_examples: int = 0
     backward_tokens: int = 0
     local_backward_examples: int = 0
+    skipped: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _MicroBatch:
-    rows: list[int]  # local row indices
-    losses: torch.Tensor  # (b,) with graph
-    hidden: torch.Tensor  # (b, T, H) detached
-    logits: torch.Tensor  # (N, V) packed response logits, detached
-    aligned: torch.Tensor  # (b, T)
-
-
-def _forward(model, ids, mask, aligned, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states (b, T, H) and packed response logits (N, V), both with grad."""
-    base = unwrap(model)
-    with autocast():
-        hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = base.get_output_embeddings()(hidden[aligned != IGNORE_INDEX])
-    return hidden, logits.float()
-
-
-def _micro_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -156,6 +136,43 @@ def sum_gradients_(model: torch.nn.Module, collective: Collective) -> None:
         offset += p.numel()
 
 
+class _Step:
+    """State of one step on one worker: timings, counters, the LM-head gradient for the EMA."""
+
+    def __init__(self, model, examples, lm_head_ema: SecondMomentEMA | None) -> None:
+        self.weight = lm_head_of(model)
+        self.examples = examples
+        self.seconds = dict.fromkeys(
+            ("forward", "features", "gather", "select", "backward", "all_reduce"), 0.0
+        )
+        self.backward_examples = self.backward_tokens = 0
+        self.local_weights: np.ndarray | None = None  # offline training weights of this worker
+        self.ema_grad = (
+            None if lm_head_ema is None else torch.zeros_like(self.weight, dtype=torch.float32)
+        )
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def backward_done(self, micro: MicroBatch, scale: torch.Tensor, chosen: list[int]) -> None:
+        """Count the rows back-propagated and fold their LM-head gradient into the EMA term."""
+        self.backward_examples += len(chosen)
+        self.backward_tokens += sum(len(self.examples[micro.rows[k]][0]) for k in chosen)
+        if self.ema_grad is not None:
+            self.ema_grad += lm_head_example_gradient_sum(
+                micro.hidden.detach(),
+                self.weight,
+                micro.aligned,
+                scale,
+                logits=micro.logits.detach(),
+            )
+
+
 def onpolicy_step(
     model: torch.nn.Module,
     examples: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -170,149 +187,196 @@ def onpolicy_step(
     lm_head_ema: SecondMomentEMA | None = None,
     collective: Collective | None = None,
     autocast: Callable[[], Any] = nullcontext,
+    example_weights: Sequence[float] | None = None,
 ) -> StepStats:
     """Forward this worker's rows, select on the whole batch, back-propagate the kept rows.
 
-    examples: this worker's (input_ids, labels) token lists; positions: their positions in the
-    global batch of ``batch_size`` (all workers' positions together cover 0..batch_size-1).
-    second_moment (V, H) preconditions the features (None: s_hat = 1). ``lm_head_ema``, when
-    given (frozen LM head), is updated with the LM-head gradient of the step's objective.
-    Leaves the summed gradient in ``.grad`` of every trainable parameter; does not step.
+    examples: this worker's (input_ids, labels) token lists (possibly none); positions: their
+    positions in the global batch of ``batch_size`` (all workers' positions together cover
+    0..batch_size-1). second_moment (V, H) preconditions the features (None: s_hat = 1).
+    ``lm_head_ema``, when given (frozen LM head), is updated with the LM-head gradient of the
+    step's objective. ``example_weights`` (offline ``full`` only): per-row training weights
+    (offline InfoBatch), objective sum_j w_j loss_j / batch_size. Leaves the summed gradient in
+    ``.grad`` of every trainable parameter; does not step.
     """
     collective = collective or SingleProcess()
-    # "gather" and "all_reduce" include waiting for the slowest worker.
-    seconds = dict.fromkeys(
-        ("forward", "features", "gather", "select", "backward", "all_reduce"), 0.0
-    )
     n_keep = n_keep_for(batch_size, settings.alpha)
-    streaming = settings.method == "full" or n_keep == batch_size
-    needs_features = settings.method == "slap" and not streaming
-    weight = unwrap(model).get_output_embeddings().weight
-    local_losses = np.full(len(examples), np.nan)
-    local_features: list[torch.Tensor | None] = [None] * len(examples)
-    kept_graphs: list[_MicroBatch] = []
-    local_backward = local_backward_tokens = 0
-    device = weight.device
-    preconditioner = (
-        inverse_root(second_moment, settings.eps)
-        if needs_features and second_moment is not None
-        else None
-    )
-    ema_grad = None if lm_head_ema is None else torch.zeros_like(weight, dtype=torch.float32)
-
-    for rows in _micro_batches([len(x[0]) for x in examples], micro_batch_size):
-        start = time.perf_counter()
-        ids, mask, targets = pad_batch(
-            [examples[i][0] for i in rows], [examples[i][1] for i in rows], pad_token_id, device
+    if settings.method != "full" and n_keep == 0:
+        return StepStats(
+            batch_size,
+            np.empty(0, np.int64),
+            np.full(batch_size, np.nan),
+            float("nan"),
+            skipped=True,
         )
-        aligned = shift_labels(targets)
-        hidden, logits = _forward(model, ids, mask, aligned, autocast)
-        losses = response_token_losses_packed(logits, aligned)
-        local_losses[rows] = losses.detach().double().cpu().numpy()
-        seconds["forward"] += time.perf_counter() - start
-        if streaming:
-            # Nothing is pruned: back-propagate now (plain gradient accumulation, bounded memory).
-            start = time.perf_counter()
-            (losses.sum() / batch_size).backward()
-            seconds["backward"] += time.perf_counter() - start
-            local_backward += len(rows)
-            local_backward_tokens += int(mask.sum())
-            if ema_grad is not None:
-                scale = torch.full((len(rows),), 1.0 / batch_size, device=device)
-                ema_grad += lm_head_example_gradient_sum(
-                    hidden, weight, aligned, scale, logits=logits
-                )
-            continue
-        micro = _MicroBatch(rows, losses, hidden.detach(), logits.detach(), aligned)
-        kept_graphs.append(micro)
-        if needs_features:
-            start = time.perf_counter()
-            features = lm_head_features(
-                micro.hidden, weight, aligned, eps=settings.eps, vocab_chunk=settings.vocab_chunk,
-                logits=micro.logits, preconditioner=preconditioner,
-            )  # fmt: skip
-            for k, i in enumerate(rows):
-                local_features[i] = features[k]
-            seconds["features"] += time.perf_counter() - start
-
-    start = time.perf_counter()
-    gathered = collective.all_gather(
-        {
-            "positions": list(positions),
-            "losses": local_losses,
-            "features": torch.stack(local_features).cpu().numpy() if needs_features else None,
-            "tokens": [len(x[0]) for x in examples],
-        }
+    step = _Step(model, examples, lm_head_ema)
+    if settings.method == "full" or n_keep == batch_size:
+        weights = (
+            np.ones(len(examples))
+            if example_weights is None
+            else np.asarray(example_weights, float)
+        )
+        local_losses = _streaming_backward(
+            model, step, batch_size, weights, pad_token_id, micro_batch_size, autocast
+        )
+        gathered = _gather(step, collective, positions, local_losses, None)
+        losses, tokens, _ = _assemble(gathered, batch_size, None)
+        kept, kept_weights = np.arange(batch_size), np.ones(batch_size)
+        if example_weights is not None:
+            kept_weights = np.empty(batch_size)
+            kept_weights[
+                np.concatenate([np.asarray(g["positions"], np.int64) for g in gathered])
+            ] = np.concatenate([g["weights"] for g in gathered])
+    else:
+        needs_features = settings.method == "slap"
+        graphs, local_losses, local_features = _forward_keeping_graphs(
+            model, step, settings, second_moment if needs_features else None, needs_features,
+            pad_token_id, micro_batch_size, autocast,
+        )  # fmt: skip
+        gathered = _gather(step, collective, positions, local_losses, local_features)
+        losses, tokens, features = _assemble(
+            gathered, batch_size, settings if needs_features else None
+        )
+        with step.timed("select"):
+            kept, kept_weights = select_weighted(
+                settings.method, losses, features, n_keep, rng, **settings.options()
+            )
+        _backward_kept(step, graphs, positions, kept, kept_weights, n_keep)
+    with step.timed("all_reduce"):
+        sum_gradients_(model, collective)
+        counts = torch.tensor(
+            [step.backward_examples, step.backward_tokens],
+            dtype=torch.float64,
+            device=step.weight.device,
+        )
+        collective.all_reduce_sum_(counts)
+        if step.ema_grad is not None:
+            collective.all_reduce_sum_(step.ema_grad)
+            lm_head_ema.update(step.ema_grad)
+    denominator = len(kept) if settings.method != "full" and n_keep < batch_size else batch_size
+    return StepStats(
+        batch_size=batch_size,
+        kept=np.sort(kept),
+        losses=losses,
+        objective=float((losses[kept] * kept_weights).sum() / denominator),
+        forward_examples=batch_size,
+        forward_tokens=int(tokens.sum()),
+        backward_examples=int(counts[0]),
+        backward_tokens=int(counts[1]),
+        local_backward_examples=step.backward_examples,
+        seconds=step.seconds,
     )
+
+
+def _streaming_backward(model, step, batch_size, weights, pad_token_id, micro_batch_size, autocast):
+    """Nothing is pruned: back-propagate each micro-batch at once (plain gradient accumulation,
+    bounded memory). Returns this worker's per-row losses."""
+    examples = step.examples
+    local_losses = np.full(len(examples), np.nan)
+    micro_batches = forward_micro_batches(
+        model, [x[0] for x in examples], [x[1] for x in examples], pad_token_id,
+        micro_batch_size, grad=True, autocast=autocast,
+    )  # fmt: skip
+    while True:
+        with step.timed("forward"):
+            micro = next(micro_batches, None)
+            if micro is None:
+                break
+            losses = response_token_losses_packed(micro.logits, micro.aligned)
+            local_losses[micro.rows] = losses.detach().double().cpu().numpy()
+        with step.timed("backward"):
+            scale = torch.tensor(
+                weights[micro.rows] / batch_size, dtype=torch.float32, device=losses.device
+            )
+            (losses * scale).sum().backward()
+            step.backward_done(micro, scale, list(range(len(micro.rows))))
+    step.local_weights = weights
+    return local_losses
+
+
+def _forward_keeping_graphs(
+    model, step, settings, second_moment, needs_features, pad_token_id, micro_batch_size, autocast
+):
+    """Forward every micro-batch with grad and keep its graph; features where the method needs
+    them. Returns (graphs, local losses (n,), local features (n, V) or None)."""
+    examples = step.examples
+    local_losses = np.full(len(examples), np.nan)
+    local_features = (
+        np.zeros((len(examples), step.weight.shape[0]), np.float32) if needs_features else None
+    )
+    preconditioner = None if second_moment is None else inverse_root(second_moment, settings.eps)
+    graphs: list[tuple[MicroBatch, torch.Tensor]] = []
+    micro_batches = forward_micro_batches(
+        model, [x[0] for x in examples], [x[1] for x in examples], pad_token_id,
+        micro_batch_size, grad=True, autocast=autocast,
+    )  # fmt: skip
+    while True:
+        with step.timed("forward"):
+            micro = next(micro_batches, None)
+            if micro is None:
+                break
+            losses = response_token_losses_packed(micro.logits, micro.aligned)
+            local_losses[micro.rows] = losses.detach().double().cpu().numpy()
+        graphs.append((micro, losses))
+        if needs_features:
+            with step.timed("features"):
+                local_features[micro.rows] = lm_head_features(
+                    micro.hidden.detach(), step.weight, micro.aligned, eps=settings.eps,
+                    vocab_chunk=settings.vocab_chunk, logits=micro.logits.detach(),
+                    preconditioner=preconditioner,
+                ).cpu().numpy()  # fmt: skip
+    return graphs, local_losses, local_features
+
+
+def _gather(step, collective, positions, local_losses, local_features) -> list[dict]:
+    with step.timed("gather"):
+        return collective.all_gather(
+            {
+                "positions": list(positions),
+                "losses": local_losses,
+                "features": local_features,
+                "tokens": [len(x[0]) for x in step.examples],
+                "weights": step.local_weights,
+            }
+        )
+
+
+def _assemble(gathered, batch_size, feature_settings):
+    """The global batch's losses (B,), token counts (B,) and features (B, V or d) or None, in
+    position order."""
     order = np.concatenate([np.asarray(g["positions"], dtype=np.int64) for g in gathered])
     if sorted(order.tolist()) != list(range(batch_size)):
         raise ValueError(f"workers' positions do not cover the batch of {batch_size}: {order}")
-    losses_global = np.empty(batch_size)
-    losses_global[order] = np.concatenate([g["losses"] for g in gathered])
-    tokens_global = np.empty(batch_size, dtype=np.int64)
-    tokens_global[order] = np.concatenate([g["tokens"] for g in gathered])
-    features_global = None
-    if needs_features:
-        features_global = np.empty((batch_size, weight.shape[0]), dtype=np.float32)
-        features_global[order] = np.concatenate([g["features"] for g in gathered])
-        if settings.projection_dim is not None:
-            features_global = project_features(
-                features_global, settings.projection_dim, settings.projection_seed
-            )
-    seconds["gather"] += time.perf_counter() - start
-    start = time.perf_counter()
-    if streaming:
-        kept, kept_weights = np.arange(batch_size), np.ones(batch_size)
-    else:
-        kept, kept_weights = select_weighted(
-            settings.method, losses_global, features_global, n_keep, rng, **settings.options()
+    losses = np.empty(batch_size)
+    losses[order] = np.concatenate([g["losses"] for g in gathered])
+    tokens = np.empty(batch_size, dtype=np.int64)
+    tokens[order] = np.concatenate([np.asarray(g["tokens"], np.int64) for g in gathered])
+    if feature_settings is None:
+        return losses, tokens, None
+    features = np.empty((batch_size, gathered[0]["features"].shape[1]), dtype=np.float32)
+    features[order] = np.concatenate([g["features"] for g in gathered])
+    if feature_settings.projection_dim is not None:
+        features = project_features(
+            features, feature_settings.projection_dim, feature_settings.projection_seed
         )
-    seconds["select"] += time.perf_counter() - start
+    return losses, tokens, features
 
-    if not streaming:
-        start = time.perf_counter()
+
+def _backward_kept(step, graphs, positions, kept, kept_weights, n_keep) -> None:
+    """One backward through the kept rows' graphs; pruned micro-batches are never touched."""
+    with step.timed("backward"):
         weight_of = dict(zip(kept.tolist(), kept_weights.tolist(), strict=True))
-        objective_terms = []
-        for micro in kept_graphs:
+        terms = []
+        for micro, losses in graphs:
             scale = torch.tensor(
                 [weight_of.get(int(positions[i]), 0.0) / n_keep for i in micro.rows],
-                device=device,
+                device=losses.device,
             )
             chosen = torch.nonzero(scale).squeeze(-1)
             if chosen.numel() == 0:
                 continue  # this micro-batch's graph is dropped, never back-propagated
-            objective_terms.append((micro.losses[chosen] * scale[chosen]).sum())
-            local_backward += int(chosen.numel())
-            local_backward_tokens += sum(len(examples[micro.rows[k]][0]) for k in chosen.tolist())
-            if ema_grad is not None:
-                ema_grad += lm_head_example_gradient_sum(
-                    micro.hidden, weight, micro.aligned, scale, logits=micro.logits
-                )
-        if objective_terms:
-            torch.stack(objective_terms).sum().backward()
-        kept_graphs.clear()
-        seconds["backward"] += time.perf_counter() - start
-
-    start = time.perf_counter()
-    sum_gradients_(model, collective)
-    counts = torch.tensor(
-        [local_backward, local_backward_tokens], dtype=torch.float64, device=device
-    )
-    collective.all_reduce_sum_(counts)
-    if ema_grad is not None:
-        collective.all_reduce_sum_(ema_grad)
-        lm_head_ema.update(ema_grad)
-    seconds["all_reduce"] += time.perf_counter() - start
-    objective = float((losses_global[kept] * kept_weights).sum() / len(kept)) if len(kept) else 0.0
-    return StepStats(
-        batch_size=batch_size,
-        kept=np.sort(kept),
-        losses=losses_global,
-        objective=objective,
-        forward_examples=batch_size,
-        forward_tokens=int(tokens_global.sum()),
-        backward_examples=int(counts[0]),
-        backward_tokens=int(counts[1]),
-        local_backward_examples=local_backward,
-        seconds=seconds,
-    )
+            terms.append((losses[chosen] * scale[chosen]).sum())
+            step.backward_done(micro, scale, chosen.tolist())
+        if terms:
+            torch.stack(terms).sum().backward()
+        graphs.clear()

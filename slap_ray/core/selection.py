@@ -12,8 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-METHODS = ("slap", "random", "full", "online_hard", "ccs", "infobatch")
-STRATA_KINDS = ("width", "quantile")
+from slap_ray.vocabulary import METHODS, STRATA_KINDS  # noqa: E402  (re-exported)
+
 METHOD_OPTIONS = {"slap": ("num_strata", "tau", "strata"), "ccs": ("num_strata",)}
 
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
+import io
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any
 
-Format = Literal["auto", "jsonl", "json", "parquet", "csv", "hf_disk"]
-FORMATS: tuple[str, ...] = ("auto", "jsonl", "json", "parquet", "csv", "hf_disk")
+from slap_ray.vocabulary import FORMATS, Format  # noqa: E402  (re-exported)
 
 _EXTENSIONS: dict[str, str] = {
     ".jsonl": "jsonl",
@@ -33,6 +35,8 @@ _EXTENSIONS: dict[str, str] = {
     ".pq": "parquet",
     ".csv": "csv",
 }
+_GZIP = ".gz"
+_GZIP_READABLE = (".jsonl", ".ndjson", ".json", ".csv")  # text formats users ship compressed
 _BOM = "\ufeff"
 _RAW_LIMIT = 4000  # characters of a whole-file payload kept in a reject record
 _CSV_FIELD_LIMIT = 2**31 - 1  # the csv module's 128 KiB default rejects long responses
@@ -87,11 +91,17 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     if p.is_dir():
         return "hf_disk"
-    fmt = _EXTENSIONS.get(p.suffix.lower())
+    suffix = p.suffix.lower()
+    if suffix == _GZIP:
+        suffix = Path(p.stem).suffix.lower()
+        fmt = _EXTENSIONS.get(suffix) if suffix in _GZIP_READABLE else None
+    else:
+        fmt = _EXTENSIONS.get(suffix)
     if fmt is None:
         raise ValueError(
-            f"cannot tell the format of {os.fspath(path)!r} from its extension; "
-            f"pass format= one of {', '.join(FORMATS[1:])}"
+            f"cannot tell the format of {os.fspath(path)!r} from its extension (known: "
+            f"{', '.join(sorted(_EXTENSIONS))}, and {', '.join(sorted(_GZIP_READABLE))} + .gz); "
+            f"set data.format to one of {', '.join(FORMATS[1:])}"
         )
     if fmt == "json" and _first_non_blank_byte(p) not in (b"[", b""):
         return "jsonl"
@@ -116,8 +126,15 @@ def iter_raw_records(path: str | os.PathLike[str], format: Format = "auto") -> I
     return readers[fmt](name)
 
 
+def _open_binary(path: str | os.PathLike[str]) -> IO[bytes]:
+    """The file's bytes, decompressed when its name ends in .gz."""
+    if os.fspath(path).lower().endswith(_GZIP):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
 def _first_non_blank_byte(path: Path) -> bytes:
-    with path.open("rb") as handle:
+    with _open_binary(path) as handle:
         while chunk := handle.read(4096):
             stripped = chunk.lstrip()
             if stripped.startswith(_BOM.encode()):
@@ -150,7 +167,15 @@ def _parse_object(text: str) -> tuple[dict[str, Any] | None, str | None]:
 
 def _read_jsonl(path: str) -> Iterator[RawRecord]:
     """Decode each line on its own so one bad byte costs one row, not the file."""
-    with open(path, "rb") as handle:
+    number = 0
+    try:
+        yield from _jsonl_records(path)
+    except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz
+        yield RawRecord(path, number, None, "", f"unreadable compressed file: {exc}")
+
+
+def _jsonl_records(path: str) -> Iterator[RawRecord]:
+    with _open_binary(path) as handle:
         for number, data in enumerate(handle, start=1):
             data = data.rstrip(b"\r\n")
             if number == 1 and data.startswith(_BOM.encode()):
@@ -170,7 +195,8 @@ def _read_jsonl(path: str) -> Iterator[RawRecord]:
 
 
 def _read_json_array(path: str) -> Iterator[RawRecord]:
-    data = Path(path).read_bytes()
+    with _open_binary(path) as handle:
+        data = handle.read()
     if data.startswith(_BOM.encode()):
         data = data[3:]
     try:
@@ -220,7 +246,9 @@ def _read_csv(path: str) -> Iterator[RawRecord]:
     then contain escaped bytes had invalid UTF-8 and is rejected on its own.
     """
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    with io.TextIOWrapper(
+        _open_binary(path), encoding="utf-8", errors="surrogateescape", newline=""
+    ) as handle:
         consumed: list[str] = []
 
         def lines() -> Iterator[str]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Schema = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_response"]
-SCHEMAS: tuple[str, ...] = ("auto", "messages", "alpaca", "sharegpt", "prompt_response")
+from slap_ray.vocabulary import SCHEMAS, Schema  # noqa: E402  (re-exported)
+
 ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
 
 # ShareGPT exports name speakers inconsistently; these are the spellings seen in the wild.
@@ -282,7 +282,18 @@ def _row_id(value: Any, field: str) -> str | None:
         raise RowRejected(
             f"field {field!r} must be a string or an integer, got {type(value).__name__}"
         )
-    return str(value)
+    return check_id(str(value), field)
+
+
+def check_id(row_id: str, field: str = "id") -> str:
+    """Ids travel through line-based kept lists: one with a line break or surrounding whitespace
+    could not be read back as itself, so it is rejected here with the reason."""
+    if row_id.strip() != row_id or row_id.splitlines() != [row_id]:
+        raise RowRejected(
+            f"field {field!r}: id {row_id!r} has a line break or leading/trailing whitespace "
+            "and cannot round-trip through a kept list"
+        )
+    return row_id
 
 
 def _has_lone_surrogate(text: str) -> bool:

@@ -13,17 +13,17 @@ only holds if each rendering is a token prefix of the full one; that is checked,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from slap_ray.core.model import IGNORE_INDEX, pad_batch
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
 ROLES = frozenset({"system", "user", "assistant"})
 Truncation = Literal["keep_response", "right"]
 
@@ -213,18 +213,12 @@ def collate(
     """
     if not examples:
         raise ValueError("collate needs at least one example")
-    width = max(example.num_tokens for example in examples)
-    if pad_to_multiple_of:
-        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
-    batch = len(examples)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = example.num_tokens
-        input_ids[row, :n] = torch.tensor(example.input_ids, dtype=torch.long)
-        attention_mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(example.labels, dtype=torch.long)
+    input_ids, attention_mask, labels = pad_batch(
+        [e.input_ids for e in examples],
+        [e.labels for e in examples],
+        pad_token_id,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

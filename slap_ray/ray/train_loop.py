@@ -35,18 +35,18 @@ from slap_ray.core.evaluation import (
     summarize_losses,
 )
 from slap_ray.core.features import SecondMomentEMA
+from slap_ray.core.model import lm_head_of
 from slap_ray.core.onpolicy import (
     SelectionSettings,
     SingleProcess,
     TorchDistributed,
     onpolicy_step,
 )
-from slap_ray.core.scoring import lm_head_of
 from slap_ray.core.seeds import derive_rng, derive_seed
-from slap_ray.training import (
+from slap_ray.core.training import (
     BatchSchedule,
     adam_second_moment,
-    build_model,
+    add_lora,
     lm_head_is_trained,
     load_training_state,
     make_optimizer,
@@ -114,6 +114,38 @@ def _autocast(precision: str, device: str):
     return nullcontext
 
 
+def build_model(model_name: str, train: TrainConfig, device: str) -> torch.nn.Module:
+    """The causal LM in train mode: LoRA adapters (base frozen) or every weight trainable."""
+    from slap_ray.assets import load_causal_lm
+
+    model = load_causal_lm(model_name).to(device)
+    if train.finetuning == "lora":
+        model = add_lora(
+            model, train.lora_rank, train.lora_alpha, train.lora_dropout, train.lora_target_modules
+        )
+    return model.train()
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _history_entry(step: int, stats, scheduler, grad_norm: float | None, elapsed: float) -> dict:
+    """One step's record; a skipped step (budget of 0 rows) has no loss and no kept ids."""
+    return {
+        "step": step,
+        "loss": _finite_or_none(stats.objective),
+        "batch_loss": _finite_or_none(float(np.mean(stats.losses))) if not stats.skipped else None,
+        "lr": scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        "batch_size": stats.batch_size,
+        "backward_examples": stats.backward_examples,
+        "skipped": stats.skipped,
+        "kept_ids": None,
+        "seconds": round(elapsed, 4),
+    }
+
+
 def train_loop_per_worker(settings: dict[str, Any]) -> None:
     """One data-parallel worker. ``settings``: see ``make_trainer``."""
     from slap_ray.assets import load_tokenizer
@@ -129,7 +161,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     # Adapter initialisation is random: seed it, identically on every worker.
     torch.manual_seed(derive_seed(settings["seed"], "init") % 2**63)
     model = build_model(settings["model_name"], train, device)
-    optimizer = make_optimizer(model, train)
+    optimizer = make_optimizer(
+        model, train.learning_rate, train.adam_betas, train.adam_eps, train.weight_decay
+    )
     steps = settings["total_steps"]
     scheduler = warmup_cosine(optimizer, steps, train.warmup_ratio)
     ema = None if lm_head_is_trained(model) else SecondMomentEMA(settings["beta2"])
@@ -180,6 +214,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         start = time.perf_counter()
         rows = schedule.rows(step)
         mine = list(range(collective.rank, len(rows), collective.world_size))
+        weights = table.get("weight")
         stats = onpolicy_step(
             model,
             [(table["input_ids"][rows[k]], table["labels"][rows[k]]) for k in mine],
@@ -193,13 +228,15 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
             lm_head_ema=ema,
             collective=collective,
             autocast=autocast,
+            example_weights=None if weights is None else [weights[rows[k]] for k in mine],
         )
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
-            if train.max_grad_norm
-            else None
-        )
-        optimizer.step()
+        grad_norm = None
+        if stats.skipped:
+            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+        else:
+            if train.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         for key in COUNTERS:
@@ -207,21 +244,9 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - start
         for key, value in {**stats.seconds, "step": elapsed}.items():
             state["step_seconds"][key] = state["step_seconds"].get(key, 0.0) + value
-        state["history"].append(
-            {
-                "step": step,
-                "loss": stats.objective,
-                "batch_loss": float(np.mean(stats.losses)),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "batch_size": stats.batch_size,
-                "backward_examples": stats.backward_examples,
-                "kept_ids": [table["id"][rows[i]] for i in stats.kept.tolist()]
-                if selection.method != "full"
-                else None,
-                "seconds": round(elapsed, 4),
-            }
-        )
+        state["history"].append(_history_entry(step, stats, scheduler, grad_norm, elapsed))
+        if selection.method != "full":
+            state["history"][-1]["kept_ids"] = [table["id"][rows[i]] for i in stats.kept.tolist()]
         state["step"] = step + 1
         if state["step"] % train.checkpoint_every == 0 and state["step"] < steps:
             report()

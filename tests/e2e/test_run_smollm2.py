@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from slap_ray.config import build_config
-from slap_ray.run_job import run_all
+from slap_ray.jobs.run import run_all
 
 
 def test_smollm2_select_finetune_evaluate_report(ray_cluster, pool_subset, shared_data, tmp_path):

@@ -17,7 +17,7 @@ import yaml
 
 from slap_ray.config import build_config, config_to_dict
 from slap_ray.core.selection import n_keep_for
-from slap_ray.finetune_job import run_finetune
+from slap_ray.jobs.finetune import run_finetune
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -123,7 +123,9 @@ def test_select_job_through_ray_job_submit(head_node, pool_subset, tmp_path):
     config_path = tmp_path / "job.yaml"
     config_path.write_text(yaml.safe_dump(config))
     assert shutil.which("python", path=head_node["PATH"]).startswith(str(BIN))
-    submitted = submit("python", "pipelines/select.py", "--config", str(config_path), env=head_node)
+    submitted = submit(
+        "python", "pipelines/slap_select.py", "--config", str(config_path), env=head_node
+    )
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "report:" in submitted.stdout
     job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)

@@ -11,7 +11,7 @@ import pytest
 
 from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
-from slap_ray.select_job import run_select
+from slap_ray.jobs.select import run_select
 
 ALPHAS = [0.2, 0.3, 0.4]
 
@@ -169,7 +169,7 @@ def test_resume_after_kill_matches_uninterrupted_run(baseline_run, pool_subset, 
     path.write_text(yaml.safe_dump(tree))
     repo = Path(__file__).resolve().parents[2]
     process = subprocess.Popen(
-        [sys.executable, str(repo / "pipelines" / "select.py"), "--config", str(path)],
+        [sys.executable, str(repo / "pipelines" / "slap_select.py"), "--config", str(path)],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

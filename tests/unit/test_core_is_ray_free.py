@@ -2,12 +2,21 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import slap_ray.core
+
+CORE = Path(slap_ray.core.__file__).parent
 
 
-def test_core_does_not_import_ray():
+def test_every_core_module_is_ray_free():
+    modules = sorted(f"slap_ray.core.{p.stem}" for p in CORE.glob("*.py") if p.stem != "__init__")
+    assert {"slap_ray.core.model", "slap_ray.core.training", "slap_ray.core.onpolicy"} <= set(
+        modules
+    )
     code = (
-        "import sys, slap_ray.core.features, slap_ray.core.selection, slap_ray.core.strata, "
-        "slap_ray.core.seeds; print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+        f"import sys, importlib\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -16,9 +16,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from slap_ray.assets import load_causal_lm
-from slap_ray.core.features import SecondMomentEMA, lm_head_example_gradient_sum, shift_labels
+from slap_ray.core.features import SecondMomentEMA, lm_head_example_gradient_sum
+from slap_ray.core.model import forward_response_logits, pad_batch, shift_labels
 from slap_ray.core.onpolicy import SelectionSettings, onpolicy_step
-from slap_ray.core.scoring import forward_response_logits, pad_batch
+from slap_ray.core.scoring import calibrate_second_moment
 
 
 def batch(count: int = 10, seed: int = 0):
@@ -175,11 +176,7 @@ def test_two_workers_select_the_same_rows_and_sum_to_the_single_worker_gradient(
             collective=ThreadCollective(shared, rank, 2),
         )  # fmt: skip
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(2, worker)
     for result in results:
         assert result.kept.tolist() == expected.kept.tolist()
         assert result.backward_examples == 7
@@ -196,7 +193,8 @@ def test_example_gradient_sum_matches_autograd_on_lm_head():
     ids, mask, targets = pad_batch([e[0] for e in examples], [e[1] for e in examples], 0)
     aligned = shift_labels(targets)
     weights = torch.tensor([0.5, 0.0, 1.0, 2.0])
-    hidden, logits = forward_response_logits(model, ids, mask, aligned)
+    with torch.no_grad():
+        hidden, logits = forward_response_logits(model, ids, mask, aligned)
     ours = lm_head_example_gradient_sum(
         hidden, model.lm_head.weight, aligned, weights, logits=logits
     )
@@ -221,3 +219,101 @@ def test_bf16_autocast_step_keeps_fp32_gradients():
     assert stats.backward_examples == 7 and np.all(np.isfinite(stats.losses))
     for p in model.parameters():
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def run_threads(count: int, target) -> None:
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_budget_of_zero_rows_skips_the_step():
+    """alpha 0.9 keeps round(0.1 * 4) = 0 of a batch of 4, and 0 of a final batch of 1."""
+    model = load_causal_lm("tiny-random").train()
+    examples = batch(5, seed=12)
+    for rows in (examples[:4], examples[4:]):
+        stats = onpolicy_step(
+            model, rows, range(len(rows)), len(rows), SelectionSettings(alpha=0.9),
+            np.random.default_rng(0), pad_token_id=0,
+        )  # fmt: skip
+        assert stats.skipped and stats.backward_examples == 0 and len(stats.kept) == 0
+        assert all(p.grad is None for p in model.parameters())
+    # alpha 0.7 on a 1-row final batch: also nothing to keep
+    stats = onpolicy_step(
+        model, examples[:1], [0], 1, SelectionSettings(method="random", alpha=0.7),
+        np.random.default_rng(0), pad_token_id=0,
+    )  # fmt: skip
+    assert stats.skipped
+
+
+def test_four_workers_on_a_three_row_batch():
+    """Worker 3 gets no row of the short final batch; the step still agrees with one worker."""
+    torch.manual_seed(0)
+    base = lora(load_causal_lm("tiny-random-untied").train())
+    examples = batch(3, seed=13)
+    settings = SelectionSettings(alpha=0.3)  # keeps round(0.7 * 3) = 2
+    single = copy.deepcopy(base)
+    expected = onpolicy_step(
+        single, examples, range(3), 3, settings, np.random.default_rng(4), pad_token_id=0
+    )
+    shared = {"barrier": threading.Barrier(4), "slots": [None] * 4}
+    replicas = [copy.deepcopy(base) for _ in range(4)]
+    results = [None] * 4
+
+    def worker(rank):
+        positions = list(range(rank, 3, 4))
+        results[rank] = onpolicy_step(
+            replicas[rank], [examples[p] for p in positions], positions, 3, settings,
+            np.random.default_rng(4), pad_token_id=0,
+            collective=ThreadCollective(shared, rank, 4),
+        )  # fmt: skip
+
+    run_threads(4, worker)
+    assert results[3] is not None and results[3].local_backward_examples == 0
+    for result in results:
+        assert result.kept.tolist() == expected.kept.tolist() and result.backward_examples == 2
+    reference = grads(single)
+    for name, value in grads(replicas[3]).items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-7)
+
+
+def test_offline_weighted_objective_equals_autograd():
+    """Offline InfoBatch: each kept row trains with its weight, sum_j w_j loss_j / B."""
+    model = load_causal_lm("tiny-random-untied").train()
+    examples = batch(6, seed=14)
+    weights = [1.0, 2.5, 1.0, 0.5, 1.0, 1.25]
+    stats = onpolicy_step(
+        model, examples, range(6), 6, SelectionSettings(method="full", alpha=0.0),
+        np.random.default_rng(0), pad_token_id=0, micro_batch_size=4, example_weights=weights,
+    )  # fmt: skip
+    ours = grads(model)
+    expected = reference_gradients(model, examples, list(range(6)), weights)
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-6)
+    losses = stats.losses
+    assert stats.objective == pytest.approx(float(np.dot(weights, losses) / 6))
+
+
+def test_offline_calibration_equals_the_online_ema_after_the_same_batches():
+    """SLAP_METHOD.md section 1: both paths fold in the LM-head gradient of the mean over
+    examples of their mean response loss (not a token-weighted batch loss)."""
+    model = lora(load_causal_lm("tiny-random-untied")).train()
+    batches = [batch(6, seed=20), batch(5, seed=21)]
+    online = SecondMomentEMA(beta2=0.9)
+    for rows in batches:
+        onpolicy_step(
+            model, rows, range(len(rows)), len(rows), SelectionSettings(method="full", alpha=0.0),
+            np.random.default_rng(0), pad_token_id=0, micro_batch_size=2, lm_head_ema=online,
+        )  # fmt: skip
+        model.zero_grad(set_to_none=True)  # no optimizer step: the model stays as it was
+    offline = calibrate_second_moment(
+        model,
+        [([e[0] for e in rows], [e[1] for e in rows]) for rows in batches],
+        pad_token_id=0,
+        beta2=0.9,
+        micro_batch_size=4,
+    )
+    assert offline.steps == online.steps == 2
+    torch.testing.assert_close(offline.value(), online.value(), rtol=1e-4, atol=1e-12)

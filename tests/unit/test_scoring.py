@@ -6,13 +6,9 @@ import numpy as np
 import torch
 
 from slap_ray.assets import load_causal_lm
-from slap_ray.core.features import lm_head_features, response_token_losses, shift_labels
-from slap_ray.core.scoring import (
-    calibrate_second_moment,
-    losses_and_features,
-    pad_batch,
-    score_batch,
-)
+from slap_ray.core.features import lm_head_features, response_token_losses
+from slap_ray.core.model import pad_batch, shift_labels
+from slap_ray.core.scoring import calibrate_second_moment, losses_and_features, score_batch
 
 
 def rows(count: int = 10, seed: int = 0):

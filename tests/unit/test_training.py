@@ -9,20 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from slap_ray.assets import load_causal_lm
 from slap_ray.config import TrainConfig
 from slap_ray.core.evaluation import last_response_split, rouge_l, summarize_losses
-from slap_ray.core.scoring import lm_head_of
-from slap_ray.training import (
+from slap_ray.core.model import lm_head_of
+from slap_ray.core.training import (
     BatchSchedule,
     adam_second_moment,
-    build_model,
+    add_lora,
     flops_estimate,
     load_training_state,
-    make_optimizer,
     parameter_counts,
     save_training_state,
     total_steps,
     warmup_cosine,
+)
+from slap_ray.core.training import (
+    make_optimizer as make_adamw,
 )
 
 
@@ -50,8 +53,8 @@ def test_batches_cover_each_epoch_once_and_depend_only_on_the_id_set():
     shuffled = ids[::-1]
     other = BatchSchedule(shuffled, batch_size=5, seed=3)
     assert [shuffled[i] for i in other.rows(2)] == [ids[i] for i in schedule.rows(2)]
-    assert total_steps(23, TrainConfig(batch_size=5, epochs=2)) == 10
-    assert total_steps(23, TrainConfig(batch_size=5, epochs=2, max_steps=4)) == 4
+    assert total_steps(23, batch_size=5, epochs=2) == 10
+    assert total_steps(23, batch_size=5, epochs=2, max_steps=4) == 4
 
 
 def test_adam_second_moment_is_bias_corrected_exp_avg_sq():
@@ -70,6 +73,18 @@ def test_adam_second_moment_is_bias_corrected_exp_avg_sq():
 @pytest.mark.parametrize("finetuning", ["lora", "full"])
 def test_checkpoint_round_trip_restores_weights_optimizer_and_state(finetuning, tmp_path):
     train = TrainConfig(finetuning=finetuning, lora_rank=2, learning_rate=1e-2)
+
+    def build_model(name, train):
+        model = load_causal_lm(name)
+        if train.finetuning == "lora":
+            model = add_lora(
+                model, train.lora_rank, train.lora_alpha, 0.0, train.lora_target_modules
+            )
+        return model.train()
+
+    def make_optimizer(model, train):
+        return make_adamw(model, train.learning_rate)
+
     torch.manual_seed(0)
     model = build_model("tiny-random", train)
     optimizer = make_optimizer(model, train)
@@ -99,10 +114,10 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(finetuning, 
 
 
 def test_parameter_counts_and_flops_model():
-    lora = build_model("tiny-random", TrainConfig(finetuning="lora", lora_rank=2))
+    lora = add_lora(load_causal_lm("tiny-random"), 2, 16.0, 0.0, ["q_proj", "v_proj"])
     counts = parameter_counts(lora)
     assert 0 < counts["trainable"] < counts["forward"] == counts["total"]  # tied head
-    untied = build_model("tiny-random-untied", TrainConfig(finetuning="full"))
+    untied = load_causal_lm("tiny-random-untied")
     untied_counts = parameter_counts(untied)
     embedding = untied.get_input_embeddings().weight.numel()
     assert untied_counts["forward"] == untied_counts["total"] - embedding

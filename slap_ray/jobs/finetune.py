@@ -17,12 +17,12 @@ import ray
 
 from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.seeds import id_rank_key
-from slap_ray.manifest import Manifest
+from slap_ray.core.training import MODEL_DIR, STATE_FILE, flops_estimate, total_steps
+from slap_ray.jobs.select import _mark_rejects, read_rows
 from slap_ray.ray import stages
 from slap_ray.ray.runtime import ensure_ray
-from slap_ray.select_job import _mark_rejects, read_rows
-from slap_ray.train_report import write_train_report
-from slap_ray.training import MODEL_DIR, STATE_FILE, flops_estimate, total_steps
+from slap_ray.reporting.manifest import Manifest
+from slap_ray.reporting.training import write_train_report
 
 TABLE_COLUMNS = ("id", "source", "task", "input_ids", "labels", "num_tokens")
 RAY_TRAIN_DIR = "ray_train"

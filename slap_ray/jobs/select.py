@@ -31,11 +31,11 @@ from slap_ray.data.ingest import (
     make_reject,
     write_rejected,
 )
-from slap_ray.manifest import Manifest
 from slap_ray.ray import stages
 from slap_ray.ray.runtime import ensure_ray
 from slap_ray.ray.scorer import scorer_actor
-from slap_ray.report import keep_column, write_selection_report
+from slap_ray.reporting.manifest import Manifest
+from slap_ray.reporting.selection import keep_column, write_selection_report
 
 log = logging.getLogger("slap_ray.select")
 PREPARED_COLUMNS = [

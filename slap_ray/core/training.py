@@ -1,5 +1,5 @@
-"""Fine-tuning building blocks without Ray: model (LoRA or full), AdamW + warmup/cosine, batch
-order, second-moment source, checkpoint state, compute model.
+"""Fine-tuning building blocks without Ray: LoRA wrapping, AdamW + warmup/cosine, batch order,
+second-moment source, checkpoint state, compute model. Functions take plain arguments.
 
 The Ray Train worker loop (``slap_ray.ray.train_loop``) strings these together; so do the step
 benchmark and the unit tests, without a cluster.
@@ -8,51 +8,57 @@ benchmark and the unit tests, without a cluster.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from slap_ray.config import TrainConfig
-from slap_ray.core.scoring import lm_head_of, unwrap
+from slap_ray.core.model import lm_head_of, unwrap
 from slap_ray.core.seeds import id_rank_key
 
 STATE_FILE = "training_state.pt"
 MODEL_DIR = "model"
 
 
-def build_model(model_name: str, train: TrainConfig, device: str = "cpu") -> torch.nn.Module:
-    """The causal LM in train mode: LoRA adapters (base frozen) or every weight trainable."""
-    from slap_ray.assets import load_causal_lm
+def add_lora(
+    model: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: Sequence[str],
+) -> torch.nn.Module:
+    """Wrap a causal LM with peft LoRA adapters; the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
 
-    model = load_causal_lm(model_name).to(device)
-    if train.finetuning == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=train.lora_rank,
-                lora_alpha=train.lora_alpha,
-                lora_dropout=train.lora_dropout,
-                target_modules=list(train.lora_target_modules),
-                task_type="CAUSAL_LM",
-            ),
-        )
-    return model.train()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
 
 
 def lm_head_is_trained(model: torch.nn.Module) -> bool:
     return bool(lm_head_of(model).requires_grad)
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module,
+    learning_rate: float,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters."""
     return torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=train.learning_rate,
-        betas=tuple(train.adam_betas),
-        eps=train.adam_eps,
-        weight_decay=train.weight_decay,
+        lr=learning_rate,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
     )
 
 
@@ -89,9 +95,10 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
     return math.ceil(num_rows / batch_size)
 
 
-def total_steps(num_rows: int, train: TrainConfig) -> int:
-    steps = train.epochs * steps_per_epoch(num_rows, train.batch_size)
-    return min(steps, train.max_steps) if train.max_steps else steps
+def total_steps(num_rows: int, batch_size: int, epochs: int, max_steps: int | None = None) -> int:
+    """Optimizer steps of a run: every epoch's batches, capped at ``max_steps``."""
+    steps = epochs * steps_per_epoch(num_rows, batch_size)
+    return min(steps, max_steps) if max_steps else steps
 
 
 def epoch_order(ids: list[str], seed: int, epoch: int) -> list[int]:

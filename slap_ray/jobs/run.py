@@ -15,8 +15,8 @@ SELECT_DIR = "select"
 
 
 def run_all(config: SlapConfig) -> Path:
-    from slap_ray.finetune_job import run_finetune
-    from slap_ray.select_job import run_select
+    from slap_ray.jobs.finetune import run_finetune
+    from slap_ray.jobs.select import run_select
 
     run_dir = Path(config.output_dir)
     tree = config_to_dict(config)
