@@ -14,24 +14,23 @@ with ``importlib.util.find_spec`` and never imported.
 Generated folders live under ``$SLAP_CACHE_DIR`` (default ``~/.cache/slap_ray``) in a subfolder
 named after ``ASSETS_VERSION``; bump it whenever a builder changes so stale folders are ignored.
 Each folder is built in a temporary sibling and renamed into place, so concurrent processes never
-see a half-written folder; a per-folder ``flock`` keeps them from all converting at once.
+see a half-written folder; a per-folder ``filelock`` keeps them from all converting at once.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from filelock import FileLock
 
 if TYPE_CHECKING:  # transformers is imported lazily by the functions that need it
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -103,17 +102,6 @@ def load_smollm2_from_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     return model.eval(), tokenizer
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock so concurrent processes convert once instead of N times."""
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _is_complete(folder: Path) -> bool:
     return (folder / _MARKER).is_file()
 
@@ -130,7 +118,8 @@ def _build_once(name: str, build: Callable[[Path], dict[str, Any]]) -> Path:
     if _is_complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f".{name}.lock"):
+    # The lock only avoids duplicate work: concurrent processes convert once instead of N times.
+    with FileLock(root / f".{name}.lock"):
         if _is_complete(target):
             return target
         if target.exists():  # left by something other than this module: set aside, rebuild

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
 from collections.abc import Callable
 
@@ -23,6 +25,28 @@ def parse(argv: list[str] | None, command: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+DEVICE_ERROR = re.compile(r"DeviceError: (.+)")
+
+
+def device_error(error: BaseException) -> str | None:
+    """The one-line message of a ``DeviceError`` raised in a Ray actor or worker, if any (Ray
+    wraps it in its own exception types, with the worker's traceback as text)."""
+    found = DEVICE_ERROR.search(str(error))
+    return found.group(1).strip() if found else None
+
+
+def _console_logging(command: str) -> None:
+    """The job's warnings and notices on the console, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"slap {command}: %(message)s"))
+    logger = logging.getLogger("slap_ray")
+    logger.handlers = [h for h in logger.handlers if not getattr(h, "slap_console", False)]
+    handler.slap_console = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
     def main_for(argv: list[str] | None = None) -> int:
         args = parse(argv, command)
@@ -32,6 +56,7 @@ def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
         except (ConfigError, OSError) as error:
             print(f"slap {command}: {error}", file=sys.stderr)
             return 2
+        _console_logging(command)
         from slap_ray.data.ingest import BadRowError
 
         try:
@@ -40,6 +65,11 @@ def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
             print(f"slap {command}: bad input row: {error}", file=sys.stderr)
         except ConfigError as error:
             print(f"slap {command}: {error}", file=sys.stderr)
+        except Exception as error:
+            message = device_error(error)
+            if message is None:
+                raise  # a real failure keeps its traceback
+            print(f"slap {command}: {message}", file=sys.stderr)
         return 2
 
     main_for.__doc__ = f"Entry point shared by `slap {command}` and `pipelines/{command}.py`."

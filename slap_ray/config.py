@@ -166,6 +166,9 @@ class RayConfig(_Section):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
     object_store_memory: int | None = Field(None, ge=78_643_200)
+    # Fail at once when the job's actors can never fit the cluster (off for autoscaling clusters
+    # whose nodes appear on demand).
+    check_resources: bool = True
 
 
 class SlapConfig(_Section):

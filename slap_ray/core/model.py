@@ -8,6 +8,7 @@ the one place that does it. Pure PyTorch, no Ray.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,6 +18,24 @@ import torch
 
 # The Hugging Face label value that is not trained on (prompt, padding).
 IGNORE_INDEX = -100
+
+
+class DeviceError(RuntimeError):
+    """A GPU was asked for (and granted by Ray) but torch cannot use one."""
+
+
+def device_for(use_gpu: bool, setting: str) -> str:
+    """``cuda`` when a GPU is asked for, ``cpu`` otherwise; a granted GPU that torch cannot see
+    is an error naming the setting, never a silent fall-back to the CPU."""
+    if not use_gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise DeviceError(
+            f"{setting}: a GPU was granted but torch {torch.__version__} sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={visible!r}); install a CUDA build of torch or set it to 0"
+        )
+    return "cuda"
 
 
 def pad_batch(

@@ -1,13 +1,15 @@
 """Distribution strata (SLAP_METHOD.md section 3, steps 1-2): seeded k-means over sentence
-embeddings, and batches composed so that each mirrors the cluster mix of the pool."""
+embeddings (scikit-learn), and batches composed so that each mirrors the cluster mix of the pool."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
-from slap_ray.core.seeds import derive_rng
+from slap_ray.core.seeds import derive_rng, derive_seed
 
 
 def _squared_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -20,39 +22,30 @@ def _squared_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def kmeans_fit(
     points: np.ndarray, num_clusters: int, seed: int, max_iter: int = 50, tol: float = 1e-6
 ) -> np.ndarray:
-    """k-means++ seeding then Lloyd iterations: (N, D) -> centroids (C, D) float64.
+    """k-means++ seeding then Lloyd iterations (scikit-learn): (N, D) -> centroids (C, D) float64.
 
     Deterministic for a given seed and row order; callers pass rows in a canonical (id) order.
-    A cluster that empties is re-seeded at the point farthest from its centroid.
+    scikit-learn relocates clusters that empty out, also with duplicated points.
     """
+    from sklearn.cluster import KMeans
+
     data = np.asarray(points, dtype=np.float64)
     count = len(data)
     if not 1 <= num_clusters <= count:
         raise ValueError(f"num_clusters must be in [1, {count}], got {num_clusters}")
-    rng = derive_rng(seed, "kmeans-init")
-    centroids = [data[rng.integers(count)]]
-    nearest = _squared_distances(data, np.asarray(centroids))[:, 0]
-    for _ in range(1, num_clusters):
-        total = nearest.sum()
-        pick = rng.choice(count, p=nearest / total) if total > 0 else rng.integers(count)
-        centroids.append(data[pick])
-        np.minimum(nearest, _squared_distances(data, data[pick : pick + 1])[:, 0], out=nearest)
-    centers = np.asarray(centroids)
-    for _ in range(max_iter):
-        distances = _squared_distances(data, centers)
-        labels = distances.argmin(1)
-        updated = np.empty_like(centers)
-        for cluster in range(num_clusters):
-            members = data[labels == cluster]
-            if len(members):
-                updated[cluster] = members.mean(0)
-            else:
-                updated[cluster] = data[distances[np.arange(count), labels].argmax()]
-        shift = float(((updated - centers) ** 2).sum())
-        centers = updated
-        if shift <= tol:
-            break
-    return centers
+    model = KMeans(
+        n_clusters=num_clusters,
+        init="k-means++",
+        n_init=1,
+        max_iter=max_iter,
+        tol=tol,
+        random_state=derive_seed(seed, "kmeans-init") % 2**32,
+    )
+    with warnings.catch_warnings():
+        # Fewer distinct points than clusters is allowed: duplicates share a centroid.
+        warnings.simplefilter("ignore", category=ConvergenceWarning)
+        model.fit(data)
+    return np.asarray(model.cluster_centers_, dtype=np.float64)
 
 
 def assign_clusters(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:

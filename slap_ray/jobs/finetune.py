@@ -14,42 +14,76 @@ from pathlib import Path
 
 import pandas as pd
 import ray
+import yaml
 
 from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.seeds import id_rank_key
 from slap_ray.core.training import MODEL_DIR, STATE_FILE, flops_estimate, total_steps
-from slap_ray.jobs.select import _mark_rejects, read_rows
+from slap_ray.jobs.rows import keys_of, mark_rejects, read_meta, read_rows
+from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.ray import stages
-from slap_ray.ray.runtime import ensure_ray
+from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
 from slap_ray.reporting.training import write_train_report
 
 TABLE_COLUMNS = ("id", "source", "task", "input_ids", "labels", "num_tokens")
 RAY_TRAIN_DIR = "ray_train"
 RUN_NAME = "finetune"
+# What a fresh run clears in its output_dir (a resumed run keeps Ray Train's checkpoints).
+OWNED = (
+    "metrics.json", "manifest.json", "report.md", MODEL_DIR, "plots", "config.yaml", "logs",
+    RAY_TRAIN_DIR,
+)  # fmt: skip
 
 
-def selected_ids(config: SlapConfig, sampled: list[str]) -> tuple[list[str], str]:
-    """The training ids and where they came from (offline: the selection's kept ids)."""
+def selection_alphas(folder: Path) -> list[float]:
+    """The alphas a finished `slap select` run produced (its manifest, else its config)."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(
+            f"train.selection_dir: {folder} has no manifest.json; it is not a finished "
+            "`slap select` run"
+        )
+    alphas = json.loads(manifest.read_text(encoding="utf-8")).get("alphas")
+    if alphas is None:
+        alphas = yaml.safe_load((folder / "config.yaml").read_text())["select"]["alphas"]
+    return [float(a) for a in alphas]
+
+
+def read_kept(folder: Path, alpha: float) -> dict[str, float]:
+    """Kept id -> training weight at ``alpha`` (the Parquet companion; the .txt read by lines)."""
+    table = folder / "kept" / f"alpha-{alpha:g}.parquet"
+    if table.is_file():
+        kept = pd.read_parquet(table)
+        return dict(zip(kept["id"], kept["weight"].astype(float), strict=True))
+    lines = (folder / "kept" / f"alpha-{alpha:g}.txt").read_text(encoding="utf-8").splitlines()
+    return dict.fromkeys(lines, 1.0)
+
+
+def selected_ids(config: SlapConfig, sampled: list[str]) -> tuple[dict[str, float], str]:
+    """Training id -> weight, and where they came from (offline: the selection's kept ids)."""
     alpha, folder = config.train.alpha, config.train.selection_dir
     if config.select.mode == "online":
-        return sampled, "all sampled rows (selection happens on-policy)"
+        return dict.fromkeys(sampled, 1.0), "all sampled rows (selection happens on-policy)"
     if folder is None:
         if alpha == 0:
-            return sampled, "all sampled rows (alpha = 0, no selection)"
+            return dict.fromkeys(sampled, 1.0), "all sampled rows (alpha = 0, no selection)"
         raise ConfigError(
             "train.selection_dir: offline fine-tuning at alpha > 0 needs a `slap select` run "
             "directory (or use `slap run`, or select.mode=online)"
         )
     folder = Path(folder)
+    alphas = selection_alphas(folder)
     if alpha == 0:
         scores = pd.read_parquet(folder / "scores.parquet", columns=["id", "loss"])
-        return sorted(scores.loc[scores["loss"].notna(), "id"]), f"{folder}: all scored rows"
-    kept = folder / "kept" / f"alpha-{alpha:g}.txt"
-    if not kept.exists():
-        have = sorted(p.stem.removeprefix("alpha-") for p in (folder / "kept").glob("alpha-*.txt"))
-        raise ConfigError(f"train.alpha: {kept} does not exist; the selection has alphas {have}")
-    return kept.read_text(encoding="utf-8").split(), f"{kept}"
+        ids = sorted(scores.loc[scores["loss"].notna(), "id"])
+        return dict.fromkeys(ids, 1.0), f"{folder}: all scored rows"
+    if alpha not in alphas:
+        raise ConfigError(
+            f"train.alpha: {alpha:g} is not one of the selection's alphas "
+            f"{[f'{a:g}' for a in alphas]} ({folder / 'manifest.json'})"
+        )
+    return read_kept(folder, alpha), f"{folder / 'kept'}/alpha-{alpha:g}"
 
 
 def _tokenized_table(config: SlapConfig, rows: ray.data.Dataset) -> tuple[dict, int]:
@@ -71,20 +105,20 @@ def _tokenized_table(config: SlapConfig, rows: ray.data.Dataset) -> tuple[dict, 
 def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
     """Training rows (the selection's kept ids, or all sampled rows) and eval rows, tokenised."""
     with manifest.stage("prepare"):
-        rows = read_rows(config, config.data.paths, manifest, "train_read").materialize()
-        meta = _mark_rejects(
-            rows.select_columns(["id", "path", "line", "reject_reason"]).to_pandas(), config
-        )
+        rows = read_rows(config, config.data.paths, "data.paths", manifest, "train_read")
+        rows = rows.materialize()
+        meta = mark_rejects(read_meta(rows, config.data.paths, "data.paths"), config)
         sampled = sorted(meta.loc[meta["sampled"], "id"])
-        ids, origin = selected_ids(config, sampled)
-        wanted = set(ids)
-        first = meta[meta["sampled"] & meta["id"].isin(wanted)]
-        keys = set(zip(first["path"], first["line"], strict=True))
+        weights, origin = selected_ids(config, sampled)
+        wanted = set(weights)
+        keys = keys_of(meta[meta["sampled"] & meta["id"].isin(wanted)])
         train, train_rejected = _tokenized_table(
             config, rows.filter(lambda r: (r["path"], r["line"]) in keys)
         )
+        if any(weights[i] != 1.0 for i in train["id"]):
+            train["weight"] = [weights[i] for i in train["id"]]  # offline InfoBatch
         missing = len(wanted - set(train["id"])) - train_rejected
-        evals = read_rows(config, config.eval.paths, manifest, "eval_read")
+        evals = read_rows(config, config.eval.paths, "eval.paths", manifest, "eval_read")
         evals = evals.filter(lambda r: r["reject_reason"] is None and r["id"] not in wanted)
         eval_meta = evals.select_columns(["id"]).to_pandas()
         eval_ids = sorted(
@@ -163,39 +197,42 @@ def _finish(
     return metrics
 
 
-def run_finetune(
+def finetune_into(
     config: SlapConfig,
+    run_dir: Path,
     selection_report: Path | None = None,
     prior_timings: dict[str, float] | None = None,
 ) -> Path:
-    """Fine-tune per the config; returns the path of report.md.
+    """Fine-tune into a locked, prepared run directory; returns the path of report.md.
 
     ``slap run`` passes the selection's report and wall time, so one manifest covers the run.
     """
-    run_dir = Path(config.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(config, run_dir / "config.yaml")
     manifest = Manifest("run" if selection_report or prior_timings else "finetune")
     manifest.data["timings_s"].update(prior_timings or {})
     storage = run_dir / RAY_TRAIN_DIR
-    if not config.resume:
-        shutil.rmtree(storage, ignore_errors=True)
-    started = ensure_ray(config.ray)
     try:
-        train, evaluation = prepare_tables(config, manifest)
-        steps = total_steps(len(train["id"]), config.train)
-        manifest.count("train", planned_steps=steps, mode=config.select.mode)
-        from slap_ray.ray.train_loop import make_trainer
+        with ray_session(config.ray, run_dir, "finetune"):
+            check_resources(config, "finetune")
+            train, evaluation = prepare_tables(config, manifest)
+            t = config.train
+            steps = total_steps(len(train["id"]), t.batch_size, t.epochs, t.max_steps)
+            manifest.count("train", planned_steps=steps, mode=config.select.mode)
+            from slap_ray.ray.train_loop import make_trainer
 
-        trainer = make_trainer(config, train, evaluation, steps, storage, RUN_NAME)
-        with manifest.stage("train"):
-            result = trainer.fit()
-        metrics = _finish(config, result, run_dir, manifest, evaluation["id"])
+            trainer = make_trainer(config, train, evaluation, steps, storage, RUN_NAME)
+            with manifest.stage("train"):
+                result = trainer.fit()
+            metrics = _finish(config, result, run_dir, manifest, evaluation["id"])
     finally:
         manifest.write(run_dir / "manifest.json")
-        if started:
-            ray.shutdown()
     return write_train_report(config, metrics, run_dir, manifest.data, selection_report)
+
+
+def run_finetune(config: SlapConfig) -> Path:
+    """`slap finetune` into ``config.output_dir``; returns the path of report.md."""
+    with locked_run_dir(config.output_dir, OWNED, config.resume) as run_dir:
+        return finetune_into(config, run_dir)
 
 
 def main_finetune(config: SlapConfig) -> int:

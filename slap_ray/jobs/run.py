@@ -10,29 +10,33 @@ import time
 from pathlib import Path
 
 from slap_ray.config import ConfigError, SlapConfig, build_config, config_to_dict
+from slap_ray.jobs.rundir import locked_run_dir
 
 SELECT_DIR = "select"
 
 
 def run_all(config: SlapConfig) -> Path:
-    from slap_ray.jobs.finetune import run_finetune
-    from slap_ray.jobs.select import run_select
+    from slap_ray.jobs.finetune import OWNED, finetune_into
+    from slap_ray.jobs.select import select_into
 
-    run_dir = Path(config.output_dir)
     tree = config_to_dict(config)
     selection_report, timings = None, {}
-    if config.select.mode == "offline":
-        if config.train.alpha > 0 and config.train.alpha not in config.select.alphas:
+    if config.select.mode == "offline" and config.train.alpha > 0:
+        if config.train.alpha not in config.select.alphas:
             raise ConfigError(
                 f"train.alpha: {config.train.alpha:g} is not in select.alphas "
                 f"{config.select.alphas}; the selection would not produce it"
             )
-        select_config = build_config(tree, [f"output_dir={run_dir / SELECT_DIR}"])
-        start = time.perf_counter()
-        selection_report = run_select(select_config)
-        timings["select"] = round(time.perf_counter() - start, 3)
-        tree["train"]["selection_dir"] = str(run_dir / SELECT_DIR)
-    return run_finetune(build_config(tree), selection_report, timings)
+    with locked_run_dir(config.output_dir, (*OWNED, SELECT_DIR), config.resume) as run_dir:
+        if config.select.mode == "offline":
+            select_dir = run_dir / SELECT_DIR
+            select_dir.mkdir(exist_ok=True)
+            start = time.perf_counter()
+            select_config = build_config(tree, [f"output_dir={select_dir}"])
+            selection_report = select_into(select_config, select_dir)
+            timings["select"] = round(time.perf_counter() - start, 3)
+            tree["train"]["selection_dir"] = str(select_dir)
+        return finetune_into(build_config(tree), run_dir, selection_report, timings)
 
 
 def main_run(config: SlapConfig) -> int:

@@ -2,7 +2,8 @@
 
 Stages: read -> tokenise -> embed -> k-means strata -> compose batches -> calibrate second
 moment -> score & select on scorer actors -> write outputs. Finished stages are persisted in the
-run directory (``stages/``, ``scored/``) so ``--resume`` continues a killed run.
+run directory (``stages/``, ``scored/``) so ``--resume`` continues a killed run. Every table is
+keyed by the row's origin (path, line): one output row per input row, whatever its id.
 """
 
 from __future__ import annotations
@@ -16,41 +17,41 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
-from ray.util import ActorPool
-from tqdm import tqdm
 
-from slap_ray.assets import resolve_embedder_path, resolve_model_path
-from slap_ray.config import SlapConfig, config_to_dict, write_resolved_config
-from slap_ray.core.seeds import derive_seed, id_rank_key
+from slap_ray.assets import resolve_embedder_path
+from slap_ray.config import ConfigError, SlapConfig, config_to_dict, write_resolved_config
+from slap_ray.core.seeds import derive_seed
+from slap_ray.core.selection import n_keep_for
 from slap_ray.core.strata import compose_batches, kmeans_fit
-from slap_ray.data.ingest import (
-    BadRowError,
-    SchemaOptions,
-    expand_paths,
-    make_reject,
-    write_rejected,
+from slap_ray.data.ingest import BadRowError, make_reject, write_rejected
+from slap_ray.jobs.rows import (
+    ORIGIN,
+    frame_of,
+    keys_of,
+    mark_rejects,
+    raise_first_reject,
+    raw_text,
+    read_meta,
+    read_rows,
 )
+from slap_ray.jobs.rundir import locked_run_dir
+from slap_ray.jobs.scoring import score
 from slap_ray.ray import stages
-from slap_ray.ray.runtime import ensure_ray
-from slap_ray.ray.scorer import scorer_actor
+from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
-from slap_ray.reporting.selection import keep_column, write_selection_report
+from slap_ray.reporting.selection import keep_column, weight_column, write_selection_report
 
 log = logging.getLogger("slap_ray.select")
+TOKEN_COLUMNS = ["path", "line", "cluster", "input_ids", "labels", "num_tokens"]
 PREPARED_COLUMNS = [
-    "id",
-    "source",
-    "task",
-    "path",
-    "line",
-    "reject_reason",
-    "raw",
-    "cluster",
-    "input_ids",
-    "labels",
-    "num_tokens",
-]
+    "id", "source", "task", "path", "line", "reject_reason", "raw", "sampled",
+    "cluster", "batch_id", "input_ids", "labels", "num_tokens",
+]  # fmt: skip
+# What a fresh run clears in its output_dir (a resumed run keeps stages/ and scored/).
+OWNED = (
+    "scores.parquet", "kept", "rejected.jsonl", "report.md", "plots", "manifest.json",
+    "config.yaml", "stages", "scored", "logs",
+)  # fmt: skip
 
 
 def _fingerprint(config: SlapConfig) -> str:
@@ -59,105 +60,38 @@ def _fingerprint(config: SlapConfig) -> str:
     for key in ("output_dir", "resume", "progress", "ray", "score", "train", "eval"):
         tree.pop(key, None)
     tree["select"].pop("mode", None)
-    tree["select"].pop("alphas", None)  # scored batches carry every alpha they were asked for
+    tree["select"].pop("alphas", None)  # checked against the scored batches on resume
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _schema_options(config: SlapConfig) -> SchemaOptions:
-    d = config.data
-    return SchemaOptions(
-        schema=d.schema_,
-        prompt_field=d.prompt_field,
-        response_field=d.response_field,
-        system_field=d.system_field,
-        id_field=d.id_field,
-        source=d.source,
-        task=d.task,
+def budget_warnings(config: SlapConfig) -> list[str]:
+    """Alphas whose per-batch budget rounds to nothing or to everything."""
+    size, out = config.select.batch_size, []
+    for alpha in config.select.alphas:
+        n = n_keep_for(size, alpha)
+        if n == 0:
+            out.append(f"select.alphas: alpha {alpha:g} keeps 0 of every {size}-row batch")
+        elif n == size and alpha > 0:
+            out.append(
+                f"select.alphas: alpha {alpha:g} prunes nothing from a {size}-row batch "
+                f"(select.batch_size={size} is too small for this alpha)"
+            )
+    return out
+
+
+def _tokenize(config: SlapConfig, rows: ray.data.Dataset, sampled: set) -> pd.DataFrame:
+    """Tokenise the sampled rows; returns their origin, reject reason and token columns."""
+    tokenized = stages.tokenize_stage(
+        rows.filter(lambda r: (r["path"], r["line"]) in sampled),
+        config.model.name,
+        config.data.max_length,
+        config.data.truncation,
     )
+    return tokenized.drop_columns(["messages", "raw"]).materialize()
 
 
-def read_rows(
-    config: SlapConfig, paths: list[str], manifest: Manifest | None = None, stage: str = "read"
-) -> ray.data.Dataset:
-    """Globs/files of any ingestion format plus the embedded sources, as one Ray dataset."""
-    embedded = [p for p in paths if p in stages.EMBEDDED]
-    patterns = [p for p in paths if p not in stages.EMBEDDED]
-    files = expand_paths(patterns) if patterns else []
-    parts = [stages.read_stage(files, _schema_options(config), config.data.format)] if files else []
-    for name in dict.fromkeys(embedded):
-        parts.append(stages.chitchat_stage(config.data.chitchat_mode, stages.EMBEDDED[name]))
-    if manifest is not None:
-        manifest.count(stage, files=len(files), embedded=embedded)
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-
-
-def _read(config: SlapConfig, manifest: Manifest) -> ray.data.Dataset:
-    return read_rows(config, config.data.paths, manifest)
-
-
-def _mark_rejects(meta: pd.DataFrame, config: SlapConfig) -> pd.DataFrame:
-    """Duplicate ids (first by (path, line) wins), the bad-row policy, and the max_rows sample."""
-    meta = meta.sort_values(["path", "line"], kind="stable").reset_index(drop=True)
-    accepted = meta["reject_reason"].isna()
-    first_seen = meta[accepted].drop_duplicates("id")
-    first_where = dict(
-        zip(
-            first_seen["id"], first_seen["path"] + ":" + first_seen["line"].astype(str), strict=True
-        )
-    )
-    duplicate = accepted & meta.duplicated("id") & meta["id"].isin(first_where)
-    meta.loc[duplicate, "reject_reason"] = [
-        f"duplicate id {i!r} (first seen at {first_where[i]})" for i in meta.loc[duplicate, "id"]
-    ]
-    if config.data.on_bad_rows == "error" and meta["reject_reason"].notna().any():
-        bad = meta[meta["reject_reason"].notna()].iloc[0]
-        raise BadRowError(bad["path"], int(bad["line"]), bad["reject_reason"])
-    meta["sampled"] = meta["reject_reason"].isna()
-    if config.data.max_rows is not None and meta["sampled"].sum() > config.data.max_rows:
-        keys = meta.loc[meta["sampled"], "id"].map(
-            lambda i: id_rank_key(config.seed, "max-rows", i)
-        )
-        meta.loc[keys.sort_values(kind="stable").index[config.data.max_rows :], "sampled"] = False
-    return meta
-
-
-def prepare(config: SlapConfig, manifest: Manifest) -> pd.DataFrame:
-    """Read, tokenise, embed, cluster and compose: one row per input row, with its batch id."""
-    with manifest.stage("read"):
-        rows = _read(config, manifest).materialize()
-        meta = _mark_rejects(
-            rows.select_columns(["id", "path", "line", "reject_reason"]).to_pandas(), config
-        )
-    manifest.count(
-        "read",
-        rows=len(meta),
-        rejected=int(meta["reject_reason"].notna().sum()),
-        sampled=int(meta["sampled"].sum()),
-    )
-    rejected_keys = set(
-        zip(
-            meta.loc[meta["reject_reason"].notna(), "path"],
-            meta.loc[meta["reject_reason"].notna(), "line"],
-            strict=True,
-        )
-    )
-    # Rows are keyed by origin: a duplicate shares its id with the row that won.
-    sampled_keys = set(
-        zip(meta.loc[meta["sampled"], "path"], meta.loc[meta["sampled"], "line"], strict=True)
-    )
-    rejected = rows.filter(lambda r: (r["path"], r["line"]) in rejected_keys).to_pandas()
-    reasons = dict(
-        zip(zip(meta["path"], meta["line"], strict=True), meta["reject_reason"], strict=True)
-    )
-    if len(rejected):
-        rejected["reject_reason"] = [
-            reasons[k] for k in zip(rejected["path"], rejected["line"], strict=True)
-        ]
-    with manifest.stage("tokenize"):
-        accepted = rows.filter(lambda r: (r["path"], r["line"]) in sampled_keys)
-        tokenized = stages.tokenize_stage(
-            accepted, config.model.name, config.data.max_length, config.data.truncation
-        ).materialize()
+def _strata(config: SlapConfig, tokenized: ray.data.Dataset, manifest: Manifest) -> pd.DataFrame:
+    """Embed the usable rows, fit k-means on a seeded sample, assign every row its cluster."""
     with manifest.stage("embed"):
         embedded = stages.embed_stage(
             tokenized.filter(lambda r: r["reject_reason"] is None),
@@ -175,8 +109,42 @@ def prepare(config: SlapConfig, manifest: Manifest) -> pd.DataFrame:
         centroids = kmeans_fit(
             sample, clusters, derive_seed(config.seed, "kmeans"), config.strata.max_iter
         )
-        table = stages.assign_stage(embedded, centroids).drop_columns(["messages"]).to_pandas()
+        table = stages.assign_stage(embedded, centroids)
+        table = table.select_columns(["id", *TOKEN_COLUMNS]).to_pandas()
     manifest.count("kmeans", fit_rows=len(sample), clusters=clusters)
+    return table
+
+
+def prepare(config: SlapConfig, manifest: Manifest) -> pd.DataFrame:
+    """Read, tokenise, embed, cluster and compose: one row per input row, with its batch id."""
+    with manifest.stage("read"):
+        rows = read_rows(config, config.data.paths, "data.paths", manifest).materialize()
+        meta = mark_rejects(read_meta(rows, config.data.paths, "data.paths"), config)
+    rejected = meta[meta["reject_reason"].notna()]
+    raws = rows.filter(lambda r: r["reject_reason"] is not None)
+    meta = meta.merge(frame_of(raws, [*ORIGIN, "raw"]), on=ORIGIN, how="left")
+    manifest.count(
+        "read",
+        rows=len(meta),
+        rejected=len(rejected),
+        sampled=int(meta["sampled"].sum()),
+        not_sampled=int((meta["reject_reason"].isna() & ~meta["sampled"]).sum()),
+    )
+    with manifest.stage("tokenize"):
+        tokenized = _tokenize(config, rows, keys_of(meta[meta["sampled"]]))
+        token_rejects = frame_of(
+            tokenized.filter(lambda r: r["reject_reason"] is not None),
+            [*ORIGIN, "reject_reason"],
+        )
+    if config.data.on_bad_rows == "error":
+        raise_first_reject(token_rejects)  # e.g. truncation removed every response token
+    manifest.count("tokenize", rejected=len(token_rejects))
+    if int(meta["sampled"].sum()) == len(token_rejects):
+        raise ConfigError(
+            f"data.paths: no usable rows: all {len(meta)} rows read were rejected "
+            "(data.on_bad_rows=skip writes them to rejected.jsonl)"
+        )
+    table = _strata(config, tokenized, manifest)
     with manifest.stage("compose"):
         table["batch_id"] = compose_batches(
             table["id"].tolist(),
@@ -184,117 +152,22 @@ def prepare(config: SlapConfig, manifest: Manifest) -> pd.DataFrame:
             config.select.batch_size,
             derive_seed(config.seed, "compose"),
         )
-    token_rejects = (
-        tokenized.filter(lambda r: r["reject_reason"] is not None)
-        .drop_columns(["messages"])
-        .to_pandas()
-    )
-    dropped = meta.loc[meta["reject_reason"].isna() & ~meta["sampled"]]
-    manifest.count("tokenize", rejected=len(token_rejects), not_sampled=len(dropped))
-    out = pd.concat(
-        [table, token_rejects, rejected.drop(columns=["messages"], errors="ignore")],
-        ignore_index=True,
-    )
-    for column in ("source", "task", "reject_reason", "raw"):
-        # All-null columns come back from Arrow as float NaN; keep them as text or None.
-        out[column] = pd.Series(
-            [x if isinstance(x, str) else None for x in out[column]], dtype=object
-        )
+    return _one_row_per_input(meta, token_rejects, table.drop(columns=["id"]))
+
+
+def _one_row_per_input(
+    meta: pd.DataFrame, token_rejects: pd.DataFrame, table: pd.DataFrame
+) -> pd.DataFrame:
+    reasons = token_rejects.set_index(ORIGIN)["reject_reason"]
+    origin = pd.MultiIndex.from_frame(meta[ORIGIN])
+    late = origin.isin(reasons.index)
+    meta.loc[late, "reject_reason"] = reasons.reindex(origin[late]).to_numpy()
+    out = meta.merge(table, on=ORIGIN, how="left")
     out["batch_id"] = out["batch_id"].fillna(-1).astype("int64")
     out["cluster"] = out["cluster"].fillna(-1).astype("int64")
-    return out.sort_values("id", kind="stable").reset_index(drop=True)
-
-
-def _batches(prepared: pd.DataFrame) -> dict[int, pd.DataFrame]:
-    scored = prepared[prepared["batch_id"] >= 0].sort_values("id", kind="stable")
-    return {int(b): g for b, g in scored.groupby("batch_id", sort=True)}
-
-
-def _payload(group: pd.DataFrame) -> tuple[list, list]:
-    return [list(map(int, x)) for x in group["input_ids"]], [
-        list(map(int, x)) for x in group["labels"]
-    ]
-
-
-def score(
-    config: SlapConfig, prepared: pd.DataFrame, run_dir: Path, manifest: Manifest
-) -> pd.DataFrame:
-    """Calibrate the second moment once, broadcast it, and score every unscored batch."""
-    batches = _batches(prepared)
-    scored_dir = run_dir / "scored"
-    scored_dir.mkdir(exist_ok=True)
-    done = {int(p.stem.split("-")[1]) for p in scored_dir.glob("batch-*.parquet")}
-    s = config.select
-    settings = {
-        "seed": config.seed,
-        "alphas": s.alphas,
-        "method": s.method,
-        "micro_batch_size": config.score.micro_batch_size,
-        "num_strata": s.num_strata,
-        "tau": s.tau,
-        "strata": s.strata,
-        "eps": s.eps,
-        "projection_dim": s.projection_dim,
-        "vocab_chunk": config.score.vocab_chunk,
-        "use_gpu": config.score.num_gpus_per_scorer > 0,
-    }
-    actor_class = scorer_actor(
-        num_cpus=1 if config.score.num_gpus_per_scorer == 0 else 0,
-        num_gpus=config.score.num_gpus_per_scorer,
-    )
-    model_name = resolve_model_path(config.model.name)
-    actors = [
-        actor_class.remote(model_name, config.model.dtype, dict(settings))
-        for _ in range(config.score.num_scorers)
-    ]
-    moment_path = run_dir / "stages" / "second_moment.pt"
-    with manifest.stage("calibrate"):
-        if moment_path.exists():
-            moment = torch.load(moment_path)
-        else:
-            order = sorted(batches, key=lambda b: derive_seed(config.seed, "calibrate", b))
-            chosen = [_payload(batches[b]) for b in order[: s.calibration_batches]]
-            moment = ray.get(actors[0].calibrate.remote(chosen, s.beta2))
-            torch.save(moment, moment_path)
-        moment_ref = ray.put(moment)
-        ray.get([a.set_second_moment.remote(moment_ref) for a in actors])
-    manifest.count("calibrate", batches=min(s.calibration_batches, len(batches)))
-    todo = [b for b in batches if b not in done]
-    with manifest.stage("score"):
-        pool = ActorPool(actors)
-        jobs = ((b, *_payload(batches[b])) for b in todo)
-        bar = tqdm(
-            total=len(batches), initial=len(done), desc="score batches", disable=not config.progress
-        )
-        for result in pool.map_unordered(lambda actor, job: actor.score.remote(*job), jobs):
-            group = batches[result["batch_id"]]
-            frame = pd.DataFrame(
-                {
-                    "id": group["id"].to_numpy(),
-                    "loss": result["loss"],
-                    "loss_stratum": result["loss_stratum"],
-                }
-            )
-            for alpha, mask in result["keep"].items():
-                frame[keep_column(alpha)] = mask
-            tmp = scored_dir / f".batch-{result['batch_id']:06d}.tmp"
-            frame.to_parquet(tmp)
-            tmp.rename(scored_dir / f"batch-{result['batch_id']:06d}.parquet")
-            bar.update(1)
-        bar.close()
-    seconds = manifest.data["timings_s"]["score"]
-    rows_scored = int(sum(len(batches[b]) for b in todo))
-    manifest.count(
-        "score", batches=len(batches), resumed_batches=len(done), rows_scored_now=rows_scored
-    )
-    manifest.set(
-        "scorer_throughput_rows_per_s", round(rows_scored / seconds, 3) if seconds else None
-    )
-    for actor in actors:
-        ray.kill(actor)
-    return pd.concat(
-        [pd.read_parquet(p) for p in sorted(scored_dir.glob("batch-*.parquet"))], ignore_index=True
-    )
+    out["num_tokens"] = out["num_tokens"].fillna(0).astype("int64")
+    out["raw"] = [x if isinstance(x, str) else None for x in out["raw"]]
+    return out.sort_values(["id", *ORIGIN], kind="stable").reset_index(drop=True)[PREPARED_COLUMNS]
 
 
 def write_outputs(
@@ -304,32 +177,23 @@ def write_outputs(
     run_dir: Path,
     manifest: Manifest,
 ) -> pd.DataFrame:
-    """scores.parquet, kept ids per alpha and rejected.jsonl; returns the scores table."""
+    """scores.parquet, kept ids (+ training weights) per alpha and rejected.jsonl."""
     scores = prepared.drop(columns=["input_ids", "labels", "raw"]).merge(
-        scored, on="id", how="left"
+        scored.drop(columns=["id"]), on=ORIGIN, how="left"
     )
     for alpha in config.select.alphas:
         scores[keep_column(alpha)] = scores[keep_column(alpha)].fillna(False).astype(bool)
+        scores[weight_column(alpha)] = scores[weight_column(alpha)].fillna(0.0).astype(float)
+    scores = scores[[c for c in scores.columns if not _other_alpha(c, config.select.alphas)]]
     scores.to_parquet(run_dir / "scores.parquet", index=False)
-    kept_dir = run_dir / "kept"
-    kept_dir.mkdir(exist_ok=True)
-    summary = {}
-    for alpha in config.select.alphas:
-        ids = sorted(scores.loc[scores[keep_column(alpha)], "id"])
-        (kept_dir / f"alpha-{alpha:g}.txt").write_text(
-            "".join(i + "\n" for i in ids), encoding="utf-8"
-        )
-        summary[f"{alpha:g}"] = len(ids)
+    summary = write_kept(scores, config.select.alphas, run_dir / "kept")
     rejects = prepared[prepared["reject_reason"].notna()]
+    texts = raw_text(rejects, config.data.format)
     write_rejected(
         [
-            make_reject(p, int(ln), r, raw if isinstance(raw, str) else "")
+            make_reject(p, int(ln), r, raw)
             for p, ln, r, raw in zip(
-                rejects["path"],
-                rejects["line"],
-                rejects["reject_reason"],
-                rejects["raw"],
-                strict=True,
+                rejects["path"], rejects["line"], rejects["reject_reason"], texts, strict=True
             )
         ],
         run_dir / "rejected.jsonl",
@@ -339,22 +203,41 @@ def write_outputs(
         rows=len(scores),
         scored=int(scores["loss"].notna().sum()),
         rejected=len(rejects),
+        not_sampled=int((scores["reject_reason"].isna() & ~scores["sampled"]).sum()),
         kept_per_alpha=summary,
     )
     manifest.set("method", config.select.method)
+    manifest.set("alphas", list(config.select.alphas))
     return scores
 
 
-def run_select(config: SlapConfig) -> Path:
-    """Run the whole selection job; returns the path of report.md."""
-    run_dir = Path(config.output_dir)
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    write_resolved_config(config, run_dir / "config.yaml")
-    manifest = Manifest("select")
+def _other_alpha(column: str, alphas: list[float]) -> bool:
+    ours = {keep_column(a) for a in alphas} | {weight_column(a) for a in alphas}
+    return column.startswith(("keep_a", "weight_a")) and column not in ours
+
+
+def write_kept(scores: pd.DataFrame, alphas: list[float], folder: Path) -> dict[str, int]:
+    """``alpha-<a>.txt`` (one id per line) and ``alpha-<a>.parquet`` (id, training weight)."""
+    folder.mkdir(exist_ok=True)
+    for stale in folder.glob("alpha-*"):
+        stale.unlink()
+    summary = {}
+    for alpha in alphas:
+        kept = scores.loc[scores[keep_column(alpha)], ["id", weight_column(alpha)]]
+        kept = kept.rename(columns={weight_column(alpha): "weight"}).sort_values("id")
+        (folder / f"alpha-{alpha:g}.txt").write_text(
+            "".join(i + "\n" for i in kept["id"]), encoding="utf-8"
+        )
+        kept.to_parquet(folder / f"alpha-{alpha:g}.parquet", index=False)
+        summary[f"{alpha:g}"] = len(kept)
+    return summary
+
+
+def _load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> pd.DataFrame:
     fingerprint = _fingerprint(config)
     stamp = run_dir / "stages" / "fingerprint.txt"
     prepared_path = run_dir / "stages" / "prepared.parquet"
-    if not config.resume or not stamp.exists() or stamp.read_text() != fingerprint:
+    if not stamp.exists() or stamp.read_text() != fingerprint:
         for stale in [
             prepared_path,
             run_dir / "stages" / "second_moment.pt",
@@ -362,32 +245,53 @@ def run_select(config: SlapConfig) -> Path:
         ]:
             stale.unlink(missing_ok=True)
     stamp.write_text(fingerprint)
-    started = ensure_ray(config.ray)
+    if prepared_path.exists():
+        manifest.count("resume", prepared_reused=True)
+        return pd.read_parquet(prepared_path)
+    prepared = prepare(config, manifest)
+    table = pa.Table.from_pandas(prepared, preserve_index=False)
+    pq.write_table(table, prepared_path)
+    return prepared
+
+
+def select_into(config: SlapConfig, run_dir: Path) -> Path:
+    """The selection job in a locked, prepared run directory; returns the path of report.md."""
+    (run_dir / "stages").mkdir(exist_ok=True)
+    write_resolved_config(config, run_dir / "config.yaml")
+    manifest = Manifest("select")
+    warnings = budget_warnings(config)
+    for warning in warnings:
+        log.warning(warning)
+    manifest.set("warnings", warnings)
     try:
-        if prepared_path.exists():
-            prepared = pd.read_parquet(prepared_path)
-            manifest.count("resume", prepared_reused=True)
-        else:
-            prepared = prepare(config, manifest)
-            pq.write_table(
-                pa.Table.from_pandas(
-                    prepared[PREPARED_COLUMNS + ["batch_id"]], preserve_index=False
-                ),
-                prepared_path,
-            )
-        scored = score(config, prepared, run_dir, manifest)
-        with manifest.stage("write"):
-            scores = write_outputs(config, prepared, scored, run_dir, manifest)
+        with ray_session(config.ray, run_dir, "select"):
+            check_resources(config, "select")
+            prepared = _load_or_prepare(config, run_dir, manifest)
+            scored = score(config, prepared, run_dir, manifest)
+            with manifest.stage("write"):
+                scores = write_outputs(config, prepared, scored, run_dir, manifest)
     finally:
         manifest.write(run_dir / "manifest.json")
-        if started:
-            ray.shutdown()
     # Written last, so its timings include every stage.
     return write_selection_report(scores, config.select.alphas, run_dir, manifest.data)
 
 
+def run_select(config: SlapConfig) -> Path:
+    """Run the whole selection job into ``config.output_dir``; returns the path of report.md."""
+    with locked_run_dir(config.output_dir, OWNED, config.resume) as run_dir:
+        return select_into(config, run_dir)
+
+
 def main_select(config: SlapConfig) -> int:
     report = run_select(config)
-    kept = json.loads((Path(config.output_dir) / "manifest.json").read_text())["counts"]["output"]
-    print(f"slap select: done; kept per alpha {kept['kept_per_alpha']}; report: {report}")
+    counts = json.loads((Path(config.output_dir) / "manifest.json").read_text())["counts"]
+    out = counts["output"]
+    print(
+        f"slap select: {out['rows']} rows read, {out['scored']} scored, {out['rejected']} "
+        f"rejected, {out['not_sampled']} not sampled; kept per alpha {out['kept_per_alpha']}; "
+        f"report: {report}"
+    )
     return 0
+
+
+__all__ = ["BadRowError", "ConfigError", "main_select", "run_select", "select_into"]

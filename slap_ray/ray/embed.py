@@ -7,6 +7,8 @@ import json
 import numpy as np
 import torch
 
+from slap_ray.core.model import device_for
+
 
 def conversation_text(messages: list[dict], max_chars: int) -> str:
     """The text a conversation is embedded by: its turns as 'role: content', capped in length."""
@@ -24,7 +26,7 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         torch.set_num_threads(1)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        device = device_for(use_gpu, "embed.num_gpus_per_actor")
         self.model = SentenceTransformer(model_path, device=device)
         self.batch_size = batch_size
         self.max_chars = max_chars

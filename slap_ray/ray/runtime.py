@@ -1,21 +1,41 @@
-"""Connecting to Ray: a running cluster (job or address) or an embedded local instance."""
+"""Connecting to Ray and keeping its console quiet: a running cluster (job or address) or an
+embedded local instance; resource checks before work starts; run logs in the run directory.
+
+Everything here that touches Ray's logging internals lives in this one file.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import ray
+from tqdm import tqdm
 
-from slap_ray.config import RayConfig
+from slap_ray.config import ConfigError, RayConfig, SlapConfig
+from slap_ray.resources import check_fits
 
 # Keep Ray's own traffic on the loopback address unless a cluster address is given.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Model loading bars and transformers' notices belong in the log file, not the console.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# Loggers whose detail goes to the run's log file; on the console only their errors show.
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "py.warnings")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def ensure_ray(config: RayConfig) -> bool:
     """Initialise Ray if needed; returns True when this call started it (so it should stop it).
 
-    Inside ``ray job submit`` RAY_ADDRESS is set and ``ray.init()`` joins that cluster.
+    Inside ``ray job submit`` RAY_ADDRESS is set and ``ray.init()`` joins that cluster. The
+    embedded instance runs the dashboard too: Ray Train's placement-group cleaner polls the
+    state API it serves, and fails with a traceback without it.
     """
     if ray.is_initialized():
         return False
@@ -28,7 +48,116 @@ def ensure_ray(config: RayConfig) -> bool:
             address="local",
             num_cpus=config.num_cpus,
             object_store_memory=config.object_store_memory,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             **kwargs,
         )
     return True
+
+
+def check_resources(config: SlapConfig, command: str) -> None:
+    """Fail before any work when the job's actors can never be placed on this cluster."""
+    if not config.ray.check_resources:
+        return
+    total = {k: float(v) for k, v in ray.cluster_resources().items()}
+    check_fits(config, command, total)
+
+
+class _RunLogHandler(logging.FileHandler):
+    """Ray worker output (the lines ``log_to_driver`` would print) and quiet loggers -> file."""
+
+    def worker_lines(self, data: dict) -> None:
+        where = data.get("actor_name") or data.get("task_name") or f"pid={data.get('pid')}"
+        for line in data.get("lines", []):
+            self.emit(logging.makeLogRecord({"name": f"worker {where}", "msg": line}))
+
+
+@contextmanager
+def run_log(run_dir: Path, kind: str) -> Iterator[Path]:
+    """Send Ray's detail (driver loggers, worker stdout/stderr, warnings) to
+    ``<run_dir>/logs/<kind>.log`` while the block runs; the console keeps errors only."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    path = run_dir / "logs" / f"{kind}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = _RunLogHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    saved = _quiet_console(handler)
+    dispatcher_handlers = list(global_worker_stdstream_dispatcher.handlers)
+    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    global_worker_stdstream_dispatcher.add_handler("slap_run_log", handler.worker_lines)
+    logging.captureWarnings(True)
+    try:
+        yield path
+    finally:
+        logging.captureWarnings(False)
+        global_worker_stdstream_dispatcher.handlers = dispatcher_handlers
+        _restore_console(saved, handler)
+        handler.close()
+
+
+def _quiet_console(handler: logging.Handler) -> list:
+    import ray.data  # noqa: F401  (configures its loggers, which we then adjust)
+
+    saved = []
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        for console in logger.handlers:
+            if isinstance(console, logging.StreamHandler) and console.stream in (
+                sys.stdout,
+                sys.stderr,
+            ):
+                saved.append((console, console.level))
+                console.setLevel(logging.ERROR)
+        saved.append((logger, logger.level))
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+    slap = logging.getLogger("slap_ray")
+    slap.addHandler(handler)
+    return saved
+
+
+def _restore_console(saved: list, handler: logging.Handler) -> None:
+    for item, level in saved:
+        item.setLevel(level)
+    for name in (*QUIET_LOGGERS, "slap_ray"):
+        logging.getLogger(name).removeHandler(handler)
+
+
+@contextmanager
+def ray_session(config: RayConfig, run_dir: Path, kind: str) -> Iterator[None]:
+    """Ray for one job: joined or started (and then stopped), its detail in the run's log file,
+    Ray Data showing one progress bar per dataset (no per-operator bars)."""
+    started = ensure_ray(config)
+    try:
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
+        context.enable_operator_progress_bars = False
+        context.enable_progress_bars = sys.stderr.isatty()
+        with run_log(run_dir, kind):
+            yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextmanager
+def progress_bar(config: SlapConfig, desc: str, total: int, initial: int = 0) -> Iterator[tqdm]:
+    """A driver-side progress bar (stage, count, ETA); silent unless ``progress`` is on and the
+    console is a terminal."""
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not (config.progress and sys.stderr.isatty()),
+        dynamic_ncols=True,
+    )
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+__all__ = ["ConfigError", "check_resources", "ensure_ray", "progress_bar", "ray_session"]

@@ -7,6 +7,7 @@ from typing import Any
 import ray
 import torch
 
+from slap_ray.core.model import device_for
 from slap_ray.core.scoring import calibrate_second_moment, score_batch
 
 
@@ -17,12 +18,14 @@ class Scorer:
         from slap_ray.assets import load_causal_lm, load_tokenizer
 
         torch.set_num_threads(int(settings.pop("torch_threads", 1)))
-        use_gpu = settings.pop("use_gpu", False)
-        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.device = device_for(settings.pop("use_gpu", False), "score.num_gpus_per_scorer")
         self.model = load_causal_lm(model_name, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.pad_token_id = load_tokenizer(model_name).pad_token_id
         self.settings = settings
         self.second_moment: torch.Tensor | None = None
+
+    def ready(self) -> bool:
+        return True
 
     def set_second_moment(self, value: torch.Tensor | None) -> None:
         self.second_moment = None if value is None else value.to(self.device)
@@ -48,6 +51,7 @@ class Scorer:
             "loss": scores.losses,
             "loss_stratum": scores.loss_strata,
             "keep": scores.keep,
+            "weight": scores.weight,
             "num_tokens": scores.num_tokens,
         }
 

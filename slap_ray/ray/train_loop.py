@@ -35,7 +35,7 @@ from slap_ray.core.evaluation import (
     summarize_losses,
 )
 from slap_ray.core.features import SecondMomentEMA
-from slap_ray.core.model import lm_head_of
+from slap_ray.core.model import device_for, lm_head_of
 from slap_ray.core.onpolicy import (
     SelectionSettings,
     SingleProcess,
@@ -154,6 +154,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     torch.set_num_threads(train.torch_threads)
     context = ray.train.get_context()
     collective = TorchDistributed() if context.get_world_size() > 1 else SingleProcess()
+    device_for(train.use_gpu, "train.use_gpu")  # a granted GPU torch cannot use is an error
     device = str(ray.train.torch.get_device()) if train.use_gpu else "cpu"
     table, eval_table = ray.get(settings["train_ref"]), ray.get(settings["eval_ref"])
     tokenizer = load_tokenizer(settings["model_name"])

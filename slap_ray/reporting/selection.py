@@ -15,6 +15,11 @@ def keep_column(alpha: float) -> str:
     return f"keep_a{alpha:g}"
 
 
+def weight_column(alpha: float) -> str:
+    """A row's training weight at ``alpha`` (0 where pruned, InfoBatch's 1 / (1 - r), else 1)."""
+    return f"weight_a{alpha:g}"
+
+
 def _markdown_table(frame: pd.DataFrame) -> list[str]:
     header = "| " + " | ".join([frame.index.name or "", *map(str, frame.columns)]) + " |"
     rule = "| --- |" + " ---: |" * len(frame.columns)

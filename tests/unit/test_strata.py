@@ -73,3 +73,12 @@ def test_derive_seed_is_stable_and_separates_stages():
     assert derive_seed(0, "select", 3) != derive_seed(0, "select", 4)
     assert derive_seed(0, "select", 3) != derive_seed(1, "select", 3)
     assert 0 <= derive_seed(5, "x") < 2**63
+
+
+def test_kmeans_with_duplicated_points_fills_every_cluster_with_a_real_point():
+    """More clusters than distinct points in one region: no NaN or duplicated reseed."""
+    points = np.concatenate([np.zeros((40, 3)), np.ones((3, 3)), np.full((2, 3), 5.0)])
+    centroids = kmeans_fit(points, 3, seed=1)
+    assert np.isfinite(centroids).all()
+    labels = assign_clusters(points, centroids)
+    assert sorted(np.bincount(labels).tolist()) == [2, 3, 40]

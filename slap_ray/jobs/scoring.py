@@ -1,0 +1,145 @@
+"""The scoring stage of `slap select`: calibrate the second moment once, broadcast it, score every
+composed batch on scorer actors, persist each finished batch (``scored/``) for ``--resume``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.util import ActorPool
+
+from slap_ray.assets import resolve_model_path
+from slap_ray.config import ConfigError, SlapConfig
+from slap_ray.core.seeds import derive_seed
+from slap_ray.jobs.rows import ORIGIN
+from slap_ray.ray.runtime import progress_bar
+from slap_ray.ray.scorer import scorer_actor
+from slap_ray.reporting.manifest import Manifest
+from slap_ray.reporting.selection import keep_column, weight_column
+
+
+def batches_of(prepared: pd.DataFrame) -> dict[int, pd.DataFrame]:
+    """Composed batch id -> its rows, in id order (the order scorers see them)."""
+    scored = prepared[prepared["batch_id"] >= 0].sort_values(["id", *ORIGIN], kind="stable")
+    return {int(b): g for b, g in scored.groupby("batch_id", sort=True)}
+
+
+def _payload(group: pd.DataFrame) -> tuple[list, list]:
+    return [list(map(int, x)) for x in group["input_ids"]], [
+        list(map(int, x)) for x in group["labels"]
+    ]
+
+
+def _settings(config: SlapConfig) -> dict:
+    s = config.select
+    return {
+        "seed": config.seed,
+        "alphas": s.alphas,
+        "method": s.method,
+        "micro_batch_size": config.score.micro_batch_size,
+        "num_strata": s.num_strata,
+        "tau": s.tau,
+        "strata": s.strata,
+        "eps": s.eps,
+        "projection_dim": s.projection_dim,
+        "vocab_chunk": config.score.vocab_chunk,
+        "use_gpu": config.score.num_gpus_per_scorer > 0,
+        "torch_threads": 1,  # each CPU scorer holds one CPU
+    }
+
+
+def finished_batches(scored_dir: Path, alphas: list[float]) -> set[int]:
+    """Batches a killed run already scored; they must carry every alpha asked for now."""
+    files = sorted(scored_dir.glob("batch-*.parquet"))
+    if not files:
+        return set()
+    columns = set(pq.read_schema(files[0]).names)
+    missing = [a for a in alphas if keep_column(a) not in columns]
+    if missing:
+        have = sorted(float(c.removeprefix("keep_a")) for c in columns if c.startswith("keep_a"))
+        raise ConfigError(
+            f"select.alphas: --resume asks for alphas {[f'{a:g}' for a in missing]} that the "
+            f"{len(files)} finished batches were not scored for (they have "
+            f"{[f'{a:g}' for a in have]}); resume with those alphas or run without --resume"
+        )
+    return {int(p.stem.split("-")[1]) for p in files}
+
+
+def _calibrate(config, actors, batches, run_dir: Path, manifest: Manifest) -> None:
+    s = config.select
+    moment_path = run_dir / "stages" / "second_moment.pt"
+    with manifest.stage("calibrate"):
+        if moment_path.exists():
+            moment = torch.load(moment_path)
+        else:
+            order = sorted(batches, key=lambda b: derive_seed(config.seed, "calibrate", b))
+            chosen = [_payload(batches[b]) for b in order[: s.calibration_batches]]
+            moment = ray.get(actors[0].calibrate.remote(chosen, s.beta2))
+            torch.save(moment, moment_path)
+        moment_ref = ray.put(moment)
+        ray.get([a.set_second_moment.remote(moment_ref) for a in actors])
+    manifest.count("calibrate", batches=min(s.calibration_batches, len(batches)))
+
+
+def _frame(group: pd.DataFrame, result: dict) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {
+            "path": group["path"].to_numpy(),
+            "line": group["line"].to_numpy(),
+            "id": group["id"].to_numpy(),
+            "loss": result["loss"],
+            "loss_stratum": result["loss_stratum"],
+        }
+    )
+    for alpha, mask in result["keep"].items():
+        frame[keep_column(alpha)] = mask
+        frame[weight_column(alpha)] = result["weight"][alpha]
+    return frame
+
+
+def score(
+    config: SlapConfig, prepared: pd.DataFrame, run_dir: Path, manifest: Manifest
+) -> pd.DataFrame:
+    """Score every unscored batch on ``score.num_scorers`` actors; returns all scored rows."""
+    batches = batches_of(prepared)
+    scored_dir = run_dir / "scored"
+    scored_dir.mkdir(exist_ok=True)
+    done = finished_batches(scored_dir, config.select.alphas)
+    gpus = config.score.num_gpus_per_scorer
+    actor_class = scorer_actor(num_cpus=1 if gpus == 0 else 0, num_gpus=gpus)
+    model_name = resolve_model_path(config.model.name)
+    actors = [
+        actor_class.remote(model_name, config.model.dtype, _settings(config))
+        for _ in range(config.score.num_scorers)
+    ]
+    try:
+        _calibrate(config, actors, batches, run_dir, manifest)
+        todo = [b for b in batches if b not in done]
+        with manifest.stage("score"):
+            pool = ActorPool(actors)
+            jobs = ((b, *_payload(batches[b])) for b in todo)
+            with progress_bar(config, "score", total=len(batches), initial=len(done)) as bar:
+                for result in pool.map_unordered(lambda a, job: a.score.remote(*job), jobs):
+                    frame = _frame(batches[result["batch_id"]], result)
+                    tmp = scored_dir / f".batch-{result['batch_id']:06d}.tmp"
+                    frame.to_parquet(tmp)
+                    tmp.rename(scored_dir / f"batch-{result['batch_id']:06d}.parquet")
+                    bar.update(1)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    seconds = manifest.data["timings_s"]["score"]
+    rows_scored = int(sum(len(batches[b]) for b in todo))
+    manifest.count(
+        "score", batches=len(batches), resumed_batches=len(done), rows_scored_now=rows_scored
+    )
+    manifest.set(
+        "scorer_throughput_rows_per_s", round(rows_scored / seconds, 3) if seconds else None
+    )
+    files = sorted(scored_dir.glob("batch-*.parquet"))
+    if not files:
+        return pd.DataFrame(columns=[*ORIGIN, "id", "loss", "loss_stratum"])
+    return pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)

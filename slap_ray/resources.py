@@ -1,0 +1,84 @@
+"""What a job's actors ask of the cluster, checked before any work starts.
+
+Ray queues an actor or a Train worker group that no node can hold and waits for it forever; a
+GPU asked of a CPU-only cluster is the common case. ``check_fits`` turns that into a one-line
+error naming the setting. Pure Python: the caller passes ``ray.cluster_resources()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slap_ray.config import ConfigError, SlapConfig
+
+
+@dataclass(frozen=True)
+class Demand:
+    """``count`` actors, each asking ``per_actor`` resources, configured by ``settings``."""
+
+    settings: str
+    count: int
+    per_actor: dict[str, float]
+
+
+def demands(config: SlapConfig, command: str) -> list[Demand]:
+    """The actor groups a command runs (each group runs on its own, one after another)."""
+    out: list[Demand] = []
+    if command == "select":
+        e, s = config.embed, config.score
+        out.append(
+            Demand(
+                f"embed.num_actors={e.num_actors}, embed.num_gpus_per_actor={e.num_gpus_per_actor:g}",
+                e.num_actors,
+                {"GPU": e.num_gpus_per_actor} if e.num_gpus_per_actor else {"CPU": 1.0},
+            )
+        )
+        out.append(
+            Demand(
+                f"score.num_scorers={s.num_scorers}, score.num_gpus_per_scorer={s.num_gpus_per_scorer:g}",
+                s.num_scorers,
+                {"GPU": s.num_gpus_per_scorer} if s.num_gpus_per_scorer else {"CPU": 1.0},
+            )
+        )
+    if command == "finetune":
+        t = config.train
+        per_worker = {k: float(v) for k, v in t.resources_per_worker.items() if v}
+        if t.use_gpu:
+            per_worker.setdefault("GPU", 1.0)
+        out.append(
+            Demand(
+                f"train.num_workers={t.num_workers}, train.use_gpu={str(t.use_gpu).lower()}, "
+                f"train.resources_per_worker={dict(t.resources_per_worker)}",
+                t.num_workers,
+                per_worker,
+            )
+        )
+    return out
+
+
+def _describe(total: dict[str, float]) -> str:
+    shown = {k: v for k, v in total.items() if k in ("CPU", "GPU") or not k.startswith("node:")}
+    shown = {
+        k: v for k, v in shown.items() if "memory" not in k and not k.startswith("accelerator")
+    }
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(shown.items())) or "nothing"
+
+
+def check_fits(config: SlapConfig, command: str, total: dict[str, float]) -> None:
+    """Raise ConfigError when a group of the command's actors cannot all be placed at once."""
+    for demand in demands(config, command):
+        for resource, amount in demand.per_actor.items():
+            needed = amount * demand.count
+            have = float(total.get(resource, 0.0))
+            if needed <= have + 1e-9:
+                continue
+            hint = (
+                "set it to 0 or connect to a cluster with GPUs (ray.address)"
+                if resource == "GPU" and have == 0
+                else "lower it or add nodes"
+            )
+            raise ConfigError(
+                f"{demand.settings}: needs {resource} {needed:g} but the Ray cluster offers "
+                f"{_describe(total)}; {hint} (ray.check_resources=false skips this check on "
+                "an autoscaling cluster)"
+            )
