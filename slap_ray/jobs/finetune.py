@@ -19,7 +19,7 @@ import yaml
 from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.seeds import id_rank_key
 from slap_ray.core.training import MODEL_DIR, STATE_FILE, flops_estimate, total_steps
-from slap_ray.jobs.rows import keys_of, mark_rejects, read_meta, read_rows
+from slap_ray.jobs.rows import input_files, keys_of, mark_rejects, read_meta, read_rows
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.ray import stages
 from slap_ray.ray.runtime import check_resources, ray_session
@@ -207,6 +207,8 @@ def finetune_into(
 
     ``slap run`` passes the selection's report and wall time, so one manifest covers the run.
     """
+    input_files(config, config.data.paths, "data.paths")  # bad paths fail before Ray starts
+    input_files(config, config.eval.paths, "eval.paths")
     write_resolved_config(config, run_dir / "config.yaml")
     manifest = Manifest("run" if selection_report or prior_timings else "finetune")
     manifest.data["timings_s"].update(prior_timings or {})

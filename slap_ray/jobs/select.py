@@ -27,6 +27,7 @@ from slap_ray.data.ingest import BadRowError, make_reject, write_rejected
 from slap_ray.jobs.rows import (
     ORIGIN,
     frame_of,
+    input_files,
     keys_of,
     mark_rejects,
     raise_first_reject,
@@ -87,7 +88,7 @@ def _tokenize(config: SlapConfig, rows: ray.data.Dataset, sampled: set) -> pd.Da
         config.data.max_length,
         config.data.truncation,
     )
-    return tokenized.drop_columns(["messages", "raw"]).materialize()
+    return tokenized.drop_columns(["raw"]).materialize()
 
 
 def _strata(config: SlapConfig, tokenized: ray.data.Dataset, manifest: Manifest) -> pd.DataFrame:
@@ -256,6 +257,7 @@ def _load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> p
 
 def select_into(config: SlapConfig, run_dir: Path) -> Path:
     """The selection job in a locked, prepared run directory; returns the path of report.md."""
+    input_files(config, config.data.paths, "data.paths")  # bad paths fail before Ray starts
     (run_dir / "stages").mkdir(exist_ok=True)
     write_resolved_config(config, run_dir / "config.yaml")
     manifest = Manifest("select")

@@ -82,6 +82,7 @@ def run_log(run_dir: Path, kind: str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
     saved = _quiet_console(handler)
     dispatcher_handlers = list(global_worker_stdstream_dispatcher.handlers)
     global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")

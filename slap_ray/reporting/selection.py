@@ -83,12 +83,19 @@ def write_selection_report(
         tables.append((group, fractions))
 
     counts = manifest.get("counts", {})
+    output = counts.get("output", {})
     lines = [
         "# SLAP selection report",
         "",
         f"Method `{manifest.get('method')}`, alphas {', '.join(f'{a:g}' for a in alphas)}; "
-        f"{len(scores)} input rows, {len(scored)} scored, {len(scores) - len(scored)} rejected.",
+        f"{output.get('rows', len(scores))} input rows: {output.get('scored', len(scored))} "
+        f"scored, {output.get('rejected', 0)} rejected (rejected.jsonl), "
+        f"{output.get('not_sampled', 0)} not sampled (data.max_rows).",
         "",
+    ]
+    if manifest.get("warnings"):
+        lines += ["## Warnings", "", *(f"- {w}" for w in manifest["warnings"]), ""]
+    lines += [
         "| alpha | kept rows | kept fraction |",
         "| ---: | ---: | ---: |",
     ]

@@ -1,0 +1,215 @@
+"""Regression tests on Ray (tiny model) for issue 8's selection bugs; each failed before."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_select_pipeline import tiny_config
+
+from slap_ray.config import ConfigError
+from slap_ray.data.ingest import BadRowError
+from slap_ray.jobs.finetune import prepare_tables, read_kept, selected_ids
+from slap_ray.jobs.select import run_select
+from slap_ray.reporting.manifest import Manifest
+
+pytestmark = pytest.mark.ray
+
+
+def conversation(i: int, text: str) -> dict:
+    return {
+        "id": f"conv-{i}",
+        "conversations": [
+            {"from": "human", "value": f"Question {i}: {text}"},
+            {"from": "gpt", "value": f"An answer about {text}, number {i}."},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def sharegpt_with_bad_rows(tmp_path_factory) -> tuple[Path, list[str]]:
+    """40 real-looking ShareGPT conversations with 7 planted bad rows (2 duplicates)."""
+    folder = tmp_path_factory.mktemp("sharegpt")
+    topics = ["rivers", "baking bread", "prime numbers", "the moon", "chess openings"]
+    lines = [json.dumps(conversation(i, topics[i % 5])) for i in range(40)]
+    duplicate = conversation(3, "a different text under an old id")
+    bad = [
+        json.dumps(duplicate),  # duplicate id conv-3, different text
+        json.dumps(conversation(7, topics[2])),  # exact duplicate of conv-7
+        "{not json",
+        json.dumps({"id": "x1", "conversations": [{"from": "wizard", "value": "hi"}]}),
+        json.dumps({"id": "x2", "conversations": [{"from": "human", "value": "no answer"}]}),
+        json.dumps({"id": "x3", "conversations": "not a list"}),
+        json.dumps({"id": "x4"}),
+    ]
+    path = folder / "chats.jsonl"
+    path.write_text("\n".join(lines + bad) + "\n", encoding="utf-8")
+    return path, bad
+
+
+@pytest.fixture(scope="module")
+def skip_run(ray_cluster, sharegpt_with_bad_rows, tmp_path_factory) -> Path:
+    path, _ = sharegpt_with_bad_rows
+    out = tmp_path_factory.mktemp("skip_run")
+    run_select(tiny_config([str(path)], out, **{"data.on_bad_rows": "skip"}))
+    return out
+
+
+def test_rejected_duplicates_keep_their_own_text_and_counts_agree(skip_run, sharegpt_with_bad_rows):
+    """Bug 1: a rejected duplicate no longer inherits the winner's scores or loses its text."""
+    _, bad = sharegpt_with_bad_rows
+    rejects = [json.loads(line) for line in (skip_run / "rejected.jsonl").open()]
+    assert len(rejects) == 7
+    assert sorted(r["raw"] for r in rejects) == sorted(bad)  # each reject carries its raw line
+    scores = pd.read_parquet(skip_run / "scores.parquet")
+    manifest = json.loads((skip_run / "manifest.json").read_text())
+    read = manifest["counts"]["read"]["rows"]
+    assert read == 47 == len(scores)
+    out = manifest["counts"]["output"]
+    assert out["scored"] + out["rejected"] + out["not_sampled"] == read
+    assert out["scored"] == int(scores["loss"].notna().sum()) == 40
+    assert out["rejected"] == 7
+    rejected_rows = scores[scores["reject_reason"].notna()]
+    assert rejected_rows["loss"].isna().all()
+    for alpha in (0.2, 0.3, 0.4):
+        assert not rejected_rows[f"keep_a{alpha:g}"].any()
+        kept = (skip_run / "kept" / f"alpha-{alpha:g}.txt").read_text().splitlines()
+        assert len(kept) == len(set(kept)) == out["kept_per_alpha"][f"{alpha:g}"]
+    report = (skip_run / "report.md").read_text()
+    assert "40 scored, 7 rejected" in report
+
+
+def test_resume_with_new_alphas_is_refused_and_stale_kept_files_go(
+    skip_run, sharegpt_with_bad_rows, tmp_path
+):
+    """Bug 3: batches scored before a resume have no column for a new alpha."""
+    import shutil
+
+    path, _ = sharegpt_with_bad_rows
+    run = tmp_path / "run"
+    shutil.copytree(skip_run, run)
+    resume = tiny_config(
+        [str(path)], run, **{"data.on_bad_rows": "skip", "select.alphas": [0.3, 0.5]}
+    ).model_copy(update={"resume": True})
+    with pytest.raises(ConfigError, match=r"select\.alphas: --resume asks for alphas \['0.5'\]"):
+        run_select(resume)
+    fewer = tiny_config(
+        [str(path)], run, **{"data.on_bad_rows": "skip", "select.alphas": [0.3]}
+    ).model_copy(update={"resume": True})
+    run_select(fewer)
+    assert sorted(p.name for p in (run / "kept").iterdir()) == [
+        "alpha-0.3.parquet",
+        "alpha-0.3.txt",
+    ]
+    assert (run / "kept" / "alpha-0.3.txt").read_text() == (
+        skip_run / "kept" / "alpha-0.3.txt"
+    ).read_text()
+
+
+def test_stale_kept_lists_do_not_survive_and_finetune_checks_alpha(
+    skip_run, sharegpt_with_bad_rows, tmp_path
+):
+    """Bug 10: a fresh run clears the old kept lists; finetune checks train.alpha."""
+    import shutil
+
+    path, _ = sharegpt_with_bad_rows
+    run = tmp_path / "run"
+    shutil.copytree(skip_run, run)
+    run_select(
+        tiny_config([str(path)], run, **{"data.on_bad_rows": "skip", "select.alphas": [0.5]})
+    )
+    assert sorted(p.name for p in (run / "kept").iterdir()) == [
+        "alpha-0.5.parquet",
+        "alpha-0.5.txt",
+    ]
+    config = tiny_config([str(path)], tmp_path / "ft").model_copy(deep=True)
+    config.train.selection_dir, config.train.alpha = str(run), 0.3
+    with pytest.raises(ConfigError, match=r"train\.alpha: 0\.3 is not one of the selection's"):
+        selected_ids(config, [])
+
+
+def test_offline_infobatch_weights_reach_finetuning(
+    ray_cluster, pool_subset, shared_data, tmp_path
+):
+    """Bug 4: offline InfoBatch writes per-row weights and fine-tuning trains with them."""
+    out = tmp_path / "sel"
+    config = tiny_config(
+        [str(pool_subset / "*.jsonl")],
+        out,
+        **{"select.method": "infobatch", "select.alphas": [0.3]},
+    )
+    run_select(config)
+    scores = pd.read_parquet(out / "scores.parquet")
+    kept = scores[scores["keep_a0.3"]]
+    assert (scores.loc[~scores["keep_a0.3"], "weight_a0.3"] == 0).all()
+    assert (kept["weight_a0.3"] >= 1).all() and (kept["weight_a0.3"] > 1).any()
+    weights = read_kept(out, 0.3)
+    assert weights == dict(zip(kept["id"], kept["weight_a0.3"], strict=True))
+    ft = config.model_copy(deep=True)
+    ft.train.selection_dir, ft.train.alpha = str(out), 0.3
+    ft.eval.paths, ft.eval.max_rows = [str(shared_data / "eval" / "gsm8k.jsonl")], 8
+    train, _ = prepare_tables(ft, Manifest("finetune"))
+    assert train["weight"] == [weights[i] for i in train["id"]]
+
+
+def test_ids_with_spaces_survive_the_kept_list(ray_cluster, tmp_path):
+    """Bug 11: kept lists are read by lines, so an id with a space is one id."""
+    path = tmp_path / "spaces.jsonl"
+    rows = [
+        {"id": f"row {i} with spaces", "messages": [
+            {"role": "user", "content": f"Tell me about item {i}."},
+            {"role": "assistant", "content": f"Item {i} is a fine item."},
+        ]}
+        for i in range(20)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    run_select(tiny_config([str(path)], out, **{"select.alphas": [0.3]}))
+    kept = read_kept(out, 0.3)
+    assert len(kept) == 14 and all(
+        i.startswith("row ") and i.endswith(" with spaces") for i in kept
+    )
+    assert (out / "kept" / "alpha-0.3.txt").read_text().splitlines() == sorted(kept)
+
+
+def test_empty_inputs(ray_cluster, pool_subset, tmp_path):
+    """Bug 12: empty or whitespace-only files are no crash; nothing at all to read is an error."""
+    empty, blank = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl"
+    empty.write_text("")
+    blank.write_text("\n   \n\n")
+    with pytest.raises(ConfigError, match=r"data\.paths: no rows in"):
+        run_select(tiny_config([str(empty), str(blank)], tmp_path / "a"))
+    out = tmp_path / "b"
+    run_select(tiny_config([str(empty), str(blank), str(pool_subset / "mbpp.jsonl")], out))
+    assert len(pd.read_parquet(out / "scores.parquet")) == 20
+
+
+def test_truncation_rejects_stop_error_mode_and_unsampled_rows_are_kept(
+    ray_cluster, pool_subset, tmp_path
+):
+    """Bug 13: rows emptied by truncation stop an error-mode run; max_rows marks rows unsampled."""
+    path = tmp_path / "long.jsonl"
+    long_prompt = " ".join(["word"] * 400)
+    rows = [
+        {"id": f"short-{i}", "messages": [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+        ]}
+        for i in range(10)
+    ]  # fmt: skip
+    rows.append({"id": "too-long", "messages": [
+        {"role": "user", "content": long_prompt},
+        {"role": "assistant", "content": "late answer"},
+    ]})  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(BadRowError, match=r"long\.jsonl:11: no_response_tokens"):
+        run_select(tiny_config([str(path)], tmp_path / "a", **{"data.truncation": "right"}))
+    out = tmp_path / "b"
+    run_select(tiny_config([str(pool_subset / "*.jsonl")], out, **{"data.max_rows": 100}))
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert len(scores) == 160 and int(scores["sampled"].sum()) == 100
+    assert scores.loc[~scores["sampled"], "loss"].isna().all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["output"]["not_sampled"] == 60
