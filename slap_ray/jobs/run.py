@@ -6,6 +6,7 @@ Offline mode runs `slap select` into ``<output_dir>/select`` and fine-tunes on i
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -41,5 +42,12 @@ def run_all(config: SlapConfig) -> Path:
 
 def main_run(config: SlapConfig) -> int:
     report = run_all(config)
-    print(f"slap run: done; report: {report}")
+    metrics = json.loads((Path(config.output_dir) / "metrics.json").read_text())
+    base, final = metrics["base_eval"]["overall"], metrics["final_eval"]["overall"]
+    compute = metrics["compute"]
+    print(
+        f"slap run: {compute['steps']} steps, {compute['backward_examples']} of "
+        f"{compute['forward_examples']} examples back-propagated; eval loss "
+        f"{base['loss']:.4f} -> {final['loss']:.4f}; report: {report}"
+    )
     return 0

@@ -39,7 +39,9 @@ def ensure_ray(config: RayConfig) -> bool:
     """
     if ray.is_initialized():
         return False
-    kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": "WARNING"}
+    # Only errors on the console while Ray starts (its notices, e.g. that token authentication
+    # is on, would otherwise print); a job's run_log then sends the detail to its log file.
+    kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": "ERROR"}
     if config.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=config.address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
@@ -68,33 +70,44 @@ class _RunLogHandler(logging.FileHandler):
 
     def worker_lines(self, data: dict) -> None:
         where = data.get("actor_name") or data.get("task_name") or f"pid={data.get('pid')}"
+        stream = "stderr" if data.get("is_err") else "stdout"
         for line in data.get("lines", []):
-            self.emit(logging.makeLogRecord({"name": f"worker {where}", "msg": line}))
+            record = {"name": f"worker {where}", "msg": line, "levelname": stream}
+            self.emit(logging.makeLogRecord(record))
 
 
 @contextmanager
-def run_log(run_dir: Path, kind: str) -> Iterator[Path]:
-    """Send Ray's detail (driver loggers, worker stdout/stderr, warnings) to
-    ``<run_dir>/logs/<kind>.log`` while the block runs; the console keeps errors only."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher
-
+def run_log(run_dir: Path, kind: str) -> Iterator[_RunLogHandler]:
+    """Send Ray's detail (driver loggers, warnings) to ``<run_dir>/logs/<kind>.log`` while the
+    block runs; the console keeps errors only. Enter after ``ray.init``, which resets the
+    ``ray`` logger's handlers."""
     path = run_dir / "logs" / f"{kind}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setLevel(logging.INFO)
     saved = _quiet_console(handler)
-    dispatcher_handlers = list(global_worker_stdstream_dispatcher.handlers)
-    global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
-    global_worker_stdstream_dispatcher.add_handler("slap_run_log", handler.worker_lines)
     logging.captureWarnings(True)
     try:
-        yield path
+        yield handler
     finally:
         logging.captureWarnings(False)
-        global_worker_stdstream_dispatcher.handlers = dispatcher_handlers
         _restore_console(saved, handler)
         handler.close()
+
+
+@contextmanager
+def worker_output_to(handler: _RunLogHandler) -> Iterator[None]:
+    """Ray workers' stdout/stderr (what ``log_to_driver`` prints) into the run log instead."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    saved = list(dispatcher.handlers)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("slap_run_log", handler.worker_lines)
+    try:
+        yield
+    finally:
+        dispatcher.handlers = saved
 
 
 def _quiet_console(handler: logging.Handler) -> list:
@@ -105,9 +118,8 @@ def _quiet_console(handler: logging.Handler) -> list:
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         for console in logger.handlers:
-            if isinstance(console, logging.StreamHandler) and console.stream in (
-                sys.stdout,
-                sys.stderr,
+            if isinstance(console, logging.StreamHandler) and not isinstance(
+                console, logging.FileHandler
             ):
                 saved.append((console, console.level))
                 console.setLevel(logging.ERROR)
@@ -137,7 +149,7 @@ def ray_session(config: RayConfig, run_dir: Path, kind: str) -> Iterator[None]:
         context = DataContext.get_current()
         context.enable_operator_progress_bars = False
         context.enable_progress_bars = sys.stderr.isatty()
-        with run_log(run_dir, kind):
+        with run_log(run_dir, kind) as handler, worker_output_to(handler):
             yield
     finally:
         if started:

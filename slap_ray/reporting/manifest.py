@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("slap_ray.stages")
 PACKAGES = (
     "slap-ray",
     "torch",
@@ -72,7 +74,8 @@ class Manifest:
         try:
             yield
         finally:
-            self.data["timings_s"][name] = round(time.perf_counter() - start, 3)
+            seconds = self.data["timings_s"][name] = round(time.perf_counter() - start, 3)
+        log.info("%s done (%.1f s)", name, seconds)
 
     def count(self, stage: str, **counts: Any) -> None:
         self.data["counts"].setdefault(stage, {}).update(counts)
