@@ -23,7 +23,7 @@ test: install
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q -rs tests
 
 unit: install
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q -m "not ray and not e2e" tests
 
 lint: install
 	$(BIN)/ruff check slap_ray pipelines tests bench

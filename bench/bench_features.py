@@ -39,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 from slap_ray.assets import SMOLLM2_NAME, load_causal_lm, load_tokenizer  # noqa: E402
 from slap_ray.core import features as F  # noqa: E402
 from slap_ray.core import scoring  # noqa: E402
+from slap_ray.core.model import forward_micro_batches  # noqa: E402
 from slap_ray.data.ingest import ingest  # noqa: E402
 from slap_ray.data.tokenize import tokenize_rows  # noqa: E402
 
@@ -152,16 +153,11 @@ class Bench:
     def forward(self, rows: list[int]) -> np.ndarray:
         """(1): ``losses_and_features`` without its ``lm_head_features`` call."""
         input_ids, labels = [self.ids[i] for i in rows], [self.labels[i] for i in rows]
-        order = sorted(range(len(input_ids)), key=lambda i: (len(input_ids[i]), i))
         losses = np.empty(len(input_ids), dtype=np.float64)
-        for start in range(0, len(order), self.mb):
-            part = order[start : start + self.mb]
-            ids, mask, targets = scoring.pad_batch(
-                [input_ids[i] for i in part], [labels[i] for i in part], self.pad
+        for micro in forward_micro_batches(self.model, input_ids, labels, self.pad, self.mb):
+            losses[micro.rows] = (
+                F.response_token_losses_packed(micro.logits, micro.aligned).double().numpy()
             )
-            aligned = F.shift_labels(targets)
-            _, logits = scoring.forward_response_logits(self.model, ids, mask, aligned)
-            losses[part] = F.response_token_losses_packed(logits, aligned).double().numpy()
         return losses
 
     def features(self, rows: list[int], moment: torch.Tensor | None) -> tuple:

@@ -51,14 +51,14 @@ def long_rows(tokenizer, count: int, length: int) -> list[tuple[list[int], list[
 
 
 def measure(finetuning: str, args, rows) -> list[dict]:
-    from slap_ray.config import TrainConfig
+    from slap_ray.assets import load_causal_lm
     from slap_ray.core.features import SecondMomentEMA
+    from slap_ray.core.model import lm_head_of
     from slap_ray.core.onpolicy import SelectionSettings, onpolicy_step
-    from slap_ray.core.scoring import lm_head_of
     from slap_ray.core.seeds import derive_rng
     from slap_ray.core.training import (
         adam_second_moment,
-        build_model,
+        add_lora,
         flops_estimate,
         lm_head_is_trained,
         make_optimizer,
@@ -66,10 +66,12 @@ def measure(finetuning: str, args, rows) -> list[dict]:
         warmup_cosine,
     )
 
-    train = TrainConfig(finetuning=finetuning, learning_rate=1e-5 if finetuning == "full" else 2e-4)
     torch.manual_seed(0)
-    model = build_model(args.model, train)
-    optimizer = make_optimizer(model, train)
+    model = load_causal_lm(args.model)
+    if finetuning == "lora":
+        model = add_lora(model, 8, 16.0, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    model.train()
+    optimizer = make_optimizer(model, 1e-5 if finetuning == "full" else 2e-4)
     scheduler = warmup_cosine(optimizer, 1000, 0.0)
     ema = None if lm_head_is_trained(model) else SecondMomentEMA()
     head, trainable = lm_head_of(model), [p for p in model.parameters() if p.requires_grad]

@@ -7,9 +7,12 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from slap_ray.config import build_config
 from slap_ray.jobs.run import run_all
+
+pytestmark = pytest.mark.e2e
 
 
 def test_smollm2_select_finetune_evaluate_report(ray_cluster, pool_subset, shared_data, tmp_path):

@@ -19,6 +19,8 @@ from slap_ray.config import build_config, config_to_dict
 from slap_ray.core.selection import n_keep_for
 from slap_ray.jobs.finetune import run_finetune
 
+pytestmark = pytest.mark.ray
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
+pytestmark = pytest.mark.ray
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DASHBOARD = "http://127.0.0.1:8275"

@@ -13,6 +13,8 @@ from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
 from slap_ray.jobs.select import run_select
 
+pytestmark = pytest.mark.ray
+
 ALPHAS = [0.2, 0.3, 0.4]
 
 
