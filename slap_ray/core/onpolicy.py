@@ -147,6 +147,7 @@ class _Step:
         )
         self.backward_examples = self.backward_tokens = 0
         self.local_weights: np.ndarray | None = None  # offline training weights of this worker
+        self.local_losses = np.full(len(examples), np.nan)
         self.ema_grad = (
             None if lm_head_ema is None else torch.zeros_like(self.weight, dtype=torch.float32)
         )
@@ -158,6 +159,22 @@ class _Step:
             yield
         finally:
             self.seconds[phase] += time.perf_counter() - start
+
+    def forward(self, model, pad_token_id, micro_batch_size, autocast):
+        """Forward this worker's rows with grad, micro-batch by micro-batch (timed); yields
+        (micro-batch, per-row losses with graph) and records the losses in ``local_losses``."""
+        micro_batches = forward_micro_batches(
+            model, [x[0] for x in self.examples], [x[1] for x in self.examples], pad_token_id,
+            micro_batch_size, grad=True, autocast=autocast,
+        )  # fmt: skip
+        while True:
+            with self.timed("forward"):
+                micro = next(micro_batches, None)
+                if micro is None:
+                    return
+                losses = response_token_losses_packed(micro.logits, micro.aligned)
+                self.local_losses[micro.rows] = losses.detach().double().cpu().numpy()
+            yield micro, losses
 
     def backward_done(self, micro: MicroBatch, scale: torch.Tensor, chosen: list[int]) -> None:
         """Count the rows back-propagated and fold their LM-head gradient into the EMA term."""
@@ -271,19 +288,7 @@ def onpolicy_step(
 def _streaming_backward(model, step, batch_size, weights, pad_token_id, micro_batch_size, autocast):
     """Nothing is pruned: back-propagate each micro-batch at once (plain gradient accumulation,
     bounded memory). Returns this worker's per-row losses."""
-    examples = step.examples
-    local_losses = np.full(len(examples), np.nan)
-    micro_batches = forward_micro_batches(
-        model, [x[0] for x in examples], [x[1] for x in examples], pad_token_id,
-        micro_batch_size, grad=True, autocast=autocast,
-    )  # fmt: skip
-    while True:
-        with step.timed("forward"):
-            micro = next(micro_batches, None)
-            if micro is None:
-                break
-            losses = response_token_losses_packed(micro.logits, micro.aligned)
-            local_losses[micro.rows] = losses.detach().double().cpu().numpy()
+    for micro, losses in step.forward(model, pad_token_id, micro_batch_size, autocast):
         with step.timed("backward"):
             scale = torch.tensor(
                 weights[micro.rows] / batch_size, dtype=torch.float32, device=losses.device
@@ -291,7 +296,7 @@ def _streaming_backward(model, step, batch_size, weights, pad_token_id, micro_ba
             (losses * scale).sum().backward()
             step.backward_done(micro, scale, list(range(len(micro.rows))))
     step.local_weights = weights
-    return local_losses
+    return step.local_losses
 
 
 def _forward_keeping_graphs(
@@ -299,24 +304,12 @@ def _forward_keeping_graphs(
 ):
     """Forward every micro-batch with grad and keep its graph; features where the method needs
     them. Returns (graphs, local losses (n,), local features (n, V) or None)."""
-    examples = step.examples
-    local_losses = np.full(len(examples), np.nan)
     local_features = (
-        np.zeros((len(examples), step.weight.shape[0]), np.float32) if needs_features else None
+        np.zeros((len(step.examples), step.weight.shape[0]), np.float32) if needs_features else None
     )
     preconditioner = None if second_moment is None else inverse_root(second_moment, settings.eps)
     graphs: list[tuple[MicroBatch, torch.Tensor]] = []
-    micro_batches = forward_micro_batches(
-        model, [x[0] for x in examples], [x[1] for x in examples], pad_token_id,
-        micro_batch_size, grad=True, autocast=autocast,
-    )  # fmt: skip
-    while True:
-        with step.timed("forward"):
-            micro = next(micro_batches, None)
-            if micro is None:
-                break
-            losses = response_token_losses_packed(micro.logits, micro.aligned)
-            local_losses[micro.rows] = losses.detach().double().cpu().numpy()
+    for micro, losses in step.forward(model, pad_token_id, micro_batch_size, autocast):
         graphs.append((micro, losses))
         if needs_features:
             with step.timed("features"):
@@ -325,7 +318,7 @@ def _forward_keeping_graphs(
                     vocab_chunk=settings.vocab_chunk, logits=micro.logits.detach(),
                     preconditioner=preconditioner,
                 ).cpu().numpy()  # fmt: skip
-    return graphs, local_losses, local_features
+    return graphs, step.local_losses, local_features
 
 
 def _gather(step, collective, positions, local_losses, local_features) -> list[dict]:
