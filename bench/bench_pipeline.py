@@ -109,7 +109,7 @@ def loop_run(config, prepared_path: Path) -> dict:
     import torch
 
     from slap_ray.assets import load_causal_lm, load_tokenizer
-    from slap_ray.core.scoring import calibrate_second_moment, score_batch
+    from slap_ray.core.scoring import calibrate_second_moment, score_batch, selections_for
     from slap_ray.core.seeds import derive_seed
 
     torch.set_num_threads(1)
@@ -139,9 +139,7 @@ def loop_run(config, prepared_path: Path) -> dict:
             ids,
             labels,
             batch_key=b,
-            seed=config.seed,
-            alphas=s.alphas,
-            method=s.method,
+            selections=selections_for(s.method, s.alphas, config.seed),
             pad_token_id=pad,
             second_moment=moment,
             micro_batch_size=8,

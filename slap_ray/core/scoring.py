@@ -21,7 +21,7 @@ from slap_ray.core.features import (
     response_token_losses_packed,
 )
 from slap_ray.core.model import forward_micro_batches, lm_head_of
-from slap_ray.core.seeds import derive_rng, derive_seed
+from slap_ray.core.seeds import derive_rng
 from slap_ray.core.selection import loss_strata, n_keep_for, select_weighted
 
 
@@ -31,10 +31,10 @@ class BatchScores:
 
     losses: np.ndarray  # (B,) float64, mean response-token loss
     loss_strata: np.ndarray  # (B,) int64, SLAP loss stratum (0 = lowest)
-    keep: dict[float, np.ndarray] = field(default_factory=dict)  # alpha -> (B,) bool
-    # alpha -> (B,) float64 training weight of each row (0 where pruned; InfoBatch's
+    keep: dict[str, np.ndarray] = field(default_factory=dict)  # selection key -> (B,) bool
+    # selection key -> (B,) float64 training weight of each row (0 where pruned; InfoBatch's
     # 1 / (1 - r) on kept low-loss rows, 1 on every other kept row)
-    weight: dict[float, np.ndarray] = field(default_factory=dict)
+    weight: dict[str, np.ndarray] = field(default_factory=dict)
     num_tokens: int = 0
 
 
@@ -69,49 +69,95 @@ def losses_and_features(
     return losses, features
 
 
+@dataclass(frozen=True)
+class Selection:
+    """One selection of a scored batch: a method and its options at a pruning ratio and seed.
+
+    ``key`` names its output (``keep_<key>``, ``weight_<key>``). ``preconditioned=False`` uses
+    raw LM-head gradient norms (s_hat = 1), the ablation of SLAP_METHOD.md section 5.
+    """
+
+    key: str
+    method: str
+    alpha: float
+    seed: int
+    num_strata: int = 3
+    tau: float = 1.0
+    strata: str = "width"
+    preconditioned: bool = True
+    projection_dim: int | None = None
+
+    def options(self) -> dict:
+        return {"num_strata": self.num_strata, "tau": self.tau, "strata": self.strata}
+
+
+def alpha_key(alpha: float) -> str:
+    """The output key of a plain `slap select` selection at ``alpha``."""
+    return f"a{alpha:g}"
+
+
+def selections_for(method: str, alphas: Sequence[float], seed: int, **options) -> list[Selection]:
+    """The selections of a plain `slap select` run: one method at every alpha."""
+    return [Selection(alpha_key(a), method, a, seed, **options) for a in alphas]
+
+
+def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk):
+    """Losses (B,) and the feature matrices the selections need: {preconditioned: (B, V)}."""
+    wanted = {s.preconditioned for s in selections if s.method == "slap"} or {True}
+    features = {}
+    for preconditioned in sorted(wanted, reverse=True):
+        moment = second_moment if preconditioned else None
+        if features and second_moment is None:
+            features[preconditioned] = features[True]
+            continue
+        losses, features[preconditioned] = losses_and_features(
+            model, input_ids, labels, pad, moment, mb, eps, chunk
+        )
+    return losses, features
+
+
 def score_batch(
     model: torch.nn.Module,
     input_ids: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
     *,
     batch_key: object,
-    seed: int,
-    alphas: Sequence[float],
-    method: str,
+    selections: Sequence[Selection],
     pad_token_id: int,
     second_moment: torch.Tensor | None = None,
     micro_batch_size: int = 8,
     num_strata: int = 3,
-    tau: float = 1.0,
     strata: str = "width",
     eps: float = 1e-6,
-    projection_dim: int | None = None,
     vocab_chunk: int | None = None,
+    projection_seed: int = 0,
 ) -> BatchScores:
-    """Score one composed batch and select it at every alpha (SLAP_METHOD.md section 3, step 4).
+    """Score one composed batch and run every selection on it (SLAP_METHOD.md section 3, step 4).
 
-    Losses and features do not depend on alpha, so one forward pass serves the whole grid.
-    Each (batch, alpha) gets its own derived RNG: results do not depend on which scorer ran it.
+    Losses and features do not depend on the selection, so one forward pass serves a whole grid
+    of methods, alphas and seeds (a sweep scores each batch once). Each (seed, method, alpha,
+    batch) gets its own derived RNG: results do not depend on which scorer ran it.
     """
-    losses, features = losses_and_features(
-        model, input_ids, labels, pad_token_id, second_moment, micro_batch_size, eps, vocab_chunk
-    )
-    if projection_dim is not None:
-        features = project_features(features, projection_dim, derive_seed(seed, "projection"))
+    losses, features = _features_for(
+        model, input_ids, labels, pad_token_id, second_moment, selections,
+        micro_batch_size, eps, vocab_chunk,
+    )  # fmt: skip
     scores = BatchScores(
         losses=losses,
         loss_strata=loss_strata(losses, num_strata, strata),
         num_tokens=sum(len(x) for x in input_ids),
     )
-    options = {"num_strata": num_strata, "tau": tau, "strata": strata}
-    for alpha in alphas:
-        rng = derive_rng(seed, "select", method, alpha, batch_key)
-        n_keep = n_keep_for(len(losses), alpha)
-        kept, weights = select_weighted(method, losses, features, n_keep, rng, **options)
-        scores.keep[alpha] = np.zeros(len(losses), dtype=bool)
-        scores.keep[alpha][kept] = True
-        scores.weight[alpha] = np.zeros(len(losses), dtype=np.float64)
-        scores.weight[alpha][kept] = weights
+    for s in selections:
+        matrix = features.get(s.preconditioned, features.get(True))
+        if s.projection_dim is not None:
+            matrix = project_features(matrix, s.projection_dim, projection_seed)
+        rng = derive_rng(s.seed, "select", s.method, s.alpha, batch_key)
+        n_keep = n_keep_for(len(losses), s.alpha)
+        kept, weights = select_weighted(s.method, losses, matrix, n_keep, rng, **s.options())
+        scores.keep[s.key] = np.zeros(len(losses), dtype=bool)
+        scores.keep[s.key][kept] = True
+        scores.weight[s.key] = np.zeros(len(losses), dtype=np.float64)
+        scores.weight[s.key][kept] = weights
     return scores
 
 

@@ -13,12 +13,12 @@ from ray.util import ActorPool
 
 from slap_ray.assets import resolve_model_path
 from slap_ray.config import ConfigError, SlapConfig
+from slap_ray.core.scoring import Selection, selections_for
 from slap_ray.core.seeds import derive_seed
 from slap_ray.jobs.rows import ORIGIN
 from slap_ray.ray.runtime import progress_bar
 from slap_ray.ray.scorer import scorer_actor
 from slap_ray.reporting.manifest import Manifest
-from slap_ray.reporting.selection import keep_column, weight_column
 
 
 def batches_of(prepared: pd.DataFrame) -> dict[int, pd.DataFrame]:
@@ -33,37 +33,43 @@ def _payload(group: pd.DataFrame) -> tuple[list, list]:
     ]
 
 
-def _settings(config: SlapConfig) -> dict:
+def plain_selections(config: SlapConfig) -> list[Selection]:
+    """`slap select`: ``select.method`` at every ``select.alphas``, seeded by ``seed``."""
+    s = config.select
+    return selections_for(
+        s.method, s.alphas, config.seed, num_strata=s.num_strata, tau=s.tau, strata=s.strata,
+        projection_dim=s.projection_dim,
+    )  # fmt: skip
+
+
+def _settings(config: SlapConfig, selections: list[Selection]) -> dict:
     s = config.select
     return {
-        "seed": config.seed,
-        "alphas": s.alphas,
-        "method": s.method,
+        "selections": selections,
         "micro_batch_size": config.score.micro_batch_size,
         "num_strata": s.num_strata,
-        "tau": s.tau,
         "strata": s.strata,
         "eps": s.eps,
-        "projection_dim": s.projection_dim,
         "vocab_chunk": config.score.vocab_chunk,
+        "projection_seed": derive_seed(config.seed, "projection"),
         "use_gpu": config.score.num_gpus_per_scorer > 0,
         "torch_threads": 1,  # each CPU scorer holds one CPU
     }
 
 
-def finished_batches(scored_dir: Path, alphas: list[float]) -> set[int]:
-    """Batches a killed run already scored; they must carry every alpha asked for now."""
+def finished_batches(scored_dir: Path, selections: list[Selection]) -> set[int]:
+    """Batches a killed run already scored; they must carry every selection asked for now."""
     files = sorted(scored_dir.glob("batch-*.parquet"))
     if not files:
         return set()
     columns = set(pq.read_schema(files[0]).names)
-    missing = [a for a in alphas if keep_column(a) not in columns]
+    missing = [s.key for s in selections if f"keep_{s.key}" not in columns]
     if missing:
-        have = sorted(float(c.removeprefix("keep_a")) for c in columns if c.startswith("keep_a"))
+        have = sorted(c.removeprefix("keep_") for c in columns if c.startswith("keep_"))
         raise ConfigError(
-            f"select.alphas: --resume asks for alphas {[f'{a:g}' for a in missing]} that the "
-            f"{len(files)} finished batches were not scored for (they have "
-            f"{[f'{a:g}' for a in have]}); resume with those alphas or run without --resume"
+            f"select.alphas: --resume asks for selections {missing} that the {len(files)} "
+            f"finished batches were not scored for (they have {have}); resume with those "
+            "alphas or run without --resume"
         )
     return {int(p.stem.split("-")[1]) for p in files}
 
@@ -94,25 +100,31 @@ def _frame(group: pd.DataFrame, result: dict) -> pd.DataFrame:
             "loss_stratum": result["loss_stratum"],
         }
     )
-    for alpha, mask in result["keep"].items():
-        frame[keep_column(alpha)] = mask
-        frame[weight_column(alpha)] = result["weight"][alpha]
+    for key, mask in result["keep"].items():
+        frame[f"keep_{key}"] = mask
+        frame[f"weight_{key}"] = result["weight"][key]
     return frame
 
 
 def score(
-    config: SlapConfig, prepared: pd.DataFrame, run_dir: Path, manifest: Manifest
+    config: SlapConfig,
+    prepared: pd.DataFrame,
+    run_dir: Path,
+    manifest: Manifest,
+    selections: list[Selection] | None = None,
 ) -> pd.DataFrame:
-    """Score every unscored batch on ``score.num_scorers`` actors; returns all scored rows."""
+    """Score every unscored batch on ``score.num_scorers`` actors (each batch once, whatever
+    the number of selections); returns all scored rows."""
+    selections = selections or plain_selections(config)
     batches = batches_of(prepared)
     scored_dir = run_dir / "scored"
     scored_dir.mkdir(exist_ok=True)
-    done = finished_batches(scored_dir, config.select.alphas)
+    done = finished_batches(scored_dir, selections)
     gpus = config.score.num_gpus_per_scorer
     actor_class = scorer_actor(num_cpus=1 if gpus == 0 else 0, num_gpus=gpus)
     model_name = resolve_model_path(config.model.name)
     actors = [
-        actor_class.remote(model_name, config.model.dtype, _settings(config))
+        actor_class.remote(model_name, config.model.dtype, _settings(config, selections))
         for _ in range(config.score.num_scorers)
     ]
     try:

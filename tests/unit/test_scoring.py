@@ -8,7 +8,13 @@ import torch
 from slap_ray.assets import load_causal_lm
 from slap_ray.core.features import lm_head_features, response_token_losses
 from slap_ray.core.model import pad_batch, shift_labels
-from slap_ray.core.scoring import calibrate_second_moment, losses_and_features, score_batch
+from slap_ray.core.scoring import (
+    Selection,
+    calibrate_second_moment,
+    losses_and_features,
+    score_batch,
+    selections_for,
+)
 
 
 def rows(count: int = 10, seed: int = 0):
@@ -42,11 +48,42 @@ def test_score_batch_keeps_round_fraction_per_alpha_and_is_seeded():
     ids, labels = rows(12, seed=1)
     moment = calibrate_second_moment(model, [(ids[:6], labels[:6])], 0).value()
     kwargs = dict(
-        batch_key=7, seed=3, alphas=[0.25, 0.5], method="slap", pad_token_id=0, second_moment=moment
+        batch_key=7,
+        selections=selections_for("slap", [0.25, 0.5], 3),
+        pad_token_id=0,
+        second_moment=moment,
     )
     first = score_batch(model, ids, labels, **kwargs)
     again = score_batch(model, ids, labels, **kwargs)
-    assert first.keep[0.25].sum() == 9 and first.keep[0.5].sum() == 6
-    for alpha in (0.25, 0.5):
-        assert first.keep[alpha].tolist() == again.keep[alpha].tolist()
+    assert first.keep["a0.25"].sum() == 9 and first.keep["a0.5"].sum() == 6
+    for key in ("a0.25", "a0.5"):
+        assert first.keep[key].tolist() == again.keep[key].tolist()
     assert np.all(np.isfinite(first.losses))
+
+
+def test_one_scoring_pass_serves_a_grid_of_selections():
+    """A sweep's arms, alphas and seeds come from one forward pass; each equals its own run."""
+    model = load_causal_lm("tiny-random")
+    ids, labels = rows(16, seed=2)
+    moment = calibrate_second_moment(model, [(ids[:8], labels[:8])], 0).value()
+    grid = [
+        Selection("slap__a0.25__s0", "slap", 0.25, 0),
+        Selection("slap__a0.25__s1", "slap", 0.25, 1),
+        Selection("raw__a0.25__s0", "slap", 0.25, 0, preconditioned=False),
+        Selection("ccs__a0.5__s0", "ccs", 0.5, 0, num_strata=2),
+        Selection("infobatch__a0.25__s0", "infobatch", 0.25, 0),
+    ]
+    common = dict(batch_key=3, pad_token_id=0, second_moment=moment)
+    together = score_batch(model, ids, labels, selections=grid, **common)
+    for s in grid:
+        alone = score_batch(
+            model, ids, labels, selections=[s], **{**common, "second_moment": moment}
+        )
+        assert together.keep[s.key].tolist() == alone.keep[s.key].tolist(), s.key
+        np.testing.assert_array_equal(together.weight[s.key], alone.weight[s.key])
+    raw = score_batch(
+        model, ids, labels, selections=[Selection("x", "slap", 0.25, 0)], batch_key=3,
+        pad_token_id=0, second_moment=None,
+    )  # fmt: skip
+    assert raw.keep["x"].tolist() == together.keep["raw__a0.25__s0"].tolist()
+    assert (together.weight["infobatch__a0.25__s0"] > 1).any()
