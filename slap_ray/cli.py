@@ -1,9 +1,11 @@
-"""The `slap` command: `slap {select,finetune,run} --config CFG [dotted.key=value ...] [--resume]`.
+"""The `slap` command: `slap {select,finetune,run,sweep} --config CFG [dotted.key=value ...] [--resume]`.
 
 - `select`: offline SLAP over the pool (kept ids per alpha, scores, report).
 - `finetune`: Ray Train fine-tuning on a selection (`train.selection_dir`, `train.alpha`) or
   with on-policy selection (`select.mode=online`).
 - `run`: select -> fine-tune -> evaluate -> report in one run directory.
+- `sweep`: one selection pass, then a Ray Tune grid of fine-tuning trials over arms (methods and
+  ablations), alphas, seeds and modes, plus the full-data reference; results table and plots.
 """
 
 from __future__ import annotations
@@ -94,10 +96,17 @@ def _run():
     return main_run
 
 
+def _sweep():
+    from slap_ray.jobs.sweep import main_sweep
+
+    return main_sweep
+
+
 select_main = _entry("select", _select)
 finetune_main = _entry("finetune", _finetune)
 run_main = _entry("run", _run)
-COMMANDS = {"select": select_main, "finetune": finetune_main, "run": run_main}
+sweep_main = _entry("sweep", _sweep)
+COMMANDS = {"select": select_main, "finetune": finetune_main, "run": run_main, "sweep": sweep_main}
 
 
 def main(argv: list[str] | None = None) -> int:

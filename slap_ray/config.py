@@ -82,6 +82,8 @@ class SelectConfig(_Section):
     projection_dim: int | None = Field(None, ge=1)
     calibration_batches: int = Field(4, ge=0)
     beta2: float = Field(0.999, ge=0, lt=1)
+    # False: raw LM-head gradient norms (s_hat = 1), the preconditioner ablation.
+    preconditioned: bool = True
 
     @field_validator("alphas")
     @classmethod
@@ -138,6 +140,9 @@ class TrainConfig(_Section):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
     torch_threads: int = Field(1, ge=1)
+    # Seed of batch order, adapter initialisation and on-policy selection (default: ``seed``);
+    # a sweep sets it per trial while the data sample stays that of ``seed``.
+    seed: int | None = None
     checkpoint_every: int = Field(10, ge=1)
     num_checkpoints_to_keep: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
@@ -158,6 +163,70 @@ class EvalConfig(_Section):
     micro_batch_size: int = Field(8, ge=1)
     generate_rows: int = Field(0, ge=0)
     max_new_tokens: int = Field(64, ge=1)
+
+
+Mode = Literal["offline", "online"]
+
+
+class ArmConfig(_Section):
+    """One arm of a sweep: a selection method with its options (ablations are arms too).
+
+    Options left unset take the ``select`` section's values; ``alphas``/``modes`` unset take
+    the sweep's.
+    """
+
+    method: Method
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    num_strata: int | None = Field(None, ge=1)
+    tau: float | None = Field(None, gt=0)
+    strata: StrataKind | None = None
+    preconditioned: bool = True
+    alphas: list[float] | None = None
+    modes: list[Mode] | None = None
+
+    def label(self) -> str:
+        """The arm's name in results: ``name``, else the method plus its non-default options."""
+        if self.name:
+            return self.name
+        parts = [self.method]
+        for key in ("num_strata", "tau", "strata"):
+            if getattr(self, key) is not None:
+                parts.append(f"{key}{getattr(self, key)}")
+        if not self.preconditioned:
+            parts.append("raw")
+        return "-".join(parts)
+
+
+class SweepConfig(_Section):
+    """`slap sweep`: a grid of (arm, mode, alpha, seed) trials plus the full-data reference."""
+
+    arms: list[ArmConfig] = Field(
+        default_factory=lambda: [ArmConfig(method="slap"), ArmConfig(method="random")],
+        min_length=1,
+    )
+    alphas: list[float] = Field(default_factory=lambda: [0.2, 0.3, 0.4], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    modes: list[Mode] = Field(default_factory=lambda: ["offline"], min_length=1)
+    full_data: bool = True
+    max_concurrent_trials: int = Field(1, ge=1)
+    # CPUs the trial driver itself holds while its TorchTrainer's workers train: it only waits.
+    trial_cpus: float = Field(0.0, ge=0)
+    bootstrap_samples: int = Field(10_000, ge=100)
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_in_range(cls, alphas: list[float]) -> list[float]:
+        if any(not 0.0 < a < 1.0 for a in alphas):
+            raise ValueError(f"sweep alphas must satisfy 0 < alpha < 1, got {alphas}")
+        return sorted(set(alphas))
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names_unique(cls, arms: list[ArmConfig]) -> list[ArmConfig]:
+        labels = [a.label() for a in arms]
+        if len(set(labels)) != len(labels) or "full" in labels:
+            raise ValueError(f"arm names must be unique and not 'full', got {labels}")
+        return arms
 
 
 class RayConfig(_Section):
@@ -186,6 +255,7 @@ class SlapConfig(_Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

@@ -32,6 +32,7 @@ RUN_NAME = "finetune"
 # What a fresh run clears in its output_dir (a resumed run keeps Ray Train's checkpoints).
 OWNED = (
     "metrics.json", "manifest.json", "report.md", MODEL_DIR, "plots", "config.yaml", "logs",
+    "train_ids.txt",
     RAY_TRAIN_DIR,
 )  # fmt: skip
 
@@ -226,6 +227,10 @@ def finetune_into(
             with manifest.stage("train"):
                 result = trainer.fit()
             metrics = _finish(config, result, run_dir, manifest, evaluation["id"])
+            # Exactly the ids trained on (a sweep's trials are checked against their kept list).
+            (run_dir / "train_ids.txt").write_text(
+                "".join(i + "\n" for i in train["id"]), encoding="utf-8"
+            )
     finally:
         manifest.write(run_dir / "manifest.json")
     return write_train_report(config, metrics, run_dir, manifest.data, selection_report)

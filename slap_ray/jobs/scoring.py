@@ -38,7 +38,7 @@ def plain_selections(config: SlapConfig) -> list[Selection]:
     s = config.select
     return selections_for(
         s.method, s.alphas, config.seed, num_strata=s.num_strata, tau=s.tau, strata=s.strata,
-        projection_dim=s.projection_dim,
+        projection_dim=s.projection_dim, preconditioned=s.preconditioned,
     )  # fmt: skip
 
 

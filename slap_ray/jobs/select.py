@@ -20,6 +20,7 @@ import ray
 
 from slap_ray.assets import resolve_embedder_path
 from slap_ray.config import ConfigError, SlapConfig, config_to_dict, write_resolved_config
+from slap_ray.core.scoring import Selection
 from slap_ray.core.seeds import derive_seed
 from slap_ray.core.selection import n_keep_for
 from slap_ray.core.strata import compose_batches, kmeans_fit
@@ -36,7 +37,7 @@ from slap_ray.jobs.rows import (
     read_rows,
 )
 from slap_ray.jobs.rundir import locked_run_dir
-from slap_ray.jobs.scoring import score
+from slap_ray.jobs.scoring import plain_selections, score
 from slap_ray.ray import stages
 from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
@@ -58,7 +59,7 @@ OWNED = (
 def _fingerprint(config: SlapConfig) -> str:
     """What the prepared/scored stages depend on: everything except where and how to run."""
     tree = config_to_dict(config)
-    for key in ("output_dir", "resume", "progress", "ray", "score", "train", "eval"):
+    for key in ("output_dir", "resume", "progress", "ray", "score", "train", "eval", "sweep"):
         tree.pop(key, None)
     tree["select"].pop("mode", None)
     tree["select"].pop("alphas", None)  # checked against the scored batches on resume
@@ -177,15 +178,21 @@ def write_outputs(
     scored: pd.DataFrame,
     run_dir: Path,
     manifest: Manifest,
+    selections: list[Selection],
 ) -> pd.DataFrame:
-    """scores.parquet, kept ids (+ training weights) per alpha and rejected.jsonl."""
+    """scores.parquet (a keep and a weight column per selection), kept ids (+ training weights)
+    per alpha of ``select.alphas`` and rejected.jsonl."""
     scores = prepared.drop(columns=["input_ids", "labels", "raw"]).merge(
         scored.drop(columns=["id"]), on=ORIGIN, how="left"
     )
-    for alpha in config.select.alphas:
-        scores[keep_column(alpha)] = scores[keep_column(alpha)].fillna(False).astype(bool)
-        scores[weight_column(alpha)] = scores[weight_column(alpha)].fillna(0.0).astype(float)
-    scores = scores[[c for c in scores.columns if not _other_alpha(c, config.select.alphas)]]
+    ours = set()
+    for key in (s.key for s in selections):
+        keep, weight = f"keep_{key}", f"weight_{key}"
+        scores[keep] = scores[keep].fillna(False).astype(bool)
+        scores[weight] = scores[weight].fillna(0.0).astype(float)
+        ours |= {keep, weight}
+    stale = [c for c in scores.columns if c.startswith(("keep_", "weight_")) and c not in ours]
+    scores = scores.drop(columns=stale)
     scores.to_parquet(run_dir / "scores.parquet", index=False)
     summary = write_kept(scores, config.select.alphas, run_dir / "kept")
     rejects = prepared[prepared["reject_reason"].notna()]
@@ -210,11 +217,6 @@ def write_outputs(
     manifest.set("method", config.select.method)
     manifest.set("alphas", list(config.select.alphas))
     return scores
-
-
-def _other_alpha(column: str, alphas: list[float]) -> bool:
-    ours = {keep_column(a) for a in alphas} | {weight_column(a) for a in alphas}
-    return column.startswith(("keep_a", "weight_a")) and column not in ours
 
 
 def write_kept(scores: pd.DataFrame, alphas: list[float], folder: Path) -> dict[str, int]:
@@ -255,8 +257,15 @@ def _load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> p
     return prepared
 
 
-def select_into(config: SlapConfig, run_dir: Path) -> Path:
-    """The selection job in a locked, prepared run directory; returns the path of report.md."""
+def select_into(
+    config: SlapConfig, run_dir: Path, extra_selections: list[Selection] | None = None
+) -> Path:
+    """The selection job in a locked, prepared run directory; returns the path of report.md.
+
+    ``extra_selections`` (a sweep's grid) are made from the same scoring pass as the plain
+    ``select.method`` x ``select.alphas`` ones; they land as columns of scores.parquet.
+    """
+    selections = plain_selections(config) + list(extra_selections or [])
     input_files(config, config.data.paths, "data.paths")  # bad paths fail before Ray starts
     (run_dir / "stages").mkdir(exist_ok=True)
     write_resolved_config(config, run_dir / "config.yaml")
@@ -269,9 +278,9 @@ def select_into(config: SlapConfig, run_dir: Path) -> Path:
         with ray_session(config.ray, run_dir, "select"):
             check_resources(config, "select")
             prepared = _load_or_prepare(config, run_dir, manifest)
-            scored = score(config, prepared, run_dir, manifest)
+            scored = score(config, prepared, run_dir, manifest, selections)
             with manifest.stage("write"):
-                scores = write_outputs(config, prepared, scored, run_dir, manifest)
+                scores = write_outputs(config, prepared, scored, run_dir, manifest, selections)
     finally:
         manifest.write(run_dir / "manifest.json")
     # Written last, so its timings include every stage.

@@ -198,6 +198,11 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     micro = settings["micro_batch_size"]
     head = lm_head_of(model)
 
+    def moment() -> torch.Tensor | None:
+        if not settings["preconditioned"]:
+            return None  # the ablation: raw gradient norms
+        return ema.value() if ema is not None else adam_second_moment(optimizer, head)
+
     def report(final_metrics: dict | None = None) -> None:
         metrics = {"step": state["step"], **(final_metrics or {})}
         with tempfile.TemporaryDirectory() as folder:
@@ -225,7 +230,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
             derive_rng(settings["seed"], "online-select", selection.method, selection.alpha, step),
             pad,
             micro_batch_size=micro,
-            second_moment=ema.value() if ema is not None else adam_second_moment(optimizer, head),
+            second_moment=moment(),
             lm_head_ema=ema,
             collective=collective,
             autocast=autocast,
@@ -293,8 +298,9 @@ def make_trainer(
     settings = {
         "train": train.model_dump(mode="json"),
         "model_name": resolve_model_path(config.model.name),
-        "seed": derive_seed(config.seed, "train"),
+        "seed": derive_seed(config.seed if train.seed is None else train.seed, "train"),
         "beta2": select.beta2,
+        "preconditioned": select.preconditioned,
         "selection": asdict(selection),
         "micro_batch_size": train.resolved_micro_batch_size(select.mode),
         "total_steps": total_steps,

@@ -1,0 +1,244 @@
+"""`slap sweep`: how much data can be dropped, with which method, at what compute.
+
+One selection pass scores every composed batch once and selects for every (arm, alpha, seed)
+of the grid from those losses and features; then Ray Tune runs one trial per (arm, mode,
+alpha, seed) plus the full-data reference, each fine-tuning with Ray Train on exactly the ids
+its arm kept, and the results are tabulated (``results.csv``, ``results.md``, plots).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from slap_ray.config import ConfigError, SlapConfig, build_config, config_to_dict
+from slap_ray.core.scoring import Selection
+from slap_ray.jobs.rundir import locked_run_dir
+from slap_ray.reporting.manifest import Manifest
+
+log = logging.getLogger("slap_ray.sweep")
+SELECTION_DIR, TRIALS_DIR, TUNE_DIR, EXPERIMENT = "selection", "trials", "tune", "sweep"
+OWNED = (
+    "results.csv", "results.md", "plots", "manifest.json", "config.yaml", "logs",
+    SELECTION_DIR, TRIALS_DIR, TUNE_DIR,
+)  # fmt: skip
+FULL = "full"
+
+
+def trial_grid(config: SlapConfig) -> list[dict]:
+    """Every trial: (arm, mode, alpha, seed) of each arm, then the full-data reference."""
+    sweep, select = config.sweep, config.select
+    specs = []
+    for arm in sweep.arms:
+        for mode in arm.modes or sweep.modes:
+            for alpha in sorted(arm.alphas or sweep.alphas):
+                for seed in sweep.seeds:
+                    specs.append(
+                        {
+                            "arm": arm.label(),
+                            "method": arm.method,
+                            "mode": mode,
+                            "alpha": float(alpha),
+                            "seed": int(seed),
+                            "num_strata": arm.num_strata or select.num_strata,
+                            "tau": arm.tau or select.tau,
+                            "strata": arm.strata or select.strata,
+                            "preconditioned": arm.preconditioned,
+                        }
+                    )
+    if sweep.full_data:
+        for seed in sweep.seeds:
+            specs.append(
+                {"arm": FULL, "method": FULL, "mode": "offline", "alpha": 0.0, "seed": int(seed)}
+            )
+    return specs
+
+
+def trial_name(spec: dict) -> str:
+    """A trial's name from its parameters (never a timestamp: a restored trial finds its own
+    checkpoint under the same name)."""
+    if spec["arm"] == FULL:
+        return f"full-s{spec['seed']}"
+    return f"{spec['arm']}-{spec['mode']}-a{spec['alpha']:g}-s{spec['seed']}"
+
+
+def selection_key(spec: dict) -> str:
+    return f"{spec['arm']}__a{spec['alpha']:g}__s{spec['seed']}"
+
+
+def grid_selections(config: SlapConfig, specs: list[dict]) -> list[Selection]:
+    """The offline trials' selections, all made from the one scoring pass."""
+    return [
+        Selection(
+            selection_key(spec),
+            spec["method"],
+            spec["alpha"],
+            spec["seed"],
+            num_strata=spec["num_strata"],
+            tau=spec["tau"],
+            strata=spec["strata"],
+            preconditioned=spec["preconditioned"],
+            projection_dim=config.select.projection_dim,
+        )  # fmt: skip
+        for spec in specs
+        if spec["mode"] == "offline" and spec["arm"] != FULL
+    ]
+
+
+def arm_view(selection_dir: Path, spec: dict) -> Path:
+    """Where an (arm, seed) pair's kept lists live, laid out as a `slap select` run."""
+    return selection_dir / "arms" / spec["arm"] / f"seed-{spec['seed']}"
+
+
+def write_arm_views(selection_dir: Path, specs: list[dict]) -> None:
+    """Per (arm, seed): ``kept/alpha-<a>.txt|.parquet`` and a manifest naming its alphas, so
+    `slap finetune` reads them like any selection."""
+    from slap_ray.jobs.select import write_kept
+
+    scores = pd.read_parquet(selection_dir / "scores.parquet")
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for spec in specs:
+        if spec["mode"] == "offline" and spec["arm"] != FULL:
+            groups.setdefault((spec["arm"], spec["seed"]), []).append(spec)
+    for members in groups.values():
+        view = arm_view(selection_dir, members[0])
+        view.mkdir(parents=True, exist_ok=True)
+        alphas = sorted({m["alpha"] for m in members})
+        frame = scores[["id"]].copy()
+        for m in members:
+            frame[f"keep_a{m['alpha']:g}"] = scores[f"keep_{selection_key(m)}"]
+            frame[f"weight_a{m['alpha']:g}"] = scores[f"weight_{selection_key(m)}"]
+        kept = write_kept(frame, alphas, view / "kept")
+        manifest = {"alphas": alphas, "method": members[0]["method"], "kept_per_alpha": kept}
+        (view / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def trial_config(tree: dict, spec: dict, sweep_dir: Path) -> SlapConfig:
+    """The fine-tuning config of one trial: the sweep's config with the trial's arm, alpha and
+    training seed (the data sample stays that of ``seed``, so every trial sees one pool)."""
+    tree = json.loads(json.dumps(tree))
+    tree["output_dir"] = str(sweep_dir / TRIALS_DIR / trial_name(spec))
+    tree["resume"] = True  # a restored trial continues from its Ray Train checkpoint
+    tree["progress"] = False
+    tree["train"]["seed"] = spec["seed"]
+    if spec["mode"] == "online":
+        tree["select"].update(
+            mode="online", method=spec["method"], num_strata=spec["num_strata"],
+            tau=spec["tau"], strata=spec["strata"], preconditioned=spec["preconditioned"],
+        )  # fmt: skip
+        tree["train"].update(alpha=spec["alpha"], selection_dir=None)
+    elif spec["arm"] == FULL:
+        tree["select"]["mode"] = "offline"
+        tree["train"].update(alpha=0.0, selection_dir=None)
+    else:
+        tree["select"]["mode"] = "offline"
+        view = arm_view(sweep_dir / SELECTION_DIR, spec)
+        tree["train"].update(alpha=spec["alpha"], selection_dir=str(view))
+    return build_config(tree)
+
+
+def run_trial(params: dict) -> None:
+    """The Tune function trainable: fine-tune and evaluate one trial, then report its metrics."""
+    from ray import tune
+
+    from slap_ray.jobs.finetune import OWNED as FINETUNE_OWNED
+    from slap_ray.jobs.finetune import finetune_into
+    from slap_ray.reporting.sweep import trial_row
+
+    spec, shared = params["trial"], params["shared"]
+    config = trial_config(shared["config"], spec, Path(shared["sweep_dir"]))
+    with locked_run_dir(config.output_dir, FINETUNE_OWNED, resume=True) as run_dir:
+        finetune_into(config, run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    tune.report(trial_row(spec, metrics, manifest))
+
+
+def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[dict], manifest: Manifest):
+    """Run the selection pass unless a finished one is there (resume); count the runs."""
+    from slap_ray.jobs.select import select_into
+
+    folder = sweep_dir / SELECTION_DIR
+    done = (folder / "scores.parquet").is_file() and (folder / "arms").is_dir()
+    if not done:
+        folder.mkdir(exist_ok=True)
+        tree = config_to_dict(config)
+        tree["output_dir"] = str(folder)
+        tree["resume"] = config.resume
+        select_config = build_config(tree)
+        select_into(select_config, folder, grid_selections(config, specs))
+        write_arm_views(folder, specs)
+    counts = json.loads((folder / "manifest.json").read_text())["counts"]
+    manifest.count(
+        "selection",
+        runs_this_session=0 if done else 1,
+        batches_scored=counts["score"]["batches"],
+        selections=len(grid_selections(config, specs)),
+    )
+
+
+def _absolute_paths(config: SlapConfig) -> dict:
+    """The config tree with input globs made absolute: trials run in their own directories."""
+    from slap_ray.ray.stages import EMBEDDED
+
+    tree = config_to_dict(config)
+    for section in ("data", "eval"):
+        tree[section]["paths"] = [
+            p if p in EMBEDDED or Path(p).is_absolute() else str(Path(p).resolve())
+            for p in tree[section]["paths"]
+        ]
+    return tree
+
+
+def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
+    """The whole sweep in a locked run directory; returns the path of results.md."""
+    from slap_ray.config import write_resolved_config
+    from slap_ray.ray.runtime import check_resources, ray_session
+    from slap_ray.ray.tune import run_trials
+    from slap_ray.reporting.sweep import write_results
+
+    specs = trial_grid(config)
+    write_resolved_config(config, sweep_dir / "config.yaml")
+    manifest = Manifest("sweep")
+    manifest.count("trials", planned=len(specs))
+    try:
+        with ray_session(config.ray, sweep_dir, "sweep"):
+            check_resources(config, "finetune")
+            with manifest.stage("selection"):
+                _select_once(config, sweep_dir, specs, manifest)
+            shared = {"config": _absolute_paths(config), "sweep_dir": str(sweep_dir.resolve())}
+            with manifest.stage("trials"):
+                rows = run_trials(
+                    run_trial, specs, shared, sweep_dir / TUNE_DIR, EXPERIMENT, trial_name,
+                    config.sweep.max_concurrent_trials, config.sweep.trial_cpus, config.resume,
+                )  # fmt: skip
+        failed = [r for r in rows if r["error"]]
+        manifest.count("trials", finished=len(rows) - len(failed), failed=len(failed))
+        if len(failed) < len(rows):
+            with manifest.stage("results"):
+                report = write_results(rows, config, sweep_dir)
+    finally:
+        manifest.write(sweep_dir / "manifest.json")
+    if failed:
+        names = ", ".join(trial_name(r["trial"]) for r in failed[:5])
+        first = failed[0]["error"]
+        raise ConfigError(
+            f"sweep: {len(failed)} of {len(rows)} trial(s) failed ({names}); first: {first}; "
+            f"see {sweep_dir / 'logs' / 'sweep.log'}"
+        )
+    return report
+
+
+def run_sweep(config: SlapConfig) -> Path:
+    with locked_run_dir(config.output_dir, OWNED, config.resume) as sweep_dir:
+        return sweep_into(config, sweep_dir)
+
+
+def main_sweep(config: SlapConfig) -> int:
+    report = run_sweep(config)
+    frame = pd.read_csv(Path(config.output_dir) / "results.csv")
+    print(f"slap sweep: {len(frame)} trials; results: {report}")
+    return 0

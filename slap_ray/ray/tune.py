@@ -1,0 +1,104 @@
+"""Ray Tune for `slap sweep`: a grid of trials, each a function trainable that builds and fits its
+own Ray Train ``TorchTrainer`` (the Train V2 pattern; ``Tuner(trainer)`` is deprecated).
+
+Tune's own config classes (``ray.tune.RunConfig``) are used here and only here; the trainer in a
+trial uses Ray Train's. A killed sweep restores from ``<storage>/<name>`` and runs only the
+trials that had not finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Tune's new console output prints an experiment table even at verbose=0; the classic output
+# is silent there, and the sweep prints its own progress line per finished trial.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+from ray import tune  # noqa: E402
+
+log = logging.getLogger("slap_ray.sweep")
+# What Tune adds to every reported result; results.csv keeps the trial's own metrics.
+TUNE_FIELDS = {
+    "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
+    "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
+    "time_since_restore", "iterations_since_restore", "should_checkpoint",
+}  # fmt: skip
+
+
+class _Progress(tune.Callback):
+    """One compact line per finished trial: done / running / left and an ETA."""
+
+    def __init__(self, total: int, name_of: Callable[[dict], str]) -> None:
+        self.total, self.name_of = total, name_of
+        self.started = time.monotonic()
+        self.done_now = 0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.done_now += 1
+        others = [t for t in trials if t is not trial]
+        done = 1 + sum(t.status == "TERMINATED" for t in others)
+        running = sum(t.status == "RUNNING" for t in others)
+        left = self.total - done - running
+        per_trial = (time.monotonic() - self.started) / self.done_now
+        eta = per_trial * (self.total - done) / max(running, 1)
+        loss = (trial.last_result or {}).get("eval_loss")
+        log.info(
+            "trial %s done (eval loss %s); %d done, %d running, %d left, ETA %.0f min",
+            self.name_of(trial.config["trial"]),
+            "n/a" if loss is None else f"{loss:.4f}",
+            done,
+            running,
+            left,
+            eta / 60,
+        )
+
+
+def run_trials(
+    trainable: Callable[[dict], None],
+    specs: list[dict],
+    shared: dict,
+    storage: Path,
+    name: str,
+    trial_name: Callable[[dict], str],
+    max_concurrent_trials: int,
+    trial_cpus: float,
+    resume: bool,
+) -> list[dict]:
+    """Run every trial spec (``config["trial"]``; ``config["shared"]`` is common to all) and
+    return each trial's last reported metrics, with ``error`` set where a trial failed."""
+    # A trial driver only waits on its TorchTrainer: with trial_cpus=0 it holds a token of
+    # memory instead (Tune refuses an empty bundle), so the trainer's workers get every CPU.
+    resources = {"cpu": trial_cpus} if trial_cpus > 0 else {"memory": float(2**20)}
+    trainable = tune.with_resources(trainable, resources)
+    path = storage / name
+    if resume and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(specs), "shared": shared},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent_trials,
+                trial_name_creator=lambda t: trial_name(t.config["trial"]),
+                trial_dirname_creator=lambda t: trial_name(t.config["trial"]),
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(storage.resolve()),
+                verbose=0,
+                callbacks=[_Progress(len(specs), trial_name)],
+            ),
+        )
+    grid = tuner.fit()
+    out = []
+    for result in grid:
+        metrics = {k: v for k, v in (result.metrics or {}).items() if k not in TUNE_FIELDS}
+        metrics["trial"] = result.config["trial"]
+        metrics["error"] = None if result.error is None else str(result.error).splitlines()[0]
+        out.append(metrics)
+    return out
