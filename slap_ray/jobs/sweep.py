@@ -26,6 +26,7 @@ OWNED = (
     SELECTION_DIR, TRIALS_DIR, TUNE_DIR,
 )  # fmt: skip
 FULL = "full"
+TRIAL_RESULT = "trial_result.json"  # written last: the trial is done, its row is final
 
 
 def trial_grid(config: SlapConfig) -> list[dict]:
@@ -150,11 +151,16 @@ def run_trial(params: dict) -> None:
 
     spec, shared = params["trial"], params["shared"]
     config = trial_config(shared["config"], spec, Path(shared["sweep_dir"]))
-    with locked_run_dir(config.output_dir, FINETUNE_OWNED, resume=True) as run_dir:
-        finetune_into(config, run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    tune.report(trial_row(spec, metrics, manifest))
+    done = Path(config.output_dir) / TRIAL_RESULT
+    if not done.is_file():  # a trial killed after finishing but before Tune heard of it
+        with locked_run_dir(config.output_dir, FINETUNE_OWNED, resume=True) as run_dir:
+            finetune_into(config, run_dir)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps(trial_row(spec, metrics, manifest)), encoding="utf-8")
+            tmp.rename(done)
+    tune.report(json.loads(done.read_text(encoding="utf-8")))
 
 
 def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[dict], manifest: Manifest):

@@ -1,0 +1,136 @@
+"""`slap sweep` with the tiny model: one selection pass, a Tune grid, restore after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from slap_ray.config import build_config, config_to_dict
+from slap_ray.jobs.sweep import run_sweep
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sweep_config(pool: Path, shared: Path, out: Path, **sweep):
+    return build_config(
+        {
+            "output_dir": str(out),
+            "progress": False,
+            "data": {"paths": [str(pool / "*.jsonl")], "max_rows": 96, "max_length": 96},
+            "model": {"name": "tiny-random"},
+            "embed": {"max_chars": 256, "batch_size": 64},
+            "strata": {"num_clusters": 4},
+            "select": {"batch_size": 16, "alphas": [0.3], "calibration_batches": 1},
+            "train": {
+                "batch_size": 16,
+                "epochs": 1,
+                "learning_rate": 0.01,
+                "num_workers": 1,
+                "checkpoint_every": 2,
+            },  # fmt: skip
+            "eval": {"paths": [str(shared / "eval" / "gsm8k.jsonl")], "max_rows": 8},
+            "sweep": {
+                "arms": [{"method": "slap"}, {"method": "random"}],
+                "alphas": [0.2, 0.4],
+                "seeds": [0],
+                **sweep,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep_run(ray_cluster, pool_subset, shared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep")
+    run_sweep(sweep_config(pool_subset, shared_data, out))
+    return out
+
+
+def results(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "results.csv").set_index(["arm", "mode", "alpha", "seed"])
+
+
+def test_tiny_sweep_writes_results_and_selects_once(sweep_run):
+    frame = results(sweep_run)
+    assert len(frame) == 5
+    assert sorted(set(frame.index.get_level_values("arm"))) == ["full", "random", "slap"]
+    assert frame["eval_loss"].notna().all() and (frame["flops_total"] > 0).all()
+    # pruning shows in the compute columns: 0.4 back-propagates fewer rows than 0.2 than full
+    rows = frame["backward_examples"]
+    assert rows[("slap", "offline", 0.4, 0)] < rows[("slap", "offline", 0.2, 0)]
+    assert rows[("slap", "offline", 0.2, 0)] < rows[("full", "offline", 0.0, 0)]
+    report = (sweep_run / "results.md").read_text()
+    assert "| slap | offline | 0.2 | 1 |" in report and "Best arm per alpha" in report
+    for plot in ("loss_vs_kept.png", "loss_vs_flops.png", "per_task.png"):
+        assert (sweep_run / "plots" / plot).stat().st_size > 1000, plot
+    manifest = json.loads((sweep_run / "manifest.json").read_text())
+    assert manifest["counts"]["selection"]["runs_this_session"] == 1
+    assert manifest["counts"]["selection"]["selections"] == 4
+    assert manifest["counts"]["trials"] == {"planned": 5, "finished": 5, "failed": 0}
+    scored = json.loads((sweep_run / "selection" / "manifest.json").read_text())["counts"]
+    assert scored["score"]["rows_scored_now"] == scored["output"]["scored"]  # each row once
+
+
+def test_each_trial_trains_on_exactly_its_arms_kept_ids(sweep_run):
+    selection = sweep_run / "selection"
+    scores = pd.read_parquet(selection / "scores.parquet")
+    for arm in ("slap", "random"):
+        for alpha in (0.2, 0.4):
+            kept = selection / "arms" / arm / "seed-0" / "kept" / f"alpha-{alpha:g}.txt"
+            expected = kept.read_text().splitlines()
+            assert expected == sorted(scores.loc[scores[f"keep_{arm}__a{alpha:g}__s0"], "id"])
+            trial = sweep_run / "trials" / f"{arm}-offline-a{alpha:g}-s0"
+            assert (trial / "train_ids.txt").read_text().splitlines() == expected
+    full = (sweep_run / "trials" / "full-s0" / "train_ids.txt").read_text().splitlines()
+    assert full == sorted(scores.loc[scores["loss"].notna(), "id"])
+
+
+def test_killed_sweep_resumes_only_the_missing_trials(
+    sweep_run, pool_subset, shared_data, tmp_path
+):
+    """Kill the sweep's process group once the first trial has finished; --resume runs only
+    the rest, and the table equals the uninterrupted sweep's for the same trials."""
+    out = tmp_path / "sweep"
+    config = sweep_config(pool_subset, shared_data, out, arms=[{"method": "slap"}], alphas=[0.2])
+    tree = config_to_dict(config)
+    tree["ray"] = {"num_cpus": 2, "object_store_memory": 200 * 1024 * 1024}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "pipelines" / "sweep.py"), "--config", str(path)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    try:
+        while not list((out / "trials").glob("*/trial_result.json")):
+            assert process.poll() is None, "the sweep ended before it could be killed"
+            assert time.time() < deadline, "no trial finished"
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    (marker,) = list((out / "trials").glob("*/trial_result.json"))
+    first = marker.parent / "metrics.json"
+    finished_at = first.stat().st_mtime_ns
+    assert not (out / "results.csv").exists()
+
+    run_sweep(config.model_copy(update={"resume": True}))
+    assert first.stat().st_mtime_ns == finished_at  # the finished trial did not run again
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["selection"]["runs_this_session"] == 0
+    resumed, whole = results(out), results(sweep_run)
+    assert len(resumed) == 2
+    columns = ["eval_loss", "backward_examples", "forward_tokens", "train_rows"]
+    pd.testing.assert_frame_equal(resumed[columns], whole.loc[resumed.index, columns], rtol=1e-6)
