@@ -168,3 +168,38 @@ def test_finetune_job_through_ray_job_submit(head_node, pool_subset, shared_data
         "step-000001",
         "step-000002",
     ]
+
+
+def test_sweep_job_through_ray_job_submit(head_node, pool_subset, shared_data, tmp_path):
+    out = tmp_path / "sweep_job"
+    config = {
+        "output_dir": str(out),
+        "progress": False,
+        "data": {"paths": [str(pool_subset / "nq_open.jsonl")], "max_length": 96},
+        "model": {"name": "tiny-random"},
+        "embed": {"max_chars": 256},
+        "strata": {"num_clusters": 2},
+        "select": {"batch_size": 10, "alphas": [0.3], "calibration_batches": 1},
+        "train": {"batch_size": 10, "num_workers": 1, "checkpoint_every": 2},
+        "eval": {"paths": [str(shared_data / "eval" / "nq_open.jsonl")], "max_rows": 8},
+        "sweep": {
+            "arms": [{"method": "random"}],
+            "alphas": [0.3],
+            "seeds": [0],
+            "full_data": False,
+        },
+    }
+    config_path = tmp_path / "sweep.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    submitted = submit("python", "pipelines/sweep.py", "--config", str(config_path), env=head_node)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+    status = ray_cli("job", "status", "--address", DASHBOARD, job_id, env=head_node)
+    assert f"Job '{job_id}' succeeded" in re.sub(
+        r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr
+    )
+    frame = pd.read_csv(out / "results.csv")
+    assert frame[["arm", "alpha", "seed"]].values.tolist() == [["random", 0.3, 0]]
+    assert (out / "trials" / "random-offline-a0.3-s0" / "train_ids.txt").read_text().count(
+        "\n"
+    ) == 14
