@@ -3,6 +3,7 @@ composed batch on scorer actors, persist each finished batch (``scored/``) for `
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -57,17 +58,22 @@ def _settings(config: SlapConfig, selections: list[Selection]) -> dict:
     }
 
 
+def _shown(key: str) -> str:
+    """A plain selection key ``a0.3`` shows as its alpha; a sweep's key as itself."""
+    return key[1:] if re.fullmatch(r"a[0-9.]+", key) else key
+
+
 def finished_batches(scored_dir: Path, selections: list[Selection]) -> set[int]:
     """Batches a killed run already scored; they must carry every selection asked for now."""
     files = sorted(scored_dir.glob("batch-*.parquet"))
     if not files:
         return set()
     columns = set(pq.read_schema(files[0]).names)
-    missing = [s.key for s in selections if f"keep_{s.key}" not in columns]
+    missing = [_shown(s.key) for s in selections if f"keep_{s.key}" not in columns]
     if missing:
-        have = sorted(c.removeprefix("keep_") for c in columns if c.startswith("keep_"))
+        have = sorted(_shown(c.removeprefix("keep_")) for c in columns if c.startswith("keep_"))
         raise ConfigError(
-            f"select.alphas: --resume asks for selections {missing} that the {len(files)} "
+            f"select.alphas: --resume asks for alphas {missing} that the {len(files)} "
             f"finished batches were not scored for (they have {have}); resume with those "
             "alphas or run without --resume"
         )

@@ -186,6 +186,25 @@ def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[dict], manifes
     )
 
 
+def finished_rows(sweep_dir: Path, specs: list[dict]) -> list[dict]:
+    """The rows of every trial that has finished so far (its ``trial_result.json``)."""
+    rows = []
+    for spec in specs:
+        done = sweep_dir / TRIALS_DIR / trial_name(spec) / TRIAL_RESULT
+        if done.is_file():
+            rows.append({**json.loads(done.read_text(encoding="utf-8")), "error": None})
+    return rows
+
+
+def write_partial_results(config: SlapConfig, sweep_dir: Path, specs: list[dict]) -> None:
+    """results.csv/md of the trials finished so far, so a long sweep always has a table."""
+    from slap_ray.reporting.sweep import write_results
+
+    rows = finished_rows(sweep_dir, specs)
+    if rows:
+        write_results(rows, config, sweep_dir, planned=len(specs))
+
+
 def _absolute_paths(config: SlapConfig) -> dict:
     """The config tree with input globs made absolute: trials run in their own directories."""
     from slap_ray.ray.stages import EMBEDDED
@@ -220,6 +239,7 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
                 rows = run_trials(
                     run_trial, specs, shared, sweep_dir / TUNE_DIR, EXPERIMENT, trial_name,
                     config.sweep.max_concurrent_trials, config.sweep.trial_cpus, config.resume,
+                    on_trial_done=lambda: write_partial_results(config, sweep_dir, specs),
                 )  # fmt: skip
         failed = [r for r in rows if r["error"]]
         manifest.count("trials", finished=len(rows) - len(failed), failed=len(failed))

@@ -33,8 +33,10 @@ TUNE_FIELDS = {
 class _Progress(tune.Callback):
     """One compact line per finished trial: done / running / left and an ETA."""
 
-    def __init__(self, total: int, name_of: Callable[[dict], str]) -> None:
-        self.total, self.name_of = total, name_of
+    def __init__(
+        self, total: int, name_of: Callable[[dict], str], on_done: Callable[[], None]
+    ) -> None:
+        self.total, self.name_of, self.on_done = total, name_of, on_done
         self.started = time.monotonic()
         self.done_now = 0
 
@@ -56,6 +58,7 @@ class _Progress(tune.Callback):
             left,
             eta / 60,
         )
+        self.on_done()
 
 
 def run_trials(
@@ -68,9 +71,11 @@ def run_trials(
     max_concurrent_trials: int,
     trial_cpus: float,
     resume: bool,
+    on_trial_done: Callable[[], None] = lambda: None,
 ) -> list[dict]:
     """Run every trial spec (``config["trial"]``; ``config["shared"]`` is common to all) and
-    return each trial's last reported metrics, with ``error`` set where a trial failed."""
+    return each trial's last reported metrics, with ``error`` set where a trial failed.
+    ``on_trial_done`` runs on the driver after each finished trial (partial results)."""
     # A trial driver only waits on its TorchTrainer: with trial_cpus=0 it holds a token of
     # memory instead (Tune refuses an empty bundle), so the trainer's workers get every CPU.
     resources = {"cpu": trial_cpus} if trial_cpus > 0 else {"memory": float(2**20)}
@@ -91,7 +96,7 @@ def run_trials(
                 name=name,
                 storage_path=str(storage.resolve()),
                 verbose=0,
-                callbacks=[_Progress(len(specs), trial_name)],
+                callbacks=[_Progress(len(specs), trial_name, on_trial_done)],
             ),
         )
     grid = tuner.fit()

@@ -173,8 +173,11 @@ def _save(fig, path: Path) -> str:
     return f"plots/{path.name}"
 
 
-def write_results(rows: list[dict], config: SlapConfig, sweep_dir: Path) -> Path:
-    """results.csv, results.md and plots from the trials' reported rows."""
+def write_results(
+    rows: list[dict], config: SlapConfig, sweep_dir: Path, planned: int | None = None
+) -> Path:
+    """results.csv, results.md and plots from the trials' reported rows (``planned``: the
+    grid's size, when only some trials have finished)."""
     done = [
         {k: v for k, v in r.items() if k not in ("trial", "error")} for r in rows if not r["error"]
     ]
@@ -191,7 +194,9 @@ def write_results(rows: list[dict], config: SlapConfig, sweep_dir: Path) -> Path
         "# SLAP budget sweep",
         "",
         f"Model `{config.model.name}`, {config.train.finetuning} fine-tuning, "
-        f"{len(frame)} trials ({len(rows) - len(done)} failed); seeds {config.sweep.seeds}. "
+        f"{len(frame)} trials ({len(rows) - len(done)} failed"
+        + (f", {planned - len(rows)} of {planned} not finished yet" if planned else "")
+        + f"); seeds {config.sweep.seeds}. "
         "Eval loss: held-out response-token loss after training. `vs random`: mean paired "
         "difference to the `random` arm at the same mode, alpha and seed (negative = better), with a "
         "95% bootstrap interval over seeds. `vs full`: mean relative gap to the full-data run of "
