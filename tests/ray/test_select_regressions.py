@@ -18,6 +18,17 @@ from slap_ray.reporting.manifest import Manifest
 pytestmark = pytest.mark.ray
 
 
+def qa_rows(id_pattern: str, count: int) -> list[dict]:
+    """Short question/answer rows in the messages schema, ids from ``id_pattern``."""
+    return [
+        {"id": id_pattern.format(i=i), "messages": [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+        ]}
+        for i in range(count)
+    ]  # fmt: skip
+
+
 def conversation(i: int, text: str) -> dict:
     return {
         "id": f"conv-{i}",
@@ -157,13 +168,7 @@ def test_offline_infobatch_weights_reach_finetuning(
 def test_ids_with_spaces_survive_the_kept_list(ray_cluster, tmp_path):
     """Bug 11: kept lists are read by lines, so an id with a space is one id."""
     path = tmp_path / "spaces.jsonl"
-    rows = [
-        {"id": f"row {i} with spaces", "messages": [
-            {"role": "user", "content": f"Tell me about item {i}."},
-            {"role": "assistant", "content": f"Item {i} is a fine item."},
-        ]}
-        for i in range(20)
-    ]  # fmt: skip
+    rows = qa_rows("row {i} with spaces", 20)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     run_select(tiny_config([str(path)], out, **{"select.alphas": [0.3]}))
@@ -192,13 +197,7 @@ def test_truncation_rejects_stop_error_mode_and_unsampled_rows_are_kept(
     """Bug 13: rows emptied by truncation stop an error-mode run; max_rows marks rows unsampled."""
     path = tmp_path / "long.jsonl"
     long_prompt = " ".join(["word"] * 400)
-    rows = [
-        {"id": f"short-{i}", "messages": [
-            {"role": "user", "content": f"What is {i} plus {i}?"},
-            {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
-        ]}
-        for i in range(10)
-    ]  # fmt: skip
+    rows = qa_rows("short-{i}", 10)
     rows.append({"id": "too-long", "messages": [
         {"role": "user", "content": long_prompt},
         {"role": "assistant", "content": "late answer"},
