@@ -55,7 +55,16 @@ def trial_grid(config: SlapConfig) -> list[dict]:
             specs.append(
                 {"arm": FULL, "method": FULL, "mode": "offline", "alpha": 0.0, "seed": int(seed)}
             )
-    return specs
+    return sorted(specs, key=lambda spec: _run_order(spec, sweep))
+
+
+def _run_order(spec: dict, sweep) -> tuple:
+    """Seed by seed, full data first, then the middle alpha (every arm), then the others: a
+    stopped sweep's partial table already compares the arms with each other and with full data."""
+    labels = [FULL] + [a.label() for a in sweep.arms]
+    middle = sorted(sweep.alphas)[len(sweep.alphas) // 2]
+    return (spec["seed"], spec["arm"] != FULL, spec["alpha"] != middle, labels.index(spec["arm"]),
+            spec["mode"], spec["alpha"])  # fmt: skip
 
 
 def trial_name(spec: dict) -> str:
