@@ -80,7 +80,7 @@ def run_trials(
     # memory instead (Tune refuses an empty bundle), so the trainer's workers get every CPU.
     resources = {"cpu": trial_cpus} if trial_cpus > 0 else {"memory": float(2**20)}
     trainable = tune.with_resources(trainable, resources)
-    path = storage / name
+    path = (storage / name).resolve()  # pyarrow takes absolute paths or URIs only
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
