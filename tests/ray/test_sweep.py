@@ -135,3 +135,20 @@ def test_killed_sweep_resumes_only_the_missing_trials(
     assert len(resumed) == 2
     columns = ["eval_loss", "backward_examples", "forward_tokens", "train_rows"]
     pd.testing.assert_frame_equal(resumed[columns], whole.loc[resumed.index, columns], rtol=1e-6)
+
+
+def test_trials_restore_from_a_relative_output_dir(ray_cluster, tmp_path, monkeypatch):
+    """`slap sweep --resume` with a relative output_dir (as in the example configs)."""
+    from ray import tune
+
+    from slap_ray.ray.tune import run_trials
+
+    def echo(params: dict) -> None:
+        tune.report({"value": params["trial"]["x"] * 10})
+
+    monkeypatch.chdir(tmp_path)
+    storage = Path("runs") / "tune"
+    common = dict(trial_name=lambda s: f"x{s['x']}", max_concurrent_trials=1, trial_cpus=0.0)
+    first = run_trials(echo, [{"x": 1}, {"x": 2}], {}, storage, "exp", resume=True, **common)
+    again = run_trials(echo, [{"x": 1}, {"x": 2}], {}, storage, "exp", resume=True, **common)
+    assert sorted(r["value"] for r in first) == sorted(r["value"] for r in again) == [10, 20]
