@@ -35,6 +35,8 @@ class DataConfig(_Section):
     max_length: int = Field(512, ge=8)
     truncation: Literal["keep_response", "right"] = "keep_response"
     chitchat_mode: Literal["pairs", "multiturn"] = "pairs"
+    # Tokeniser actors (one CPU each) of the selection's tokenise step.
+    num_tokenizers: int = Field(1, ge=1)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -52,13 +54,17 @@ class EmbedConfig(_Section):
     model: str = "all-minilm-l6-v2"
     batch_size: int = Field(128, ge=1)
     num_actors: int = Field(1, ge=1)
+    # CPUs each actor holds (ignored with a GPU); it runs that many torch threads.
+    num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
     max_chars: int = Field(2000, ge=16)
 
 
 class StrataConfig(_Section):
-    """k-means distribution strata (SLAP_METHOD.md section 3, step 1)."""
+    """Distribution strata (SLAP_METHOD.md section 3, step 1): k-means on sentence embeddings
+    (``by: embedding``), or one stratum per value of a column the rows already carry."""
 
+    by: Literal["embedding", "source", "task"] = "embedding"
     num_clusters: int = Field(8, ge=1)
     fit_sample_size: int = Field(4096, ge=1)
     max_iter: int = Field(50, ge=1)
@@ -102,6 +108,8 @@ class ScoreConfig(_Section):
     """Scorer actors holding model replicas."""
 
     num_scorers: int = Field(1, ge=1)
+    # CPUs each scorer holds (ignored with a GPU); it runs that many torch threads.
+    num_cpus_per_scorer: float = Field(1.0, gt=0)
     num_gpus_per_scorer: float = Field(0.0, ge=0)
     micro_batch_size: int = Field(8, ge=1)
     vocab_chunk: int | None = Field(None, ge=1)
@@ -238,6 +246,10 @@ class RayConfig(_Section):
     # Fail at once when the job's actors can never fit the cluster (off for autoscaling clusters
     # whose nodes appear on demand).
     check_resources: bool = True
+    # Execution layout only (never the result): rows per block after reading (None: one block
+    # per file) and partitions per shuffle (None: the cluster's CPUs).
+    rows_per_block: int | None = Field(None, ge=1)
+    shuffle_partitions: int | None = Field(None, ge=1)
 
 
 class SlapConfig(_Section):

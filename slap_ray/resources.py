@@ -26,18 +26,27 @@ def demands(config: SlapConfig, command: str) -> list[Demand]:
     out: list[Demand] = []
     if command == "select":
         e, s = config.embed, config.score
-        out.append(
-            Demand(
-                f"embed.num_actors={e.num_actors}, embed.num_gpus_per_actor={e.num_gpus_per_actor:g}",
-                e.num_actors,
-                {"GPU": e.num_gpus_per_actor} if e.num_gpus_per_actor else {"CPU": 1.0},
+        if config.strata.by == "embedding":
+            out.append(
+                Demand(
+                    f"embed.num_actors={e.num_actors}, "
+                    f"embed.num_gpus_per_actor={e.num_gpus_per_actor:g}, "
+                    f"embed.num_cpus_per_actor={e.num_cpus_per_actor:g}",
+                    e.num_actors,
+                    {"GPU": e.num_gpus_per_actor}
+                    if e.num_gpus_per_actor
+                    else {"CPU": e.num_cpus_per_actor},
+                )
             )
-        )
         out.append(
             Demand(
-                f"score.num_scorers={s.num_scorers}, score.num_gpus_per_scorer={s.num_gpus_per_scorer:g}",
+                f"score.num_scorers={s.num_scorers}, "
+                f"score.num_gpus_per_scorer={s.num_gpus_per_scorer:g}, "
+                f"score.num_cpus_per_scorer={s.num_cpus_per_scorer:g}",
                 s.num_scorers,
-                {"GPU": s.num_gpus_per_scorer} if s.num_gpus_per_scorer else {"CPU": 1.0},
+                {"GPU": s.num_gpus_per_scorer}
+                if s.num_gpus_per_scorer
+                else {"CPU": s.num_cpus_per_scorer},
             )
         )
     if command == "finetune":

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from slap_ray.core.seeds import derive_rng, derive_seed
+from slap_ray.core.seeds import derive_seed, id_rank_key
 
 
 def _squared_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -53,20 +53,52 @@ def assign_clusters(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return _squared_distances(np.asarray(points, np.float64), centroids).argmin(1).astype(np.int64)
 
 
-def largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
-    """Split ``total`` into integers proportional to ``weights`` (Hamilton's method).
+def rank_within_clusters(ids: Sequence[str], clusters: np.ndarray, seed: int) -> np.ndarray:
+    """Each row's rank inside its cluster in a seeded shuffle of the cluster: (N,) -> (N,) int64.
 
-    Ties in the remainders go to the lower index. (C,) -> (C,) int64 summing to ``total``.
+    The shuffle sorts by ``id_rank_key(seed, "compose", id)`` (ties by id), so a row's rank
+    depends only on the set of ids in its cluster, not on their order or sharding.
     """
-    weights = np.asarray(weights, dtype=np.float64)
-    if total == 0 or weights.sum() == 0:
-        return np.zeros(len(weights), dtype=np.int64)
-    exact = total * weights / weights.sum()
-    quota = np.floor(exact).astype(np.int64)
-    short = total - int(quota.sum())
-    order = np.lexsort((np.arange(len(weights)), -(exact - quota)))
-    quota[order[:short]] += 1
-    return quota
+    ids = [str(i) for i in ids]
+    clusters = np.asarray(clusters, dtype=np.int64)
+    keys = np.array([id_rank_key(seed, "compose", i) for i in ids], dtype=np.int64)
+    order = np.lexsort((np.asarray(ids, dtype=str), keys, clusters))
+    ranks = np.empty(len(ids), dtype=np.int64)
+    sorted_clusters = clusters[order]
+    starts = np.searchsorted(sorted_clusters, sorted_clusters, side="left")
+    ranks[order] = np.arange(len(ids)) - starts
+    return ranks
+
+
+def stratified_positions(ranks: np.ndarray, clusters: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Global position of each row when clusters are interleaved by Webster's divisor method.
+
+    Seat ``r`` of cluster ``c`` has priority ``n_c / (2 r + 1)``; rows are ordered by priority
+    (descending, ties to the lower cluster), so every prefix of the order is the Sainte-Lague
+    apportionment of its length over the cluster sizes ``counts``: each stretch of the order
+    mirrors the pool's mix and the clusters run out together. Each row's position follows
+    from its (cluster, rank) and ``counts`` alone, so rows are placed independently, block by
+    block. (N,), (N,), (C,) -> (N,) int64, a permutation of 0..sum(counts)-1 over all rows.
+    Exact in int64 for clusters of up to about 2e9 rows.
+    """
+    ranks = np.asarray(ranks, dtype=np.int64)
+    clusters = np.asarray(clusters, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    own = counts[clusters]
+    odd = 2 * ranks + 1
+    position = ranks.copy()
+    for other, size in enumerate(counts.tolist()):
+        if size == 0:
+            continue
+        # Seats r' of `other` ahead of (c, r): size * odd > own * (2 r' + 1), or equal with a
+        # lower cluster index: r' < (size * odd - own) / (2 own), strictly or not.
+        numerator = size * odd - own
+        ahead_or_tied = np.floor_divide(numerator, 2 * own) + 1  # r' <= numerator / (2 own)
+        strictly = np.floor_divide(numerator - 1, 2 * own) + 1  # r' < numerator / (2 own)
+        seats = np.where(other < clusters, ahead_or_tied, strictly)
+        seats = np.clip(seats, 0, size)
+        position += np.where(other == clusters, 0, seats)
+    return position
 
 
 def compose_batches(
@@ -74,33 +106,18 @@ def compose_batches(
 ) -> np.ndarray:
     """Stratified batch composition: the batch id of every row, aligned with ``ids``.
 
-    Within each cluster rows are shuffled (seeded, from id order). Each batch takes from every
-    cluster in proportion to what that cluster still holds (largest remainder), so every batch
-    mirrors the pool's mix and the clusters run out together. The last batch may be smaller.
-    The result depends on the set of (id, cluster) pairs only, not on their order.
+    Rows are shuffled within their cluster (``rank_within_clusters``), interleaved across
+    clusters (``stratified_positions``) and cut into batches of ``batch_size``; the last batch
+    may be smaller. The result depends on the set of (id, cluster) pairs only. The streaming
+    selection computes the same thing block by block from the cluster sizes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ids = np.asarray(ids, dtype=object)
     clusters = np.asarray(clusters, dtype=np.int64)
-    if len(set(ids.tolist())) != len(ids):
+    if len(set(map(str, ids))) != len(clusters):
         raise ValueError("compose_batches needs unique ids")
-    by_id = np.argsort(ids.astype(str), kind="stable")
-    num_clusters = int(clusters.max()) + 1 if len(clusters) else 0
-    queues = []
-    for cluster in range(num_clusters):
-        members = by_id[clusters[by_id] == cluster]
-        queues.append(members[derive_rng(seed, "compose", cluster).permutation(len(members))])
-    remaining = np.array([len(q) for q in queues], dtype=np.int64)
-    cursor = np.zeros(num_clusters, dtype=np.int64)
-    batch_of = np.full(len(ids), -1, dtype=np.int64)
-    batch = 0
-    while remaining.sum() > 0:
-        quota = largest_remainder(min(batch_size, int(remaining.sum())), remaining)
-        for cluster in np.flatnonzero(quota):
-            take = queues[cluster][cursor[cluster] : cursor[cluster] + quota[cluster]]
-            batch_of[take] = batch
-        cursor += quota
-        remaining -= quota
-        batch += 1
-    return batch_of
+    if len(clusters) == 0:
+        return np.zeros(0, dtype=np.int64)
+    counts = np.bincount(clusters)
+    ranks = rank_within_clusters(ids, clusters, seed)
+    return stratified_positions(ranks, clusters, counts) // batch_size

@@ -1,38 +1,23 @@
-"""The scoring stage of `slap select`: calibrate the second moment once, broadcast it, score every
-composed batch on scorer actors, persist each finished batch (``scored/``) for ``--resume``."""
+"""The scoring stage of `slap select`: calibrate the second moment once (a task on the cluster),
+then score every composed batch on scorer actors fed by Ray Data from ``stages/batches``; each
+actor writes the batches it finished to ``scored/``, which ``--resume`` skips."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 import pyarrow.parquet as pq
 import ray
-import torch
-from ray.util import ActorPool
+from ray.data import ActorPoolStrategy
 
-from slap_ray.assets import resolve_model_path
 from slap_ray.config import ConfigError, SlapConfig
 from slap_ray.core.scoring import Selection, selections_for
 from slap_ray.core.seeds import derive_seed
-from slap_ray.jobs.rows import ORIGIN
 from slap_ray.ray.runtime import progress_bar
-from slap_ray.ray.scorer import scorer_actor
+from slap_ray.ray.scorer import BatchScorer, calibrate_task
 from slap_ray.reporting.manifest import Manifest
-
-
-def batches_of(prepared: pd.DataFrame) -> dict[int, pd.DataFrame]:
-    """Composed batch id -> its rows, in id order (the order scorers see them)."""
-    scored = prepared[prepared["batch_id"] >= 0].sort_values(["id", *ORIGIN], kind="stable")
-    return {int(b): g for b, g in scored.groupby("batch_id", sort=True)}
-
-
-def _payload(group: pd.DataFrame) -> tuple[list, list]:
-    return [list(map(int, x)) for x in group["input_ids"]], [
-        list(map(int, x)) for x in group["labels"]
-    ]
-
 
 def plain_selections(config: SlapConfig) -> list[Selection]:
     """`slap select`: ``select.method`` at every ``select.alphas``, seeded by ``seed``."""
@@ -54,8 +39,22 @@ def _settings(config: SlapConfig, selections: list[Selection]) -> dict:
         "vocab_chunk": config.score.vocab_chunk,
         "projection_seed": derive_seed(config.seed, "projection"),
         "use_gpu": config.score.num_gpus_per_scorer > 0,
-        "torch_threads": 1,  # each CPU scorer holds one CPU
+        "torch_threads": _threads(config),
     }
+
+
+def _threads(config: SlapConfig) -> int:
+    """A CPU scorer runs as many torch threads as CPUs it holds."""
+    return max(1, int(config.score.num_cpus_per_scorer))
+
+
+def _resources(config: SlapConfig) -> dict:
+    gpus = config.score.num_gpus_per_scorer
+    return (
+        {"num_cpus": 0, "num_gpus": gpus}
+        if gpus
+        else {"num_cpus": config.score.num_cpus_per_scorer}
+    )
 
 
 def _shown(key: str) -> str:
@@ -80,84 +79,77 @@ def finished_batches(scored_dir: Path, selections: list[Selection]) -> set[int]:
     return {int(p.stem.split("-")[1]) for p in files}
 
 
-def _calibrate(config, actors, batches, run_dir: Path, manifest: Manifest) -> None:
+def _packed(run_dir: Path) -> ray.data.Dataset:
+    return ray.data.read_parquet(str(run_dir / "stages" / "batches"))
+
+
+def _calibrate(config: SlapConfig, run_dir: Path, num_batches: int, manifest: Manifest) -> str:
+    """The second moment over ``select.calibration_batches`` seeded batches, computed once
+    on the cluster and saved beside the stages; returns its path."""
     s = config.select
-    moment_path = run_dir / "stages" / "second_moment.pt"
+    path = run_dir / "stages" / "second_moment.pt"
+    chosen = sorted(range(num_batches), key=lambda b: derive_seed(config.seed, "calibrate", b))
+    chosen = set(chosen[: s.calibration_batches])
     with manifest.stage("calibrate"):
-        if moment_path.exists():
-            moment = torch.load(moment_path)
-        else:
-            order = sorted(batches, key=lambda b: derive_seed(config.seed, "calibrate", b))
-            chosen = [_payload(batches[b]) for b in order[: s.calibration_batches]]
-            moment = ray.get(actors[0].calibrate.remote(chosen, s.beta2))
-            torch.save(moment, moment_path)
-        moment_ref = ray.put(moment)
-        ray.get([a.set_second_moment.remote(moment_ref) for a in actors])
-    manifest.count("calibrate", batches=min(s.calibration_batches, len(batches)))
-
-
-def _frame(group: pd.DataFrame, result: dict) -> pd.DataFrame:
-    frame = pd.DataFrame(
-        {
-            "path": group["path"].to_numpy(),
-            "line": group["line"].to_numpy(),
-            "id": group["id"].to_numpy(),
-            "loss": result["loss"],
-            "loss_stratum": result["loss_stratum"],
-        }
-    )
-    for key, mask in result["keep"].items():
-        frame[f"keep_{key}"] = mask
-        frame[f"weight_{key}"] = result["weight"][key]
-    return frame
+        if chosen and not path.exists():
+            picked = _packed(run_dir).filter(lambda r: r["batch_id"] in chosen)
+            refs = picked.select_columns(["batch_id", "input_ids", "labels"]).to_arrow_refs()
+            task = calibrate_task.options(**_resources(config))
+            ray.get(
+                task.remote(
+                    config.model.name, config.model.dtype, refs, s.beta2,
+                    config.score.micro_batch_size, str(path), _threads(config),
+                )
+            )  # fmt: skip
+    manifest.count("calibrate", batches=len(chosen))
+    return str(path)
 
 
 def score(
     config: SlapConfig,
-    prepared: pd.DataFrame,
     run_dir: Path,
+    num_batches: int,
     manifest: Manifest,
     selections: list[Selection] | None = None,
-) -> pd.DataFrame:
+) -> None:
     """Score every unscored batch on ``score.num_scorers`` actors (each batch once, whatever
-    the number of selections); returns all scored rows."""
+    the number of selections); each actor writes its batches to ``scored/``."""
     selections = selections or plain_selections(config)
-    batches = batches_of(prepared)
     scored_dir = run_dir / "scored"
     scored_dir.mkdir(exist_ok=True)
     done = finished_batches(scored_dir, selections)
-    gpus = config.score.num_gpus_per_scorer
-    actor_class = scorer_actor(num_cpus=1 if gpus == 0 else 0, num_gpus=gpus)
-    model_name = resolve_model_path(config.model.name)
-    actors = [
-        actor_class.remote(model_name, config.model.dtype, _settings(config, selections))
-        for _ in range(config.score.num_scorers)
-    ]
-    try:
-        _calibrate(config, actors, batches, run_dir, manifest)
-        todo = [b for b in batches if b not in done]
-        with manifest.stage("score"):
-            pool = ActorPool(actors)
-            jobs = ((b, *_payload(batches[b])) for b in todo)
-            with progress_bar(config, "score", total=len(batches), initial=len(done)) as bar:
-                for result in pool.map_unordered(lambda a, job: a.score.remote(*job), jobs):
-                    frame = _frame(batches[result["batch_id"]], result)
-                    tmp = scored_dir / f".batch-{result['batch_id']:06d}.tmp"
-                    frame.to_parquet(tmp)
-                    tmp.rename(scored_dir / f"batch-{result['batch_id']:06d}.parquet")
-                    bar.update(1)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    moment = _calibrate(config, run_dir, num_batches, manifest)
+    todo = num_batches - len(done)
+    rows_now = 0
+    with manifest.stage("score"):
+        if todo:
+            finished = np.array(sorted(done), dtype=np.int64)
+            # Read before the scorers start: they may hold every CPU a read task would need.
+            pending = (
+                _packed(run_dir)
+                .map_batches(lambda b: b[~b["batch_id"].isin(finished)], batch_format="pandas")
+                .materialize()
+            )
+            results = pending.map_batches(
+                BatchScorer,
+                fn_constructor_args=(
+                    config.model.name,
+                    config.model.dtype,
+                    _settings(config, selections),
+                    moment,
+                    str(scored_dir),
+                ),  # fmt: skip
+                compute=ActorPoolStrategy(size=config.score.num_scorers),
+                batch_size=1,
+                batch_format="pandas",
+                **_resources(config),
+            )
+            with progress_bar(config, "score", total=num_batches, initial=len(done)) as bar:
+                for part in results.iter_batches(batch_size=None, batch_format="pandas"):
+                    rows_now += int(part["rows"].sum())
+                    bar.update(len(part))
     seconds = manifest.data["timings_s"]["score"]
-    rows_scored = int(sum(len(batches[b]) for b in todo))
     manifest.count(
-        "score", batches=len(batches), resumed_batches=len(done), rows_scored_now=rows_scored
+        "score", batches=num_batches, resumed_batches=len(done), rows_scored_now=rows_now
     )
-    manifest.set(
-        "scorer_throughput_rows_per_s", round(rows_scored / seconds, 3) if seconds else None
-    )
-    files = sorted(scored_dir.glob("batch-*.parquet"))
-    if not files:
-        return pd.DataFrame(columns=[*ORIGIN, "id", "loss", "loss_stratum"])
-    return pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+    manifest.set("scorer_throughput_rows_per_s", round(rows_now / seconds, 3) if seconds else None)

@@ -1,69 +1,67 @@
 """`slap select`: offline SLAP over an instruction pool (SLAP_METHOD.md section 3).
 
-Stages: read -> tokenise -> embed -> k-means strata -> compose batches -> calibrate second
-moment -> score & select on scorer actors -> write outputs. Finished stages are persisted in the
-run directory (``stages/``, ``scored/``) so ``--resume`` continues a killed run. Every table is
-keyed by the row's origin (path, line): one output row per input row, whatever its id.
+Stages: prepare (jobs.prepare: read -> tokenise -> strata -> compose, all Ray Data) ->
+calibrate the second moment -> score on scorer actors -> write outputs. The driver holds
+aggregates and object refs only; workers write every per-row table. Finished stages persist in
+the run directory (``stages/``, ``scored/``) so ``--resume`` continues a killed run. Every
+table is keyed by the row's origin (path, line): one output row per input row, whatever its id.
+
+The run directory must be one every node can write (one machine, or a shared filesystem).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import shutil
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
+from ray.data import Dataset
 
-from slap_ray.assets import resolve_embedder_path
-from slap_ray.config import ConfigError, SlapConfig, config_to_dict, write_resolved_config
+from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.scoring import Selection
-from slap_ray.core.seeds import derive_seed
 from slap_ray.core.selection import n_keep_for
-from slap_ray.core.strata import compose_batches, kmeans_fit
 from slap_ray.data.ingest import BadRowError, make_reject, write_rejected
-from slap_ray.jobs.rows import (
-    ORIGIN,
-    frame_of,
-    input_files,
-    keys_of,
-    mark_rejects,
-    raise_first_reject,
-    raw_text,
-    read_meta,
-    read_rows,
-)
+from slap_ray.jobs.prepare import load_or_prepare
+from slap_ray.jobs.rows import ORIGIN, input_files, raw_text
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.scoring import plain_selections, score
-from slap_ray.ray import stages
+from slap_ray.ray import pool
 from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
-from slap_ray.reporting.selection import keep_column, weight_column, write_selection_report
+from slap_ray.reporting.selection import (
+    SelectionSummary,
+    keep_column,
+    weight_column,
+    write_selection_report,
+)
 
 log = logging.getLogger("slap_ray.select")
-TOKEN_COLUMNS = ["path", "line", "cluster", "input_ids", "labels", "num_tokens"]
-PREPARED_COLUMNS = [
-    "id", "source", "task", "path", "line", "reject_reason", "raw", "sampled",
-    "cluster", "batch_id", "input_ids", "labels", "num_tokens",
-]  # fmt: skip
 # What a fresh run clears in its output_dir (a resumed run keeps stages/ and scored/).
 OWNED = (
-    "scores.parquet", "kept", "rejected.jsonl", "report.md", "plots", "manifest.json",
-    "config.yaml", "stages", "scored", "logs",
+    "scores.parquet", "kept", "selected", "rejected.jsonl", "report.md", "plots",
+    "manifest.json", "config.yaml", "stages", "scored", "logs",
 )  # fmt: skip
-
-
-def _fingerprint(config: SlapConfig) -> str:
-    """What the prepared/scored stages depend on: everything except where and how to run."""
-    tree = config_to_dict(config)
-    for key in ("output_dir", "resume", "progress", "ray", "score", "train", "eval", "sweep"):
-        tree.pop(key, None)
-    tree["select"].pop("mode", None)
-    tree["select"].pop("alphas", None)  # checked against the scored batches on resume
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+META = [
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("task", pa.string()),
+    ("path", pa.string()),
+    ("line", pa.int64()),
+    ("reject_reason", pa.string()),
+    ("sampled", pa.bool_()),
+    ("cluster", pa.int64()),
+    ("batch_id", pa.int64()),
+    ("num_tokens", pa.int64()),
+    ("loss", pa.float64()),
+    ("loss_stratum", pa.int64()),
+]
+HISTOGRAM_BINS = 40
 
 
 def budget_warnings(config: SlapConfig) -> list[str]:
@@ -81,142 +79,128 @@ def budget_warnings(config: SlapConfig) -> list[str]:
     return out
 
 
-def _tokenize(config: SlapConfig, rows: ray.data.Dataset, sampled: set) -> pd.DataFrame:
-    """Tokenise the sampled rows; returns their origin, reject reason and token columns."""
-    tokenized = stages.tokenize_stage(
-        rows.filter(lambda r: (r["path"], r["line"]) in sampled),
-        config.model.name,
-        config.data.max_length,
-        config.data.truncation,
+def scores_schema(keys: list[str]) -> pa.Schema:
+    """scores.parquet: one row per input row; a keep and a weight column per selection."""
+    fields = list(META)
+    for key in keys:
+        fields += [(f"keep_{key}", pa.bool_()), (f"weight_{key}", pa.float64())]
+    return pa.schema(fields)
+
+
+def _as_scores(frame: pd.DataFrame, schema: pa.Schema, scored: bool) -> pa.Table:
+    frame = frame.copy()
+    if scored:
+        frame["reject_reason"], frame["sampled"] = None, True
+    defaults = {"cluster": -1, "batch_id": -1, "num_tokens": 0, "loss": np.nan, "loss_stratum": -1}
+    for name in schema.names:
+        if name not in frame:
+            frame[name] = (
+                False if name.startswith("keep_") else 0.0 if name.startswith("weight_")
+                else defaults.get(name)
+            )  # fmt: skip
+    for name in ("source", "task", "reject_reason"):
+        frame[name] = frame[name].astype(object).where(frame[name].notna(), None)
+    return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+
+
+def _normalised(frame: pd.DataFrame, keep: str) -> pd.DataFrame:
+    """Kept rows in the normalised schema (id, source, task, messages as role/content lists)."""
+    frame = frame[frame[keep].astype(bool)]
+    return pd.DataFrame(
+        {
+            "id": frame["id"],
+            "source": frame["source"],
+            "task": frame["task"],
+            "messages": [json.loads(m) for m in frame["messages"]],
+        }
     )
-    return tokenized.drop_columns(["raw"]).materialize()
 
 
-def _strata(config: SlapConfig, tokenized: ray.data.Dataset, manifest: Manifest) -> pd.DataFrame:
-    """Embed the usable rows, fit k-means on a seeded sample, assign every row its cluster."""
-    with manifest.stage("embed"):
-        embedded = stages.embed_stage(
-            tokenized.filter(lambda r: r["reject_reason"] is None),
-            resolve_embedder_path(config.embed.model),
-            config.embed.batch_size,
-            config.embed.max_chars,
-            config.embed.num_actors,
-            config.embed.num_gpus_per_actor,
-        ).materialize()
-    with manifest.stage("kmeans"):
-        total = embedded.count()
-        fraction = min(1.0, config.strata.fit_sample_size / max(total, 1))
-        _, sample = stages.fit_sample(embedded, config.seed, fraction)
-        clusters = min(config.strata.num_clusters, len(sample))
-        centroids = kmeans_fit(
-            sample, clusters, derive_seed(config.seed, "kmeans"), config.strata.max_iter
+def _write_rejected(frame: pd.DataFrame, fmt: str, path: str) -> int:
+    if len(frame):
+        frame = frame.sort_values(ORIGIN, kind="stable")
+        texts = raw_text(frame, fmt)
+        rows = zip(frame["path"], frame["line"], frame["reject_reason"], texts, strict=True)
+        records = [make_reject(p, int(ln), r, raw) for p, ln, r, raw in rows]
+    else:
+        records = []
+    write_rejected(records, Path(path))
+    return len(records)
+
+
+def _loss_histogram(scored: Dataset, alpha: float) -> tuple[np.ndarray, ...]:
+    low, high = scored.min("loss"), scored.max("loss")
+    edges = np.linspace(low, high if high > low else low + 1.0, HISTOGRAM_BINS + 1)
+    keep = keep_column(alpha)
+
+    def histogram(batch: pd.DataFrame) -> pd.DataFrame:
+        kept = batch[keep].to_numpy(bool)
+        loss = batch["loss"].to_numpy(np.float64)
+        return pd.DataFrame(
+            {
+                "bin": np.arange(HISTOGRAM_BINS),
+                "kept": np.histogram(loss[kept], edges)[0],
+                "pruned": np.histogram(loss[~kept], edges)[0],
+            }
         )
-        table = stages.assign_stage(embedded, centroids)
-        table = table.select_columns(["id", *TOKEN_COLUMNS]).to_pandas()
-    manifest.count("kmeans", fit_rows=len(sample), clusters=clusters)
-    return table
 
-
-def prepare(config: SlapConfig, manifest: Manifest) -> pd.DataFrame:
-    """Read, tokenise, embed, cluster and compose: one row per input row, with its batch id."""
-    with manifest.stage("read"):
-        rows = read_rows(config, config.data.paths, "data.paths", manifest).materialize()
-        meta = mark_rejects(read_meta(rows, config.data.paths, "data.paths"), config)
-    rejected = meta[meta["reject_reason"].notna()]
-    raws = rows.filter(lambda r: r["reject_reason"] is not None)
-    meta = meta.merge(frame_of(raws, [*ORIGIN, "raw"]), on=ORIGIN, how="left")
-    manifest.count(
-        "read",
-        rows=len(meta),
-        rejected=len(rejected),
-        sampled=int(meta["sampled"].sum()),
-        not_sampled=int((meta["reject_reason"].isna() & ~meta["sampled"]).sum()),
+    parts = scored.select_columns(["loss", keep]).map_batches(
+        histogram, batch_size=None, batch_format="pandas"
     )
-    with manifest.stage("tokenize"):
-        tokenized = _tokenize(config, rows, keys_of(meta[meta["sampled"]]))
-        token_rejects = frame_of(
-            tokenized.filter(lambda r: r["reject_reason"] is not None),
-            [*ORIGIN, "reject_reason"],
-        )
-    if config.data.on_bad_rows == "error":
-        raise_first_reject(token_rejects)  # e.g. truncation removed every response token
-    manifest.count("tokenize", rejected=len(token_rejects))
-    if int(meta["sampled"].sum()) == len(token_rejects):
-        raise ConfigError(
-            f"data.paths: no usable rows: all {len(meta)} rows read were rejected "
-            "(data.on_bad_rows=skip writes them to rejected.jsonl)"
-        )
-    table = _strata(config, tokenized, manifest)
-    with manifest.stage("compose"):
-        table["batch_id"] = compose_batches(
-            table["id"].tolist(),
-            table["cluster"].to_numpy(),
-            config.select.batch_size,
-            derive_seed(config.seed, "compose"),
-        )
-    return _one_row_per_input(meta, token_rejects, table.drop(columns=["id"]))
-
-
-def _one_row_per_input(
-    meta: pd.DataFrame, token_rejects: pd.DataFrame, table: pd.DataFrame
-) -> pd.DataFrame:
-    reasons = token_rejects.set_index(ORIGIN)["reject_reason"]
-    origin = pd.MultiIndex.from_frame(meta[ORIGIN])
-    late = origin.isin(reasons.index)
-    meta.loc[late, "reject_reason"] = reasons.reindex(origin[late]).to_numpy()
-    out = meta.merge(table, on=ORIGIN, how="left")
-    out["batch_id"] = out["batch_id"].fillna(-1).astype("int64")
-    out["cluster"] = out["cluster"].fillna(-1).astype("int64")
-    out["num_tokens"] = out["num_tokens"].fillna(0).astype("int64")
-    out["raw"] = [x if isinstance(x, str) else None for x in out["raw"]]
-    return out.sort_values(["id", *ORIGIN], kind="stable").reset_index(drop=True)[PREPARED_COLUMNS]
+    total = pool.accumulate(parts, ["bin"]).sort_values("bin")
+    return edges, total["kept"].to_numpy(), total["pruned"].to_numpy()
 
 
 def write_outputs(
-    config: SlapConfig,
-    prepared: pd.DataFrame,
-    scored: pd.DataFrame,
-    run_dir: Path,
-    manifest: Manifest,
-    selections: list[Selection],
-) -> pd.DataFrame:
-    """scores.parquet (a keep and a weight column per selection), kept ids (+ training weights)
-    per alpha of ``select.alphas`` and rejected.jsonl."""
-    scores = prepared.drop(columns=["input_ids", "labels", "raw"]).merge(
-        scored.drop(columns=["id"]), on=ORIGIN, how="left"
+    config: SlapConfig, run_dir: Path, manifest: Manifest, selections: list[Selection]
+) -> SelectionSummary:
+    """Workers write scores.parquet/ (every input row), selected/alpha-<a>/ (kept rows,
+    normalised); one task each writes kept/alpha-<a>.txt|.parquet and rejected.jsonl."""
+    alphas = config.select.alphas
+    schema = scores_schema([s.key for s in selections])
+    # Read once into the object store: every output below is one more pass over them.
+    scored = ray.data.read_parquet(str(run_dir / "scored")).materialize()
+    unscored = ray.data.read_parquet(str(run_dir / "stages" / "unscored")).materialize()
+    target = run_dir / "scores.parquet"
+    shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(True)
+    scored.map_batches(
+        partial(_as_scores, schema=schema, scored=True), batch_format="pandas"
+    ).union(
+        unscored.map_batches(
+            partial(_as_scores, schema=schema, scored=False), batch_format="pandas"
+        )
+    ).write_parquet(str(target))
+    keeps = [c for a in alphas for c in (keep_column(a), weight_column(a))]
+    kept = pool.on_cluster(
+        write_kept, scored.select_columns(["id", *keeps]), alphas, run_dir / "kept"
     )
-    ours = set()
-    for key in (s.key for s in selections):
-        keep, weight = f"keep_{key}", f"weight_{key}"
-        scores[keep] = scores[keep].fillna(False).astype(bool)
-        scores[weight] = scores[weight].fillna(0.0).astype(float)
-        ours |= {keep, weight}
-    stale = [c for c in scores.columns if c.startswith(("keep_", "weight_")) and c not in ours]
-    scores = scores.drop(columns=stale)
-    scores.to_parquet(run_dir / "scores.parquet", index=False)
-    summary = write_kept(scores, config.select.alphas, run_dir / "kept")
-    rejects = prepared[prepared["reject_reason"].notna()]
-    texts = raw_text(rejects, config.data.format)
-    write_rejected(
-        [
-            make_reject(p, int(ln), r, raw)
-            for p, ln, r, raw in zip(
-                rejects["path"], rejects["line"], rejects["reject_reason"], texts, strict=True
-            )
-        ],
-        run_dir / "rejected.jsonl",
+    shutil.rmtree(run_dir / "selected", ignore_errors=True)
+    for alpha in alphas:
+        scored.map_batches(
+            partial(_normalised, keep=keep_column(alpha)), batch_format="pandas"
+        ).write_parquet(str(run_dir / "selected" / f"alpha-{alpha:g}"))
+    rejects = unscored.filter(lambda r: r["reject_reason"] is not None)
+    rejected = pool.on_cluster(
+        _write_rejected, rejects, config.data.format, str(run_dir / "rejected.jsonl")
     )
+    groups = pool.counts_by(
+        scored.select_columns(["cluster", "source", "task", *map(keep_column, alphas)]),
+        ["cluster", "source", "task"],
+        tuple(map(keep_column, alphas)),
+    )
+    edges, loss_kept, loss_pruned = _loss_histogram(scored, alphas[len(alphas) // 2])
+    read = manifest.data["counts"]["read"]
     manifest.count(
         "output",
-        rows=len(scores),
-        scored=int(scores["loss"].notna().sum()),
-        rejected=len(rejects),
-        not_sampled=int((scores["reject_reason"].isna() & ~scores["sampled"]).sum()),
-        kept_per_alpha=summary,
+        rows=read["rows"],
+        scored=int(groups["rows"].sum()),
+        rejected=rejected,
+        not_sampled=read["not_sampled"],
+        kept_per_alpha=kept,
     )
     manifest.set("method", config.select.method)
-    manifest.set("alphas", list(config.select.alphas))
-    return scores
+    manifest.set("alphas", list(alphas))
+    return SelectionSummary(groups, edges, loss_kept, loss_pruned)
 
 
 def write_kept(scores: pd.DataFrame, alphas: list[float], folder: Path) -> dict[str, int]:
@@ -234,27 +218,6 @@ def write_kept(scores: pd.DataFrame, alphas: list[float], folder: Path) -> dict[
         kept.to_parquet(folder / f"alpha-{alpha:g}.parquet", index=False)
         summary[f"{alpha:g}"] = len(kept)
     return summary
-
-
-def _load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> pd.DataFrame:
-    fingerprint = _fingerprint(config)
-    stamp = run_dir / "stages" / "fingerprint.txt"
-    prepared_path = run_dir / "stages" / "prepared.parquet"
-    if not stamp.exists() or stamp.read_text() != fingerprint:
-        for stale in [
-            prepared_path,
-            run_dir / "stages" / "second_moment.pt",
-            *(run_dir / "scored").glob("batch-*.parquet"),
-        ]:
-            stale.unlink(missing_ok=True)
-    stamp.write_text(fingerprint)
-    if prepared_path.exists():
-        manifest.count("resume", prepared_reused=True)
-        return pd.read_parquet(prepared_path)
-    prepared = prepare(config, manifest)
-    table = pa.Table.from_pandas(prepared, preserve_index=False)
-    pq.write_table(table, prepared_path)
-    return prepared
 
 
 def select_into(
@@ -277,14 +240,14 @@ def select_into(
     try:
         with ray_session(config.ray, run_dir, "select"):
             check_resources(config, "select")
-            prepared = _load_or_prepare(config, run_dir, manifest)
-            scored = score(config, prepared, run_dir, manifest, selections)
+            num_batches = load_or_prepare(config, run_dir, manifest)
+            score(config, run_dir, num_batches, manifest, selections)
             with manifest.stage("write"):
-                scores = write_outputs(config, prepared, scored, run_dir, manifest, selections)
+                summary = write_outputs(config, run_dir, manifest, selections)
     finally:
         manifest.write(run_dir / "manifest.json")
     # Written last, so its timings include every stage.
-    return write_selection_report(scores, config.select.alphas, run_dir, manifest.data)
+    return write_selection_report(summary, config.select.alphas, run_dir, manifest.data)
 
 
 def run_select(config: SlapConfig) -> Path:

@@ -22,12 +22,16 @@ class Embedder:
     different block compositions cannot move a row to another k-means cluster.
     """
 
-    def __init__(self, model_path: str, batch_size: int, max_chars: int, use_gpu: bool) -> None:
+    def __init__(
+        self, model_name: str, batch_size: int, max_chars: int, use_gpu: bool, num_cpus: float = 1
+    ) -> None:
         from sentence_transformers import SentenceTransformer
 
-        torch.set_num_threads(1)
+        from slap_ray.assets import resolve_embedder_path
+
+        torch.set_num_threads(max(1, int(num_cpus)))
         device = device_for(use_gpu, "embed.num_gpus_per_actor")
-        self.model = SentenceTransformer(model_path, device=device)
+        self.model = SentenceTransformer(resolve_embedder_path(model_name), device=device)
         self.batch_size = batch_size
         self.max_chars = max_chars
 

@@ -1,9 +1,18 @@
-"""Scorer actors: each holds one model replica and scores composed batches (core.scoring)."""
+"""Scorer actors: each holds one model replica and scores composed batches (core.scoring).
+
+``BatchScorer`` is the ``map_batches`` form: Ray Data feeds it one packed batch per call (the
+tokens never pass through the driver) and it writes that batch's scores itself, so a killed
+run keeps every finished batch.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
 import ray
 import torch
 
@@ -59,3 +68,76 @@ class Scorer:
 def scorer_actor(num_cpus: float, num_gpus: float):
     """The ``Scorer`` class as a Ray actor with the given resources."""
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(Scorer)
+
+
+def _lists(values) -> list[list[int]]:
+    return [list(map(int, x)) for x in values]
+
+
+@ray.remote
+def calibrate_task(
+    model_name: str,
+    dtype: str,
+    refs: list,
+    beta2: float,
+    micro_batch_size: int,
+    path: str,
+    threads: int,
+) -> bool:
+    """The second-moment EMA over the calibration batches (packed rows behind ``refs``),
+    saved to ``path``; returns whether there was one."""
+    from slap_ray.assets import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(threads)
+    frame = pa.concat_tables(ray.get(refs)).to_pandas() if refs else pd.DataFrame()
+    if frame.empty:
+        return False
+    frame = frame.sort_values("batch_id")
+    model = load_causal_lm(model_name, dtype=getattr(torch, dtype)).eval()
+    pad = load_tokenizer(model_name).pad_token_id
+    batches = [(_lists(r["input_ids"]), _lists(r["labels"])) for _, r in frame.iterrows()]
+    ema = calibrate_second_moment(model, batches, pad, beta2, micro_batch_size)
+    if ema.value() is None:
+        return False
+    torch.save(ema.value().cpu(), path)
+    return True
+
+
+class BatchScorer:
+    """``map_batches`` UDF (``batch_size=1``): score one packed batch, write
+    ``<scored_dir>/batch-<id>.parquet`` (meta, loss, a keep and weight column per selection,
+    the conversation, the scorer's node) and return one small row per batch."""
+
+    def __init__(
+        self, model_name: str, dtype: str, settings: dict, moment_path: str | None, scored_dir: str
+    ) -> None:
+        self.scorer = Scorer(model_name, dtype, dict(settings))
+        if moment_path and Path(moment_path).exists():
+            self.scorer.set_second_moment(torch.load(moment_path))
+        self.scored_dir = Path(scored_dir)
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, packed: pd.DataFrame) -> pd.DataFrame:
+        done = []
+        for _, row in packed.iterrows():
+            batch_id = int(row["batch_id"])
+            result = self.scorer.score(batch_id, _lists(row["input_ids"]), _lists(row["labels"]))
+            frame = pd.DataFrame(
+                {
+                    c: list(row[c])
+                    for c in ("id", "source", "task", "path", "line", "cluster", "num_tokens")
+                }
+            )
+            frame["batch_id"] = batch_id
+            frame["loss"] = np.asarray(result["loss"], dtype=np.float64)
+            frame["loss_stratum"] = np.asarray(result["loss_stratum"], dtype=np.int64)
+            for key, mask in result["keep"].items():
+                frame[f"keep_{key}"] = np.asarray(mask, dtype=bool)
+                frame[f"weight_{key}"] = np.asarray(result["weight"][key], dtype=np.float64)
+            frame["messages"] = list(row["messages"])
+            frame["scorer_node"] = self.node
+            tmp = self.scored_dir / f".batch-{batch_id:06d}.{self.node[:8]}.tmp"
+            frame.to_parquet(tmp, index=False)
+            tmp.rename(self.scored_dir / f"batch-{batch_id:06d}.parquet")
+            done.append({"batch_id": batch_id, "rows": len(frame)})
+        return pd.DataFrame(done, columns=["batch_id", "rows"])

@@ -113,25 +113,35 @@ class Tokenizer:
         return out
 
 
-def tokenize_stage(ds: Dataset, model_name: str, max_length: int, truncation: str) -> Dataset:
+def tokenize_stage(
+    ds: Dataset, model_name: str, max_length: int, truncation: str, num_actors: int = 1
+) -> Dataset:
     return ds.map_batches(
         Tokenizer,
         fn_constructor_args=(model_name, max_length, truncation),
-        compute=ActorPoolStrategy(size=1),
+        compute=ActorPoolStrategy(size=num_actors),
         batch_size=256,
         num_cpus=1,
     )
 
 
 def embed_stage(
-    ds: Dataset, model_path: str, batch_size: int, max_chars: int, num_actors: int, num_gpus: float
+    ds: Dataset,
+    model_name: str,
+    batch_size: int,
+    max_chars: int,
+    num_actors: int,
+    num_gpus: float,
+    num_cpus: float = 1.0,
 ) -> Dataset:
+    """Sentence embeddings on an actor pool; each actor runs as many torch threads as CPUs it
+    holds, and resolves the model folder on its own node."""
     return ds.map_batches(
         Embedder,
-        fn_constructor_args=(model_path, batch_size, max_chars, num_gpus > 0),
+        fn_constructor_args=(model_name, batch_size, max_chars, num_gpus > 0, num_cpus),
         compute=ActorPoolStrategy(size=num_actors),
         batch_size=batch_size,
-        num_cpus=0 if num_gpus > 0 else 1,
+        num_cpus=0 if num_gpus > 0 else num_cpus,
         num_gpus=num_gpus,
     )
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
@@ -37,30 +39,44 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+@dataclass
+class SelectionSummary:
+    """Small aggregates of a selection, all the report needs.
+
+    ``groups``: one row per (cluster, source, task) with ``rows`` and a ``keep_a<alpha>`` count
+    per alpha; ``loss_edges`` (B+1,) with ``loss_kept`` / ``loss_pruned`` (B,) histogram counts
+    at the middle alpha.
+    """
+
+    groups: pd.DataFrame
+    loss_edges: np.ndarray
+    loss_kept: np.ndarray
+    loss_pruned: np.ndarray
+
+
 def write_selection_report(
-    scores: pd.DataFrame, alphas: list[float], run_dir: Path, manifest: dict
+    summary: SelectionSummary, alphas: list[float], run_dir: Path, manifest: dict
 ) -> Path:
     """Plots (cluster sizes, loss kept vs pruned, kept fraction per source/task) and report.md."""
-    scored = scores[scores["loss"].notna()]
+    groups = summary.groups
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     images: list[tuple[str, str]] = []
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    scored["cluster"].value_counts().sort_index().plot.bar(ax=ax, color="#4c72b0")
-    ax.set(xlabel="cluster", ylabel="rows", title="Distribution strata (k-means clusters)")
+    groups.groupby("cluster")["rows"].sum().sort_index().plot.bar(ax=ax, color="#4c72b0")
+    ax.set(xlabel="cluster", ylabel="rows", title="Distribution strata (clusters)")
     images.append(("Cluster sizes", "plots/" + _save(fig, plots / "cluster_sizes.png")))
 
     middle = alphas[len(alphas) // 2]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    kept = scored[keep_column(middle)].astype(bool)
-    ax.hist(
-        [scored.loc[kept, "loss"], scored.loc[~kept, "loss"]],
-        bins=40,
-        stacked=True,
-        label=["kept", "pruned"],
-        color=["#55a868", "#c44e52"],
-    )
+    widths = np.diff(summary.loss_edges)
+    left = summary.loss_edges[:-1]
+    ax.bar(left, summary.loss_kept, widths, align="edge", label="kept", color="#55a868")
+    ax.bar(
+        left, summary.loss_pruned, widths, bottom=summary.loss_kept, align="edge",
+        label="pruned", color="#c44e52",
+    )  # fmt: skip
     ax.set(
         xlabel="mean response-token loss",
         ylabel="rows",
@@ -71,8 +87,9 @@ def write_selection_report(
 
     tables = []
     for group in ("source", "task"):
+        by = groups.groupby(group)
         fractions = pd.DataFrame(
-            {f"alpha={a:g}": scored.groupby(group)[keep_column(a)].mean() for a in alphas}
+            {f"alpha={a:g}": by[keep_column(a)].sum() / by["rows"].sum() for a in alphas}
         )
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(fractions) + 1.8))
         fractions.plot.barh(ax=ax)
@@ -88,7 +105,7 @@ def write_selection_report(
         "# SLAP selection report",
         "",
         f"Method `{manifest.get('method')}`, alphas {', '.join(f'{a:g}' for a in alphas)}; "
-        f"{output.get('rows', len(scores))} input rows: {output.get('scored', len(scored))} "
+        f"{output.get('rows', 0)} input rows: {output.get('scored', 0)} "
         f"scored, {output.get('rejected', 0)} rejected (rejected.jsonl), "
         f"{output.get('not_sampled', 0)} not sampled (data.max_rows).",
         "",
@@ -99,9 +116,10 @@ def write_selection_report(
         "| alpha | kept rows | kept fraction |",
         "| ---: | ---: | ---: |",
     ]
+    scored = int(groups["rows"].sum())
     for alpha in alphas:
-        n = int(scored[keep_column(alpha)].sum())
-        lines.append(f"| {alpha:g} | {n} | {n / max(len(scored), 1):.3f} |")
+        n = int(groups[keep_column(alpha)].sum())
+        lines.append(f"| {alpha:g} | {n} | {n / max(scored, 1):.3f} |")
     lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v} |" for k, v in manifest.get("timings_s", {}).items()]
     lines += ["", "## Row counts", "", "```", *(f"{k}: {v}" for k, v in counts.items()), "```", ""]

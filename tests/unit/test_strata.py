@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
 from slap_ray.core.seeds import derive_seed
-from slap_ray.core.strata import assign_clusters, compose_batches, kmeans_fit, largest_remainder
+from slap_ray.core.strata import (
+    assign_clusters,
+    compose_batches,
+    kmeans_fit,
+    stratified_positions,
+)
 
 
 def blobs(seed=0, per=50):
@@ -32,10 +39,26 @@ def test_kmeans_rejects_bad_cluster_count():
         kmeans_fit(points, 7, seed=0)
 
 
-def test_largest_remainder():
-    assert largest_remainder(10, np.array([1, 1, 1])).tolist() == [4, 3, 3]
-    assert largest_remainder(7, np.array([5, 3, 2])).tolist() == [4, 2, 1]
-    assert largest_remainder(0, np.array([5, 3])).tolist() == [0, 0]
+def _webster_by_hand(counts: list[int]) -> list[tuple[int, int]]:
+    """Brute force: hand out seats one at a time to the highest n_c / (2 s_c + 1)."""
+    seats, order = [0] * len(counts), []
+    for _ in range(sum(counts)):
+        best = max(
+            (c for c in range(len(counts)) if seats[c] < counts[c]),
+            key=lambda c: (Fraction(counts[c], 2 * seats[c] + 1), -c),
+        )
+        order.append((best, seats[best]))
+        seats[best] += 1
+    return order
+
+
+@pytest.mark.parametrize("counts", [[5, 3, 2], [1, 1, 1], [7, 0, 7, 1], [100, 1, 13, 40], [9]])
+def test_stratified_positions_match_seat_by_seat_webster(counts):
+    order = _webster_by_hand(counts)
+    clusters = np.array([c for c, _ in order])
+    ranks = np.array([r for _, r in order])
+    got = stratified_positions(ranks, clusters, np.array(counts))
+    assert got.tolist() == list(range(sum(counts)))
 
 
 def test_compose_batches_mirrors_the_mix_and_covers_every_row():

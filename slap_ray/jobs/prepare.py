@@ -1,0 +1,216 @@
+"""The prepare half of `slap select`, as Ray Data steps over the whole pool: read -> duplicate
+ids and bad rows -> seeded ``max_rows`` sample -> tokenise -> strata (k-means on embeddings, or
+an existing column) -> compose batches -> pack one row per batch.
+
+Workers write two tables under ``stages/``: ``batches/`` (one row per composed batch: what the
+scorers read) and ``unscored/`` (rejected and not-sampled rows). ``prepare.json`` (counts,
+number of batches, fingerprint) marks the stage finished, so ``--resume`` skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import ray
+from ray.data import Dataset
+
+from slap_ray.config import ConfigError, SlapConfig, config_to_dict
+from slap_ray.core.seeds import derive_seed
+from slap_ray.core.strata import kmeans_fit
+from slap_ray.data.ingest import BadRowError
+from slap_ray.jobs.rows import read_rows
+from slap_ray.ray import pool, stages
+from slap_ray.reporting.manifest import Manifest
+
+BATCH_COLUMNS = [
+    "id", "source", "task", "path", "line", "cluster", "num_tokens", "messages", "input_ids",
+    "labels",
+]  # fmt: skip
+UNSCORED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("task", pa.string()),
+        ("path", pa.string()),
+        ("line", pa.int64()),
+        ("reject_reason", pa.string()),
+        ("raw", pa.string()),
+        ("sampled", pa.bool_()),
+    ]
+)
+
+
+def fingerprint(config: SlapConfig) -> str:
+    """What the prepared and scored stages depend on: not where or how the job runs."""
+    tree = config_to_dict(config)
+    for key in ("output_dir", "resume", "progress", "ray", "score", "train", "eval", "sweep"):
+        tree.pop(key, None)
+    tree["data"].pop("num_tokenizers", None)
+    for key in ("num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "batch_size"):
+        tree["embed"].pop(key, None)
+    tree["select"].pop("mode", None)
+    tree["select"].pop("alphas", None)  # checked against the scored batches on resume
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shuffle_partitions(config: SlapConfig) -> int:
+    """Partitions of each shuffle: ``ray.shuffle_partitions``, else the cluster's CPUs."""
+    if config.ray.shuffle_partitions:
+        return config.ray.shuffle_partitions
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _unscored_table(frame: pd.DataFrame) -> pa.Table:
+    frame = frame.copy()
+    for name in UNSCORED_SCHEMA.names:
+        if name not in frame:
+            frame[name] = None
+    frame["sampled"] = frame["sampled"].fillna(False).astype(bool)
+    for column in ("source", "task", "reject_reason", "raw"):
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    return pa.Table.from_pandas(
+        frame[UNSCORED_SCHEMA.names], schema=UNSCORED_SCHEMA, preserve_index=False
+    )
+
+
+def _batches_table(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame[["batch_id", *BATCH_COLUMNS]], preserve_index=False)
+
+
+def _raise_first(rejects: Dataset) -> None:
+    first = pool.first_by_origin(rejects)
+    if first is not None:
+        raise BadRowError(first["path"], int(first["line"]), first["reject_reason"])
+
+
+def _read(config: SlapConfig, manifest: Manifest, partitions: int) -> Dataset:
+    """Every input row once, with ``reject_reason`` (bad row, duplicate id) and ``sampled``."""
+    rows = read_rows(config, config.data.paths, "data.paths", manifest)
+    if config.ray.rows_per_block:
+        rows = rows.repartition(target_num_rows_per_block=config.ray.rows_per_block)
+    rows = pool.mark_duplicates(rows.materialize(), partitions)
+    rows = pool.with_rank_key(rows, config.seed, "max-rows").materialize()
+    if rows.count() == 0:
+        raise ConfigError(f"data.paths: no rows in {config.data.paths} (every input is empty)")
+    if config.data.on_bad_rows == "error":
+        _raise_first(rows.filter(lambda r: r["reject_reason"] is not None))
+    threshold = None
+    if config.data.max_rows is not None:
+        threshold = pool.sample_threshold(rows, config.data.max_rows)
+    rows = pool.mark_sampled(rows, threshold).drop_columns(["rank_key"]).materialize()
+    counts = pool.counts_by(
+        rows.map_batches(
+            lambda b: pd.DataFrame(
+                {"rejected": b["reject_reason"].notna(), "sampled": b["sampled"].astype(bool)}
+            ),
+            batch_format="pandas",
+        ),
+        ["rejected", "sampled"],
+    )
+    total = int(counts["rows"].sum())
+    rejected = int(counts.loc[counts["rejected"].astype(bool), "rows"].sum())
+    sampled = int(counts.loc[counts["sampled"].astype(bool), "rows"].sum())
+    manifest.count(
+        "read",
+        rows=total,
+        rejected=rejected,
+        sampled=sampled,
+        not_sampled=total - rejected - sampled,
+    )
+    return rows
+
+
+def _strata(config: SlapConfig, tokens: Dataset, manifest: Manifest) -> Dataset:
+    """Add ``cluster``: k-means on sentence embeddings, or the values of ``strata.by``."""
+    if config.strata.by != "embedding":
+        with manifest.stage("strata"):
+            clustered, values = pool.column_clusters(tokens, config.strata.by)
+            clustered = clustered.materialize()
+        manifest.count("strata", by=config.strata.by, clusters=len(values))
+        return clustered
+    e = config.embed
+    with manifest.stage("embed"):
+        embedded = stages.embed_stage(
+            tokens, e.model, e.batch_size, e.max_chars, e.num_actors, e.num_gpus_per_actor,
+            e.num_cpus_per_actor,
+        ).materialize()  # fmt: skip
+    with manifest.stage("kmeans"):
+        total = embedded.count()
+        fraction = min(1.0, config.strata.fit_sample_size / max(total, 1))
+        _, sample = stages.fit_sample(embedded, config.seed, fraction)
+        clusters = min(config.strata.num_clusters, len(sample))
+        centroids = kmeans_fit(
+            sample, clusters, derive_seed(config.seed, "kmeans"), config.strata.max_iter
+        )
+        clustered = stages.assign_stage(embedded, centroids).materialize()
+    manifest.count("kmeans", fit_rows=len(sample), clusters=clusters)
+    manifest.count("strata", by="embedding", clusters=clusters)
+    return clustered
+
+
+def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
+    """Run every prepare step; workers write ``batches/`` and ``unscored/``; returns counts."""
+    partitions = shuffle_partitions(config)
+    with manifest.stage("read"):
+        rows = _read(config, manifest, partitions)
+    with manifest.stage("tokenize"):
+        usable = rows.filter(lambda r: bool(r["sampled"])).drop_columns(["raw"])
+        tokenized = stages.tokenize_stage(
+            usable, config.model.name, config.data.max_length, config.data.truncation,
+            config.data.num_tokenizers,
+        ).materialize()  # fmt: skip
+        token_rejects = tokenized.filter(lambda r: r["reject_reason"] is not None)
+        rejected_now = token_rejects.count()
+    if config.data.on_bad_rows == "error":
+        _raise_first(token_rejects)  # e.g. truncation removed every response token
+    manifest.count("tokenize", rejected=rejected_now)
+    if tokenized.count() == rejected_now:
+        read = manifest.data["counts"]["read"]["rows"]
+        raise ConfigError(
+            f"data.paths: no usable rows: all {read} rows read were rejected "
+            "(data.on_bad_rows=skip writes them to rejected.jsonl)"
+        )
+    tokens = tokenized.filter(lambda r: r["reject_reason"] is None)
+    clustered = _strata(config, tokens, manifest)
+    with manifest.stage("compose"):
+        seed = derive_seed(config.seed, "compose")
+        composed, num_batches = pool.compose(clustered, config.select.batch_size, seed, partitions)
+        for name in ("batches", "unscored"):
+            shutil.rmtree(stages_dir / name, ignore_errors=True)
+        packed = pool.pack_batches(composed, BATCH_COLUMNS, partitions)
+        pool.write_table(packed, str(stages_dir / "batches"), _batches_table)
+        unscored = rows.filter(lambda r: not r["sampled"]).union(
+            token_rejects.select_columns(
+                ["id", "source", "task", "path", "line", "reject_reason"]
+            ).map_batches(lambda b: b.assign(sampled=True), batch_format="pandas")
+        )
+        pool.write_table(unscored, str(stages_dir / "unscored"), _unscored_table)
+    manifest.count("compose", batches=num_batches)
+    return {"batches": num_batches, "counts": manifest.data["counts"]}
+
+
+def load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> int:
+    """The prepared stage of this config (reused on ``--resume``); returns the batch count."""
+    stages_dir = run_dir / "stages"
+    stamp = stages_dir / "prepare.json"
+    wanted = fingerprint(config)
+    done = json.loads(stamp.read_text()) if stamp.exists() else None
+    if done is None or done.get("fingerprint") != wanted:
+        stamp.unlink(missing_ok=True)
+        (stages_dir / "second_moment.pt").unlink(missing_ok=True)
+        for stale in (run_dir / "scored").glob("batch-*.parquet"):
+            stale.unlink()
+        done = None
+    if done is not None:
+        manifest.count("resume", prepared_reused=True)
+        for stage, counts in done["counts"].items():
+            manifest.count(stage, **counts)
+        return int(done["batches"])
+    result = prepare(config, stages_dir, manifest)
+    stamp.write_text(json.dumps({"fingerprint": wanted, **result}, default=str))
+    return int(result["batches"])

@@ -1,0 +1,246 @@
+"""Ray Data steps over the whole pool: duplicate ids, the seeded ``max_rows`` sample, strata by
+a column, batch composition, and small aggregates.
+
+Rows stay in the cluster. What reaches the driver is bounded whatever the pool size: counts
+per group, a 4096-bucket histogram, the rows of one histogram bucket, and object refs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray
+from ray.data import Dataset
+from ray.data.aggregate import Count, Min
+
+from slap_ray.core.seeds import id_rank_key
+from slap_ray.core.strata import rank_within_clusters, stratified_positions
+
+HISTOGRAM_BITS = 12  # rank keys are 63-bit; the top 12 bits pick a histogram bucket
+# Python sha256 per row: keep the pandas work of these steps in plain tasks, one CPU each.
+PANDAS = {"batch_format": "pandas"}
+
+
+def origin_key(paths: pd.Series, lines: pd.Series) -> pd.Series:
+    """(path, line) as one string that sorts like the pair (lines zero-padded)."""
+    return paths.astype(str) + "\x00" + lines.astype("int64").map("{:012d}".format)
+
+
+def _origin_text(key: str) -> str:
+    path, line = key.rsplit("\x00", 1)
+    return f"{path}:{int(line)}"
+
+
+def accumulate(parts: Dataset, keys: list[str]) -> pd.DataFrame:
+    """Sum small per-block tables by ``keys`` while they stream in: the driver holds one table
+    of (distinct keys x columns), never the per-block parts all at once."""
+    total: pd.DataFrame | None = None
+    for part in parts.iter_batches(batch_size=None, batch_format="pandas"):
+        merged = part if total is None else pd.concat([total, part], ignore_index=True)
+        total = merged.groupby(keys, dropna=False, as_index=False).sum()
+    return total if total is not None else pd.DataFrame(columns=keys)
+
+
+def counts_by(ds: Dataset, keys: list[str], sums: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Rows (column ``rows``) and column sums per distinct value of low-cardinality ``keys``."""
+
+    def count(batch: pd.DataFrame) -> pd.DataFrame:
+        frame = batch[[*keys, *sums]].copy()
+        for key in keys:
+            frame[key] = frame[key].astype(object).where(frame[key].notna(), "<none>")
+        frame["rows"] = 1
+        return frame.groupby(keys, dropna=False, as_index=False).sum()
+
+    total = accumulate(ds.map_batches(count, batch_size=None, **PANDAS), keys)
+    for key in keys:
+        total[key] = total[key].where(total[key] != "<none>", None)
+    if "rows" not in total:
+        total["rows"] = pd.Series(dtype="int64")
+    return total
+
+
+def mark_duplicates(rows: Dataset, partitions: int) -> Dataset:
+    """Reject every accepted row whose id an earlier (path, line) already holds.
+
+    An exact distributed groupby finds ids held by more than one accepted row and the first
+    origin of each; that table (duplicated ids only) travels to the workers by reference.
+    """
+    narrow = rows.filter(lambda r: r["reject_reason"] is None).select_columns(
+        ["id", "path", "line"]
+    )
+    keyed = narrow.map_batches(
+        lambda b: pd.DataFrame({"id": b["id"], "origin": origin_key(b["path"], b["line"])}),
+        **PANDAS,
+    )
+    firsts = (
+        keyed.groupby("id", num_partitions=partitions)
+        .aggregate(Count(alias_name="copies"), Min("origin", alias_name="first"))
+        .filter(lambda r: r["copies"] > 1)
+        .select_columns(["id", "first"])
+        .materialize()
+    )
+    refs = firsts.to_arrow_refs()
+
+    def reject(batch: pd.DataFrame) -> pd.DataFrame:
+        table = pa.concat_tables(ray.get(refs)) if refs else None
+        first = (
+            dict(zip(table["id"].to_pylist(), table["first"].to_pylist(), strict=True))
+            if (table is not None and table.num_rows)
+            else {}
+        )
+        if not first:
+            return batch
+        origin = origin_key(batch["path"], batch["line"])
+        for i in np.flatnonzero(batch["id"].isin(first).to_numpy()):
+            row_id = batch["id"].iat[i]
+            if batch["reject_reason"].iat[i] is None and origin.iat[i] != first[row_id]:
+                batch.loc[batch.index[i], "reject_reason"] = (
+                    f"duplicate id {row_id!r} (first seen at {_origin_text(first[row_id])})"
+                )
+        return batch
+
+    return rows.map_batches(reject, **PANDAS)
+
+
+def with_rank_key(rows: Dataset, seed: int, stage: str) -> Dataset:
+    """Add ``rank_key`` (int64, ``id_rank_key``) to accepted rows; -1 on rejected ones."""
+
+    def add(batch: pd.DataFrame) -> pd.DataFrame:
+        accepted = batch["reject_reason"].isna().to_numpy()
+        batch["rank_key"] = [
+            id_rank_key(seed, stage, i) if ok else -1
+            for i, ok in zip(batch["id"], accepted, strict=True)
+        ]
+        return batch
+
+    return rows.map_batches(add, **PANDAS)
+
+
+def sample_threshold(rows: Dataset, keep: int) -> tuple[int, str] | None:
+    """The exact ``keep``-th smallest (rank_key, id) of the accepted rows, or None when there
+    are no more than ``keep`` of them. Two passes: a histogram of the keys' top bits, then
+    the rows of the one bucket the threshold falls in."""
+    shift = 63 - HISTOGRAM_BITS
+
+    def histogram(batch: pd.DataFrame) -> pd.DataFrame:
+        keys = batch["rank_key"].to_numpy(np.int64)
+        counts = np.bincount(keys[keys >= 0] >> shift, minlength=2**HISTOGRAM_BITS)
+        found = np.flatnonzero(counts)
+        return pd.DataFrame({"bucket": found, "rows": counts[found]})
+
+    hist = accumulate(
+        rows.select_columns(["rank_key"]).map_batches(histogram, batch_size=None, **PANDAS),
+        ["bucket"],
+    )
+    if hist.empty or int(hist["rows"].sum()) <= keep:
+        return None
+    hist = hist.sort_values("bucket")
+    cumulative = hist["rows"].cumsum().to_numpy()
+    index = int(np.searchsorted(cumulative, keep))  # first bucket reaching `keep` rows
+    bucket = int(hist["bucket"].iat[index])
+    before = int(cumulative[index - 1]) if index else 0
+    inside = (
+        rows.select_columns(["rank_key", "id"])
+        .filter(lambda r: r["rank_key"] >= 0 and r["rank_key"] >> shift == bucket)
+        .to_pandas()
+        .sort_values(["rank_key", "id"], kind="stable")
+    )
+    last = inside.iloc[keep - before - 1]
+    return int(last["rank_key"]), str(last["id"])
+
+
+def mark_sampled(rows: Dataset, threshold: tuple[int, str] | None) -> Dataset:
+    """``sampled``: accepted and at or below the sample threshold (all accepted rows if None)."""
+
+    def mark(batch: pd.DataFrame) -> pd.DataFrame:
+        accepted = batch["reject_reason"].isna().to_numpy()
+        if threshold is None:
+            batch["sampled"] = accepted
+            return batch
+        key, row_id = threshold
+        keys = batch["rank_key"].to_numpy(np.int64)
+        ids = batch["id"].astype(str).to_numpy()
+        batch["sampled"] = accepted & ((keys < key) | ((keys == key) & (ids <= row_id)))
+        return batch
+
+    return rows.map_batches(mark, **PANDAS)
+
+
+def first_by_origin(rows: Dataset) -> dict | None:
+    """The row with the smallest (path, line), or None for an empty dataset."""
+    keyed = rows.map_batches(lambda b: b.assign(origin=origin_key(b["path"], b["line"])), **PANDAS)
+    if keyed.count() == 0:
+        return None
+    smallest = keyed.min("origin")
+    return keyed.filter(lambda r: r["origin"] == smallest).take(1)[0]
+
+
+def column_clusters(ds: Dataset, column: str) -> tuple[Dataset, list]:
+    """Strata from an existing column: one cluster per distinct value (sorted; None last)."""
+    values = sorted(ds.unique(column), key=lambda v: (v is None, str(v)))
+    index = {v: i for i, v in enumerate(values)}
+
+    def assign(batch: pd.DataFrame) -> pd.DataFrame:
+        batch["cluster"] = [index[v if isinstance(v, str) else None] for v in batch[column]]
+        return batch
+
+    return ds.map_batches(assign, **PANDAS), values
+
+
+def compose(ds: Dataset, batch_size: int, seed: int, partitions: int) -> tuple[Dataset, int]:
+    """Add ``batch_id`` to every row (core.strata: rank inside the cluster, Webster interleave,
+    cut into ``batch_size``). Only (id, path, line, cluster) are grouped by cluster; the batch
+    ids join back on (path, line). Returns the dataset and the number of batches."""
+    sizes = counts_by(ds, ["cluster"])
+    counts = np.zeros(int(sizes["cluster"].max()) + 1 if len(sizes) else 0, dtype=np.int64)
+    counts[sizes["cluster"].astype(int).to_numpy()] = sizes["rows"].to_numpy()
+
+    def place(group: pd.DataFrame) -> pd.DataFrame:
+        clusters = group["cluster"].to_numpy(np.int64)
+        ranks = rank_within_clusters(group["id"].tolist(), clusters, seed)
+        positions = stratified_positions(ranks, clusters, counts)
+        return pd.DataFrame(
+            {"path": group["path"], "line": group["line"], "batch_id": positions // batch_size}
+        )
+
+    placed = (
+        ds.select_columns(["id", "path", "line", "cluster"])
+        .groupby("cluster", num_partitions=partitions)
+        .map_groups(place, **PANDAS)
+    )
+    joined = ds.join(placed, join_type="inner", num_partitions=partitions, on=("path", "line"))
+    return joined, -(-int(counts.sum()) // batch_size)
+
+
+def pack_batches(ds: Dataset, columns: list[str], partitions: int) -> Dataset:
+    """One row per composed batch, its rows' ``columns`` as lists in (id, path, line) order."""
+
+    def pack(group: pd.DataFrame) -> pd.DataFrame:
+        group = group.sort_values(["id", "path", "line"], kind="stable")
+        row = {"batch_id": [int(group["batch_id"].iat[0])]}
+        row.update({c: [group[c].tolist()] for c in columns})
+        return pd.DataFrame(row)
+
+    return ds.groupby("batch_id", num_partitions=partitions).map_groups(pack, **PANDAS)
+
+
+def write_table(ds: Dataset, path: str, to_arrow: Callable[[pd.DataFrame], pa.Table]) -> None:
+    """Workers write ``ds`` as Parquet files under ``path``, each block cast by ``to_arrow``
+    (one schema in every file, whatever nulls a block holds)."""
+    ds.map_batches(to_arrow, **PANDAS).write_parquet(path)
+
+
+@ray.remote
+def _apply(fn: Callable, refs: list, *args):
+    frame = pa.concat_tables(ray.get(refs)).to_pandas() if refs else pd.DataFrame()
+    return fn(frame, *args)
+
+
+def on_cluster(fn: Callable, ds: Dataset, *args):
+    """``fn(frame, *args)`` in one task on the cluster, ``frame`` being ``ds`` as pandas: for
+    outputs that are one file (kept-id lists, rejected.jsonl). The rows go from the workers
+    that hold them to that task, not through the driver."""
+    return ray.get(_apply.remote(fn, ds.to_arrow_refs(), *args))
