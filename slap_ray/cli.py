@@ -6,6 +6,8 @@
 - `run`: select -> fine-tune -> evaluate -> report in one run directory.
 - `sweep`: one selection pass, then a Ray Tune grid of fine-tuning trials over arms (methods and
   ablations), alphas, seeds and modes, plus the full-data reference; results table and plots.
+- `export RUN_DIR --alpha A --format jsonl|parquet|hf --output PATH`: a selection's kept rows
+  for any trainer.
 """
 
 from __future__ import annotations
@@ -106,13 +108,31 @@ select_main = _entry("select", _select)
 finetune_main = _entry("finetune", _finetune)
 run_main = _entry("run", _run)
 sweep_main = _entry("sweep", _sweep)
-COMMANDS = {"select": select_main, "finetune": finetune_main, "run": run_main, "sweep": sweep_main}
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from slap_ray.jobs.export import main_export
+
+    return main_export(argv)
+
+
+COMMANDS = {
+    "select": select_main,
+    "finetune": finetune_main,
+    "run": run_main,
+    "sweep": sweep_main,
+    "export": export_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: slap {{{','.join(COMMANDS)}}} --config CFG [overrides]", file=sys.stderr)
+        print(
+            f"usage: slap {{{','.join(COMMANDS)}}} --config CFG [overrides] "
+            "(slap export RUN_DIR --alpha A --format F --output PATH)",
+            file=sys.stderr,
+        )
         return 2
     return COMMANDS[argv[0]](argv[1:])
 

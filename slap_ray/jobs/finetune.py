@@ -19,7 +19,7 @@ import yaml
 from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.seeds import id_rank_key
 from slap_ray.core.training import MODEL_DIR, STATE_FILE, flops_estimate, total_steps
-from slap_ray.jobs.rows import input_files, keys_of, mark_rejects, read_meta, read_rows
+from slap_ray.jobs.rows import input_files, marked_rows, read_rows
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.ray import stages
 from slap_ray.ray.runtime import check_resources, ray_session
@@ -106,16 +106,11 @@ def _tokenized_table(config: SlapConfig, rows: ray.data.Dataset) -> tuple[dict, 
 def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
     """Training rows (the selection's kept ids, or all sampled rows) and eval rows, tokenised."""
     with manifest.stage("prepare"):
-        rows = read_rows(config, config.data.paths, "data.paths", manifest, "train_read")
-        rows = rows.materialize()
-        meta = mark_rejects(read_meta(rows, config.data.paths, "data.paths"), config)
-        sampled = sorted(meta.loc[meta["sampled"], "id"])
+        rows = marked_rows(config, manifest, "train_read").filter(lambda r: bool(r["sampled"]))
+        sampled = sorted(rows.select_columns(["id"]).to_pandas()["id"])  # unique once sampled
         weights, origin = selected_ids(config, sampled)
         wanted = set(weights)
-        keys = keys_of(meta[meta["sampled"] & meta["id"].isin(wanted)])
-        train, train_rejected = _tokenized_table(
-            config, rows.filter(lambda r: (r["path"], r["line"]) in keys)
-        )
+        train, train_rejected = _tokenized_table(config, rows.filter(lambda r: r["id"] in wanted))
         if any(weights[i] != 1.0 for i in train["id"]):
             train["weight"] = [weights[i] for i in train["id"]]  # offline InfoBatch
         missing = len(wanted - set(train["id"])) - train_rejected

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import ray
 from ray.data import Dataset
 
 from slap_ray.config import ConfigError, SlapConfig, config_to_dict
 from slap_ray.core.seeds import derive_seed
 from slap_ray.core.strata import kmeans_fit
-from slap_ray.data.ingest import BadRowError
-from slap_ray.jobs.rows import read_rows
+from slap_ray.jobs.rows import marked_rows, raise_first_reject, shuffle_partitions
 from slap_ray.ray import pool, stages
 from slap_ray.reporting.manifest import Manifest
 
@@ -31,6 +29,14 @@ BATCH_COLUMNS = [
     "id", "source", "task", "path", "line", "cluster", "num_tokens", "messages", "input_ids",
     "labels",
 ]  # fmt: skip
+_LIST = pa.list_(pa.int64())
+BATCH_SCHEMA = pa.schema(
+    [("batch_id", pa.int64())]
+    + [(c, pa.list_(pa.string())) for c in ("id", "source", "task", "path")]
+    + [(c, _LIST) for c in ("line", "cluster", "num_tokens")]
+    + [("messages", pa.list_(pa.string()))]
+    + [(c, pa.list_(_LIST)) for c in ("input_ids", "labels")]
+)
 UNSCORED_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -58,13 +64,6 @@ def fingerprint(config: SlapConfig) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def shuffle_partitions(config: SlapConfig) -> int:
-    """Partitions of each shuffle: ``ray.shuffle_partitions``, else the cluster's CPUs."""
-    if config.ray.shuffle_partitions:
-        return config.ray.shuffle_partitions
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
 def _unscored_table(frame: pd.DataFrame) -> pa.Table:
     frame = frame.copy()
     for name in UNSCORED_SCHEMA.names:
@@ -79,39 +78,21 @@ def _unscored_table(frame: pd.DataFrame) -> pa.Table:
 
 
 def _batches_table(frame: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(frame[["batch_id", *BATCH_COLUMNS]], preserve_index=False)
-
-
-def _raise_first(rejects: Dataset) -> None:
-    first = pool.first_by_origin(rejects)
-    if first is not None:
-        raise BadRowError(first["path"], int(first["line"]), first["reject_reason"])
-
-
-def _read(config: SlapConfig, manifest: Manifest, partitions: int) -> Dataset:
-    """Every input row once, with ``reject_reason`` (bad row, duplicate id) and ``sampled``."""
-    rows = read_rows(config, config.data.paths, "data.paths", manifest)
-    if config.ray.rows_per_block:
-        rows = rows.repartition(target_num_rows_per_block=config.ray.rows_per_block)
-    rows = pool.mark_duplicates(rows.materialize(), partitions)
-    rows = pool.with_rank_key(rows, config.seed, "max-rows").materialize()
-    if rows.count() == 0:
-        raise ConfigError(f"data.paths: no rows in {config.data.paths} (every input is empty)")
-    if config.data.on_bad_rows == "error":
-        _raise_first(rows.filter(lambda r: r["reject_reason"] is not None))
-    threshold = None
-    if config.data.max_rows is not None:
-        threshold = pool.sample_threshold(rows, config.data.max_rows)
-    rows = pool.mark_sampled(rows, threshold).drop_columns(["rank_key"]).materialize()
-    counts = pool.counts_by(
-        rows.map_batches(
-            lambda b: pd.DataFrame(
-                {"rejected": b["reject_reason"].notna(), "sampled": b["sampled"].astype(bool)}
-            ),
-            batch_format="pandas",
-        ),
-        ["rejected", "sampled"],
+    return pa.Table.from_pandas(
+        frame[["batch_id", *BATCH_COLUMNS]], schema=BATCH_SCHEMA, preserve_index=False
     )
+
+
+def _read(config: SlapConfig, manifest: Manifest) -> Dataset:
+    """``rows.marked_rows`` plus its counts in the manifest."""
+    rows = marked_rows(config, manifest)
+    flags = rows.map_batches(
+        lambda b: pd.DataFrame(
+            {"rejected": b["reject_reason"].notna(), "sampled": b["sampled"].astype(bool)}
+        ),
+        batch_format="pandas",
+    )
+    counts = pool.counts_by(flags, ["rejected", "sampled"])
     total = int(counts["rows"].sum())
     rejected = int(counts.loc[counts["rejected"].astype(bool), "rows"].sum())
     sampled = int(counts.loc[counts["sampled"].astype(bool), "rows"].sum())
@@ -157,7 +138,7 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
     """Run every prepare step; workers write ``batches/`` and ``unscored/``; returns counts."""
     partitions = shuffle_partitions(config)
     with manifest.stage("read"):
-        rows = _read(config, manifest, partitions)
+        rows = _read(config, manifest)
     with manifest.stage("tokenize"):
         usable = rows.filter(lambda r: bool(r["sampled"])).drop_columns(["raw"])
         tokenized = stages.tokenize_stage(
@@ -167,7 +148,7 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
         token_rejects = tokenized.filter(lambda r: r["reject_reason"] is not None)
         rejected_now = token_rejects.count()
     if config.data.on_bad_rows == "error":
-        _raise_first(token_rejects)  # e.g. truncation removed every response token
+        raise_first_reject(token_rejects)  # e.g. truncation removed every response token
     manifest.count("tokenize", rejected=rejected_now)
     if tokenized.count() == rejected_now:
         read = manifest.data["counts"]["read"]["rows"]
@@ -183,13 +164,13 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
         for name in ("batches", "unscored"):
             shutil.rmtree(stages_dir / name, ignore_errors=True)
         packed = pool.pack_batches(composed, BATCH_COLUMNS, partitions)
-        pool.write_table(packed, str(stages_dir / "batches"), _batches_table)
+        pool.write_table(packed, str(stages_dir / "batches"), _batches_table, BATCH_SCHEMA)
         unscored = rows.filter(lambda r: not r["sampled"]).union(
             token_rejects.select_columns(
                 ["id", "source", "task", "path", "line", "reject_reason"]
             ).map_batches(lambda b: b.assign(sampled=True), batch_format="pandas")
         )
-        pool.write_table(unscored, str(stages_dir / "unscored"), _unscored_table)
+        pool.write_table(unscored, str(stages_dir / "unscored"), _unscored_table, UNSCORED_SCHEMA)
     manifest.count("compose", batches=num_batches)
     return {"batches": num_batches, "counts": manifest.data["counts"]}
 

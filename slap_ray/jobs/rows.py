@@ -8,7 +8,6 @@ import pandas as pd
 import ray
 
 from slap_ray.config import ConfigError, SlapConfig
-from slap_ray.core.seeds import id_rank_key
 from slap_ray.data.ingest import (
     BadRowError,
     SchemaOptions,
@@ -16,11 +15,10 @@ from slap_ray.data.ingest import (
     expand_paths,
     iter_raw_records,
 )
-from slap_ray.ray import stages
+from slap_ray.ray import pool, stages
 from slap_ray.reporting.manifest import Manifest
 
 ORIGIN = ["path", "line"]
-META_COLUMNS = ["id", "source", "task", "path", "line", "reject_reason"]
 
 
 def schema_options(config: SlapConfig) -> SchemaOptions:
@@ -70,54 +68,43 @@ def read_rows(
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
-def read_meta(rows: ray.data.Dataset, paths: list[str], setting: str) -> pd.DataFrame:
-    """Per-row metadata (no token or text columns) of every row read; no rows is an error."""
+def marked_rows(
+    config: SlapConfig,
+    manifest: Manifest | None = None,
+    stage: str = "read",
+) -> ray.data.Dataset:
+    """Every row of ``data.paths`` once, as Ray Data, with ``reject_reason`` (bad row,
+    duplicate id: first by (path, line) wins) and ``sampled`` (accepted and inside the seeded
+    ``data.max_rows`` sample). ``on_bad_rows: error`` stops at the first rejected row; no rows
+    at all is an error."""
+    rows = read_rows(config, config.data.paths, "data.paths", manifest, stage)
+    if config.ray.rows_per_block:
+        rows = rows.repartition(target_num_rows_per_block=config.ray.rows_per_block)
+    partitions = shuffle_partitions(config)
+    rows = pool.mark_duplicates(rows.materialize(), partitions)
+    rows = pool.with_rank_key(rows, config.seed, "max-rows").materialize()
     if rows.count() == 0:
-        raise ConfigError(f"{setting}: no rows in {paths} (every input is empty)")
-    meta = rows.select_columns(META_COLUMNS).to_pandas()
-    for column in ("source", "task", "reject_reason"):
-        meta[column] = _text_or_none(meta[column])
-    return meta
-
-
-def mark_rejects(meta: pd.DataFrame, config: SlapConfig) -> pd.DataFrame:
-    """Duplicate ids (first by (path, line) wins), the bad-row policy, and the max_rows sample.
-
-    Adds ``sampled``: accepted and inside the seeded ``data.max_rows`` sample.
-    """
-    meta = meta.sort_values(ORIGIN, kind="stable").reset_index(drop=True)
-    accepted = meta["reject_reason"].isna()
-    first_seen = meta[accepted].drop_duplicates("id")
-    where = dict(
-        zip(
-            first_seen["id"], first_seen["path"] + ":" + first_seen["line"].astype(str), strict=True
-        )
-    )
-    duplicate = accepted & meta.duplicated("id") & meta["id"].isin(where)
-    meta.loc[duplicate, "reject_reason"] = [
-        f"duplicate id {i!r} (first seen at {where[i]})" for i in meta.loc[duplicate, "id"]
-    ]
+        raise ConfigError(f"data.paths: no rows in {config.data.paths} (every input is empty)")
     if config.data.on_bad_rows == "error":
-        raise_first_reject(meta)
-    meta["sampled"] = meta["reject_reason"].isna()
-    if config.data.max_rows is not None and meta["sampled"].sum() > config.data.max_rows:
-        keys = meta.loc[meta["sampled"], "id"].map(
-            lambda i: id_rank_key(config.seed, "max-rows", i)
-        )
-        meta.loc[keys.sort_values(kind="stable").index[config.data.max_rows :], "sampled"] = False
-    return meta
+        raise_first_reject(rows.filter(lambda r: r["reject_reason"] is not None))
+    threshold = None
+    if config.data.max_rows is not None:
+        threshold = pool.sample_threshold(rows, config.data.max_rows)
+    return pool.mark_sampled(rows, threshold).drop_columns(["rank_key"]).materialize()
 
 
-def raise_first_reject(frame: pd.DataFrame) -> None:
+def shuffle_partitions(config: SlapConfig) -> int:
+    """Partitions of each shuffle: ``ray.shuffle_partitions``, else the cluster's CPUs."""
+    if config.ray.shuffle_partitions:
+        return config.ray.shuffle_partitions
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def raise_first_reject(rejects: ray.data.Dataset) -> None:
     """``on_bad_rows: error``: the first rejected row by origin stops the run."""
-    bad = frame[frame["reject_reason"].notna()]
-    if len(bad):
-        first = bad.sort_values(ORIGIN, kind="stable").iloc[0]
+    first = pool.first_by_origin(rejects)
+    if first is not None:
         raise BadRowError(first["path"], int(first["line"]), first["reject_reason"])
-
-
-def keys_of(frame: pd.DataFrame) -> set[tuple[str, int]]:
-    return set(zip(frame["path"], frame["line"].astype(int), strict=True))
 
 
 def raw_text(rejected: pd.DataFrame, fmt: str) -> list[str]:
@@ -137,17 +124,3 @@ def raw_text(rejected: pd.DataFrame, fmt: str) -> list[str]:
         text if text is not None else found.get((path, int(line)), "")
         for text, path, line in zip(texts, rejected["path"], rejected["line"], strict=True)
     ]
-
-
-def frame_of(ds: ray.data.Dataset, columns: list[str]) -> pd.DataFrame:
-    """Some columns of a dataset as pandas; an empty dataset still gives those columns."""
-    if ds.count() == 0:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns}).astype(
-            {"line": "int64"} if "line" in columns else {}
-        )
-    return ds.select_columns(columns).to_pandas()
-
-
-def _text_or_none(values: pd.Series) -> pd.Series:
-    """All-null columns come back from Arrow as float NaN; keep them as text or None."""
-    return pd.Series([x if isinstance(x, str) else None for x in values], dtype=object)

@@ -19,6 +19,7 @@ from slap_ray.ray.runtime import progress_bar
 from slap_ray.ray.scorer import BatchScorer, calibrate_task
 from slap_ray.reporting.manifest import Manifest
 
+
 def plain_selections(config: SlapConfig) -> list[Selection]:
     """`slap select`: ``select.method`` at every ``select.alphas``, seeded by ``seed``."""
     s = config.select

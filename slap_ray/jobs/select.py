@@ -62,6 +62,11 @@ META = [
     ("loss_stratum", pa.int64()),
 ]
 HISTOGRAM_BINS = 40
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SELECTED_SCHEMA = pa.schema(
+    [("id", pa.string()), ("source", pa.string()), ("task", pa.string()),
+     ("messages", pa.list_(MESSAGE))]
+)  # fmt: skip
 
 
 def budget_warnings(config: SlapConfig) -> list[str]:
@@ -103,17 +108,14 @@ def _as_scores(frame: pd.DataFrame, schema: pa.Schema, scored: bool) -> pa.Table
     return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
 
 
-def _normalised(frame: pd.DataFrame, keep: str) -> pd.DataFrame:
+def _normalised(frame: pd.DataFrame, keep: str) -> pa.Table:
     """Kept rows in the normalised schema (id, source, task, messages as role/content lists)."""
     frame = frame[frame[keep].astype(bool)]
-    return pd.DataFrame(
-        {
-            "id": frame["id"],
-            "source": frame["source"],
-            "task": frame["task"],
-            "messages": [json.loads(m) for m in frame["messages"]],
-        }
-    )
+    columns = {
+        c: frame[c].astype(object).where(frame[c].notna(), None) for c in ("id", "source", "task")
+    }
+    columns["messages"] = [json.loads(m) for m in frame["messages"]]
+    return pa.Table.from_pydict({k: list(v) for k, v in columns.items()}, schema=SELECTED_SCHEMA)
 
 
 def _write_rejected(frame: pd.DataFrame, fmt: str, path: str) -> int:
@@ -176,9 +178,9 @@ def write_outputs(
     )
     shutil.rmtree(run_dir / "selected", ignore_errors=True)
     for alpha in alphas:
-        scored.map_batches(
-            partial(_normalised, keep=keep_column(alpha)), batch_format="pandas"
-        ).write_parquet(str(run_dir / "selected" / f"alpha-{alpha:g}"))
+        folder = str(run_dir / "selected" / f"alpha-{alpha:g}")
+        normalised = partial(_normalised, keep=keep_column(alpha))
+        pool.write_table(scored, folder, normalised, SELECTED_SCHEMA)
     rejects = unscored.filter(lambda r: r["reject_reason"] is not None)
     rejected = pool.on_cluster(
         _write_rejected, rejects, config.data.format, str(run_dir / "rejected.jsonl")

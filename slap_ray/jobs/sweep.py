@@ -177,7 +177,7 @@ def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[dict], manifes
     from slap_ray.jobs.select import select_into
 
     folder = sweep_dir / SELECTION_DIR
-    done = (folder / "scores.parquet").is_file() and (folder / "arms").is_dir()
+    done = (folder / "scores.parquet").exists() and (folder / "arms").is_dir()
     if not done:
         folder.mkdir(exist_ok=True)
         tree = config_to_dict(config)

@@ -8,10 +8,12 @@ per group, a 4096-bucket histogram, the rows of one histogram bucket, and object
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from ray.data import Dataset
 from ray.data.aggregate import Count, Min
@@ -86,20 +88,18 @@ def mark_duplicates(rows: Dataset, partitions: int) -> Dataset:
 
     def reject(batch: pd.DataFrame) -> pd.DataFrame:
         table = pa.concat_tables(ray.get(refs)) if refs else None
-        first = (
-            dict(zip(table["id"].to_pylist(), table["first"].to_pylist(), strict=True))
-            if (table is not None and table.num_rows)
-            else {}
-        )
-        if not first:
+        if table is None or table.num_rows == 0:
             return batch
+        first = dict(zip(table["id"].to_pylist(), table["first"].to_pylist(), strict=True))
         origin = origin_key(batch["path"], batch["line"])
+        reasons = batch["reject_reason"].astype(object).where(batch["reject_reason"].notna(), None)
         for i in np.flatnonzero(batch["id"].isin(first).to_numpy()):
             row_id = batch["id"].iat[i]
-            if batch["reject_reason"].iat[i] is None and origin.iat[i] != first[row_id]:
-                batch.loc[batch.index[i], "reject_reason"] = (
+            if reasons.iat[i] is None and origin.iat[i] != first[row_id]:
+                reasons.iat[i] = (
                     f"duplicate id {row_id!r} (first seen at {_origin_text(first[row_id])})"
                 )
+        batch["reject_reason"] = reasons
         return batch
 
     return rows.map_batches(reject, **PANDAS)
@@ -227,10 +227,16 @@ def pack_batches(ds: Dataset, columns: list[str], partitions: int) -> Dataset:
     return ds.groupby("batch_id", num_partitions=partitions).map_groups(pack, **PANDAS)
 
 
-def write_table(ds: Dataset, path: str, to_arrow: Callable[[pd.DataFrame], pa.Table]) -> None:
+def write_table(
+    ds: Dataset, path: str, to_arrow: Callable[[pd.DataFrame], pa.Table], schema: pa.Schema
+) -> None:
     """Workers write ``ds`` as Parquet files under ``path``, each block cast by ``to_arrow``
-    (one schema in every file, whatever nulls a block holds)."""
+    to ``schema``; an empty dataset still leaves a readable (empty) table there."""
     ds.map_batches(to_arrow, **PANDAS).write_parquet(path)
+    folder = Path(path)
+    if not any(folder.glob("*.parquet")):
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(schema.empty_table(), folder / "empty.parquet")
 
 
 @ray.remote

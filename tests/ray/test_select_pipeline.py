@@ -94,14 +94,28 @@ def test_report_manifest_and_config_written(baseline_run):
     assert "| 0.3 |" in report and "plots/loss_kept_vs_pruned.png" in report
 
 
-def test_same_selection_with_two_scorers_shuffled_files_other_blocks(
-    baseline_run, pool_subset, tmp_path
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"ray.rows_per_block": 16, "score.num_scorers": 3, "score.num_cpus_per_scorer": 0.5},
+        {"ray.rows_per_block": 1000, "score.num_scorers": 1, "embed.batch_size": 16},
+    ],
+    ids=["blocks16-scorers3", "blocks1000-scorers1"],
+)
+def test_same_selection_for_any_layout_and_shuffled_files(
+    baseline_run, pool_subset, tmp_path, layout
 ):
-    files = sorted(str(p) for p in pool_subset.glob("*.jsonl"))
-    shuffled = [files[i] for i in np.random.default_rng(3).permutation(len(files))]
-    config = tiny_config(shuffled, tmp_path, **{"score.num_scorers": 2, "embed.batch_size": 16})
-    run_select(config)
-    assert kept_ids(tmp_path) == kept_ids(baseline_run)
+    """Block size, file order, row order inside files and scorer count change nothing."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "shuffled"
+    folder.mkdir()
+    files = sorted(pool_subset.glob("*.jsonl"))
+    for source in files:
+        lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+        (folder / source.name).write_text("".join(rng.permutation(lines)), encoding="utf-8")
+    shuffled = [str(folder / files[i].name) for i in rng.permutation(len(files))]
+    run_select(tiny_config(shuffled, tmp_path / "run", **layout))
+    assert kept_ids(tmp_path / "run") == kept_ids(baseline_run)
 
 
 def test_bad_rows_skipped_and_written(ray_cluster, pool_subset, tmp_path):

@@ -1,0 +1,161 @@
+"""Selection at scale: driver peak RSS, total peak RSS (driver + every Ray process) and wall time
+of `slap select` as the pool grows. Rows are chitchat pairs repeated under new ids over 8
+sources, tiny model, ``strata.by: source``. Target: driver peak flat (at most +10% from the
+smallest to the largest size), wall time linear in rows.
+
+    python bench/bench_select_scale.py [--sizes 50000 200000 1000000] [--resume]
+        [--out bench/results/select_scale.json]
+
+Each size's result is saved as soon as it finishes; ``--resume`` skips sizes already saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = 8
+
+
+def write_pool(folder: Path, rows: int) -> str:
+    """``rows`` chitchat pairs, cycled under new ids, one file per source."""
+    from slap_ray.data.chitchat import chitchat_rows
+
+    base = list(chitchat_rows("pairs", split="train"))
+    folder.mkdir(parents=True, exist_ok=True)
+    handles = [(folder / f"part{s}.jsonl").open("w", encoding="utf-8") for s in range(SOURCES)]
+    for i in range(rows):
+        row = base[i % len(base)]
+        record = {
+            "id": f"{row['id']}~{i // len(base)}",
+            "source": f"chitchat{i % SOURCES}",
+            "task": "dialogue",
+            "messages": row["messages"],
+        }
+        handles[i % SOURCES].write(json.dumps(record) + "\n")
+    for handle in handles:
+        handle.close()
+    return str(folder / "*.jsonl")
+
+
+def config_tree(paths: str, out: Path, extra: dict) -> dict:
+    tree = {
+        "output_dir": str(out),
+        "progress": False,
+        "data": {"paths": [paths], "max_length": 64},
+        "model": {"name": "tiny-random"},
+        "strata": {"by": "source"},
+        "select": {"batch_size": 32, "alphas": [0.3], "calibration_batches": 1},
+        "score": {"num_scorers": 2, "micro_batch_size": 32},
+        "ray": {"num_cpus": 2, "object_store_memory": 3 * 2**30},
+    }
+    for key, value in extra.items():
+        section, name = key.split(".")
+        tree.setdefault(section, {})[name] = value
+    return tree
+
+
+class PeakRss:
+    """Polls the driver's RSS and the RSS of the driver with all its descendants."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.driver = self.total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                driver = self.process.memory_info().rss
+                total = driver
+                for child in self.process.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                return
+            self.driver, self.total = max(self.driver, driver), max(self.total, total)
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_size(rows: int, work: Path, extra: dict) -> dict:
+    paths = write_pool(work / f"pool{rows}", rows)
+    out = work / f"run{rows}"
+    config = work / f"config{rows}.yaml"
+    config.write_text(yaml.safe_dump(config_tree(paths, out, extra)))
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "slap_ray.cli", "select", "--config", str(config)],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    peak = PeakRss(process.pid)
+    code = process.wait()
+    peak.stop()
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"select failed at {rows} rows (exit {code})")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "rows": rows,
+        "wall_s": round(seconds, 1),
+        "driver_peak_rss_gib": round(peak.driver / 2**30, 3),
+        "total_peak_rss_gib": round(peak.total / 2**30, 3),
+        "timings_s": manifest["timings_s"],
+        "scored": manifest["counts"]["output"]["scored"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000, 1_000_000])
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "select_scale.json"))
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], help="extra section.key=value settings")
+    args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.set)
+    extra = {k: yaml.safe_load(v) for k, v in extra.items()}
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if args.resume and out.exists() else {"sizes": []}
+    done = {r["rows"] for r in results["sizes"]}
+    with tempfile.TemporaryDirectory(prefix="slap-scale-") as tmp:
+        for rows in args.sizes:
+            if rows in done:
+                continue
+            results["sizes"].append(run_size(rows, Path(tmp), extra))
+            results["sizes"].sort(key=lambda r: r["rows"])
+            out.write_text(json.dumps(results, indent=2))
+            print(json.dumps(results["sizes"][-1]))
+    sizes = results["sizes"]
+    if len(sizes) >= 2:
+        first, last = sizes[0], sizes[-1]
+        results["driver_peak_growth"] = round(
+            last["driver_peak_rss_gib"] / first["driver_peak_rss_gib"] - 1, 3
+        )
+        results["seconds_per_1k_rows"] = {
+            str(r["rows"]): round(1000 * r["wall_s"] / r["rows"], 2) for r in sizes
+        }
+        out.write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "sizes"}))
+
+
+if __name__ == "__main__":
+    main()
