@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 
 from slap_ray.config import ConfigError, SlapConfig, load_config
+from slap_ray.errors import JobFailed
 
 
 def parse(argv: list[str] | None, command: str) -> argparse.Namespace:
@@ -69,6 +70,9 @@ def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
             print(f"slap {command}: bad input row: {error}", file=sys.stderr)
         except ConfigError as error:
             print(f"slap {command}: {error}", file=sys.stderr)
+        except JobFailed as error:
+            print(f"slap {command}: {error}", file=sys.stderr)
+            return 1
         except Exception as error:
             message = device_error(error)
             if message is None:

@@ -59,3 +59,45 @@ def pool_subset(tmp_path_factory, shared_data) -> Path:
             lines = [next(handle) for _ in range(20)]
         (folder / source.name).write_text("".join(lines), encoding="utf-8")
     return folder
+
+
+@pytest.fixture
+def kill_job():
+    """``kill_job(script, config, tmp_path, ready, what, timeout_s=600)``: see ``_kill_job``."""
+    return _kill_job
+
+
+def _kill_job(
+    script: str, config, tmp_path: Path, ready, what: str, timeout_s: float = 600
+) -> None:
+    """Run ``pipelines/<script>`` on ``config`` in its own process group (its own 2-CPU Ray),
+    and kill the whole group (SIGKILL) as soon as ``ready()`` holds: a deterministic point such
+    as a marker file, never a sleep. ``what`` names the awaited event in failures."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from slap_ray.config import config_to_dict
+
+    tree = config_to_dict(config)
+    tree["ray"] = {"num_cpus": 2, "object_store_memory": 200 * 1024 * 1024}
+    path = tmp_path / f"{Path(script).stem}-killed.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "pipelines" / script), "--config", str(path)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout_s
+    try:
+        while not ready():
+            assert process.poll() is None, f"the job ended before {what}"
+            assert time.time() < deadline, f"never saw {what}"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -47,21 +47,25 @@ def losses_and_features(
     micro_batch_size: int,
     eps: float = 1e-6,
     vocab_chunk: int | None = None,
-) -> tuple[np.ndarray, torch.Tensor]:
-    """Forward a batch in micro-batches: losses (B,) float64 and features (B, V) float32.
+    with_features: bool = True,
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Forward a batch in micro-batches: losses (B,) float64 and features (B, V) float32
+    (None without ``with_features``: methods other than SLAP need the losses only).
 
     Rows are grouped into micro-batches by length (ties by position) so little padding is
     forwarded; results come back in the input order.
     """
     losses = np.empty(len(input_ids), dtype=np.float64)
     weight = lm_head_of(model)
-    features = torch.empty(len(input_ids), weight.shape[0])
+    features = torch.empty(len(input_ids), weight.shape[0]) if with_features else None
     preconditioner = None if second_moment is None else inverse_root(second_moment, eps)
     for micro in forward_micro_batches(model, input_ids, labels, pad_token_id, micro_batch_size):
         rows = micro.rows
         losses[rows] = (
             response_token_losses_packed(micro.logits, micro.aligned).double().cpu().numpy()
         )
+        if features is None:
+            continue
         features[rows] = lm_head_features(
             micro.hidden, weight, micro.aligned, eps=eps, vocab_chunk=vocab_chunk,
             logits=micro.logits, preconditioner=preconditioner,
@@ -102,8 +106,14 @@ def selections_for(method: str, alphas: Sequence[float], seed: int, **options) -
 
 
 def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk):
-    """Losses (B,) and the feature matrices the selections need: {preconditioned: (B, V)}."""
-    wanted = {s.preconditioned for s in selections if s.method == "slap"} or {True}
+    """Losses (B,) and the feature matrices the selections need: {preconditioned: (B, V)};
+    none when no selection is SLAP (the other methods rank by loss alone)."""
+    wanted = {s.preconditioned for s in selections if s.method == "slap"}
+    if not wanted:
+        losses, _ = losses_and_features(
+            model, input_ids, labels, pad, None, mb, eps, chunk, with_features=False
+        )
+        return losses, {}
     features = {}
     for preconditioned in sorted(wanted, reverse=True):
         moment = second_moment if preconditioned else None
@@ -149,7 +159,7 @@ def score_batch(
     )
     for s in selections:
         matrix = features.get(s.preconditioned, features.get(True))
-        if s.projection_dim is not None:
+        if matrix is not None and s.projection_dim is not None:
             matrix = project_features(matrix, s.projection_dim, projection_seed)
         rng = derive_rng(s.seed, "select", s.method, s.alpha, batch_key)
         n_keep = n_keep_for(len(losses), s.alpha)

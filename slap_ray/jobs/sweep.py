@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from slap_ray.config import ConfigError, SlapConfig, build_config, config_to_dict
+from slap_ray.config import SlapConfig, build_config, config_to_dict
 from slap_ray.core.scoring import Selection
+from slap_ray.errors import JobFailed
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.reporting.manifest import Manifest
 
@@ -260,7 +261,7 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
     if failed:
         names = ", ".join(trial_name(r["trial"]) for r in failed[:5])
         first = failed[0]["error"]
-        raise ConfigError(
+        raise JobFailed(
             f"sweep: {len(failed)} of {len(rows)} trial(s) failed ({names}); first: {first}; "
             f"see {sweep_dir / 'logs' / 'sweep.log'}"
         )

@@ -4,18 +4,12 @@ kill, and the saved adapter reloaded outside Ray."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from slap_ray.config import build_config, config_to_dict
+from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
 from slap_ray.jobs.finetune import run_finetune
 
@@ -111,29 +105,16 @@ def test_saved_adapter_loads_outside_ray_with_the_same_eval_loss(online_run, sha
     assert abs(sums.sum() / tokens.sum() - expected) < 1e-4 * expected
 
 
-def test_killed_run_resumes_from_its_checkpoint(online_run, pool_subset, shared_data, tmp_path):
+def test_killed_run_resumes_from_its_checkpoint(
+    online_run, pool_subset, shared_data, tmp_path, kill_job
+):
     out = tmp_path / "run"
     config = train_config(pool_subset, shared_data, out, "train.checkpoint_every=1")
-    tree = config_to_dict(config)
-    tree["ray"] = {"num_cpus": 2, "object_store_memory": 200 * 1024 * 1024}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "pipelines" / "finetune.py"), "--config", str(path)],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     storage = out / "ray_train" / "finetune"
-    deadline = time.time() + 300
-    try:
-        while not list(storage.glob("step-00000[2-9]")):
-            assert process.poll() is None, "the job ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_job(
+        "finetune.py", config, tmp_path, lambda: list(storage.glob("step-00000[2-9]")),
+        "a second checkpoint", timeout_s=300,
+    )  # fmt: skip
     assert not (out / "metrics.json").exists()
 
     run_finetune(config.model_copy(update={"resume": True}))

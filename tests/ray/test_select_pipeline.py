@@ -165,40 +165,15 @@ def test_bad_rows_stop_the_run_in_error_mode(ray_cluster, tmp_path):
         run_select(tiny_config([str(bad)], tmp_path / "run"))
 
 
-def test_resume_after_kill_matches_uninterrupted_run(baseline_run, pool_subset, tmp_path):
+def test_resume_after_kill_matches_uninterrupted_run(baseline_run, pool_subset, tmp_path, kill_job):
     """Kill the job (whole process group) once scoring has begun, resume, compare with baseline."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-
-    from slap_ray.config import config_to_dict
-
     out = tmp_path / "run"
     config = tiny_config([str(pool_subset / "*.jsonl")], out)
-    tree = config_to_dict(config)
-    tree["ray"] = {"num_cpus": 2, "object_store_memory": 200 * 1024 * 1024}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    repo = Path(__file__).resolve().parents[2]
-    process = subprocess.Popen(
-        [sys.executable, str(repo / "pipelines" / "slap_select.py"), "--config", str(path)],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    try:
-        while len(list((out / "scored").glob("batch-*.parquet"))) < 2:
-            assert process.poll() is None, "the job ended before it could be killed"
-            assert time.time() < deadline, "scoring never started"
-            time.sleep(0.2)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_job(
+        "slap_select.py", config, tmp_path,
+        lambda: len(list((out / "scored").glob("batch-*.parquet"))) >= 2, "two scored batches",
+        timeout_s=300,
+    )  # fmt: skip
     finished_before = len(list((out / "scored").glob("batch-*.parquet")))
     assert 2 <= finished_before < 10 and not (out / "scores.parquet").exists()
 

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from slap_ray.config import build_config, config_to_dict
+from slap_ray.config import build_config
 from slap_ray.jobs.sweep import run_sweep
 
 pytestmark = pytest.mark.ray
@@ -96,31 +90,16 @@ def test_each_trial_trains_on_exactly_its_arms_kept_ids(sweep_run):
 
 
 def test_killed_sweep_resumes_only_the_missing_trials(
-    sweep_run, pool_subset, shared_data, tmp_path
+    sweep_run, pool_subset, shared_data, tmp_path, kill_job
 ):
     """Kill the sweep's process group once the first trial has finished; --resume runs only
     the rest, and the table equals the uninterrupted sweep's for the same trials."""
     out = tmp_path / "sweep"
     config = sweep_config(pool_subset, shared_data, out, arms=[{"method": "slap"}], alphas=[0.2])
-    tree = config_to_dict(config)
-    tree["ray"] = {"num_cpus": 2, "object_store_memory": 200 * 1024 * 1024}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "pipelines" / "sweep.py"), "--config", str(path)],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 600
-    try:
-        while not list((out / "trials").glob("*/trial_result.json")):
-            assert process.poll() is None, "the sweep ended before it could be killed"
-            assert time.time() < deadline, "no trial finished"
-            time.sleep(0.5)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    kill_job(
+        "sweep.py", config, tmp_path,
+        lambda: list((out / "trials").glob("*/trial_result.json")), "a finished trial",
+    )  # fmt: skip
     (marker,) = list((out / "trials").glob("*/trial_result.json"))
     first = marker.parent / "metrics.json"
     finished_at = first.stat().st_mtime_ns

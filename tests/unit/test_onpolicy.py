@@ -155,28 +155,41 @@ class ThreadCollective:
         tensor.copy_(sum(values[1:], values[0]))
 
 
+def steps_on_thread_workers(base, examples, workers: int, settings, seed: int):
+    """One on-policy step on ``workers`` thread-workers (rows dealt round-robin, a thread
+    collective) and the same step on one worker; returns (single, its stats, replicas, stats)."""
+    total = len(examples)
+    single = copy.deepcopy(base)
+    expected = onpolicy_step(
+        single, examples, range(total), total, settings, np.random.default_rng(seed),
+        pad_token_id=0,
+    )  # fmt: skip
+    shared = {"barrier": threading.Barrier(workers), "slots": [None] * workers}
+    replicas = [copy.deepcopy(base) for _ in range(workers)]
+    results = [None] * workers
+
+    def worker(rank):
+        positions = list(range(rank, total, workers))
+        results[rank] = onpolicy_step(
+            replicas[rank], [examples[p] for p in positions], positions, total, settings,
+            np.random.default_rng(seed), pad_token_id=0,
+            collective=ThreadCollective(shared, rank, workers),
+        )  # fmt: skip
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return single, expected, replicas, results
+
+
 def test_two_workers_select_the_same_rows_and_sum_to_the_single_worker_gradient():
     torch.manual_seed(0)
     base = lora(load_causal_lm("tiny-random-untied").train())
-    examples = batch(10, seed=6)
-    settings = SelectionSettings(alpha=0.3)
-    single = copy.deepcopy(base)
-    expected = onpolicy_step(
-        single, examples, range(10), 10, settings, np.random.default_rng(9), pad_token_id=0
+    single, expected, replicas, results = steps_on_thread_workers(
+        base, batch(10, seed=6), 2, SelectionSettings(alpha=0.3), seed=9
     )
-    shared = {"barrier": threading.Barrier(2), "slots": [None, None]}
-    replicas = [copy.deepcopy(base), copy.deepcopy(base)]
-    results = [None, None]
-
-    def worker(rank):
-        positions = list(range(rank, 10, 2))
-        results[rank] = onpolicy_step(
-            replicas[rank], [examples[p] for p in positions], positions, 10, settings,
-            np.random.default_rng(9), pad_token_id=0,
-            collective=ThreadCollective(shared, rank, 2),
-        )  # fmt: skip
-
-    run_threads(2, worker)
     for result in results:
         assert result.kept.tolist() == expected.kept.tolist()
         assert result.backward_examples == 7
@@ -221,14 +234,6 @@ def test_bf16_autocast_step_keeps_fp32_gradients():
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
 
 
-def run_threads(count: int, target) -> None:
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def test_budget_of_zero_rows_skips_the_step():
     """alpha 0.9 keeps round(0.1 * 4) = 0 of a batch of 4, and 0 of a final batch of 1."""
     model = load_causal_lm("tiny-random").train()
@@ -252,25 +257,10 @@ def test_four_workers_on_a_three_row_batch():
     """Worker 3 gets no row of the short final batch; the step still agrees with one worker."""
     torch.manual_seed(0)
     base = lora(load_causal_lm("tiny-random-untied").train())
-    examples = batch(3, seed=13)
     settings = SelectionSettings(alpha=0.3)  # keeps round(0.7 * 3) = 2
-    single = copy.deepcopy(base)
-    expected = onpolicy_step(
-        single, examples, range(3), 3, settings, np.random.default_rng(4), pad_token_id=0
+    single, expected, replicas, results = steps_on_thread_workers(
+        base, batch(3, seed=13), 4, settings, seed=4
     )
-    shared = {"barrier": threading.Barrier(4), "slots": [None] * 4}
-    replicas = [copy.deepcopy(base) for _ in range(4)]
-    results = [None] * 4
-
-    def worker(rank):
-        positions = list(range(rank, 3, 4))
-        results[rank] = onpolicy_step(
-            replicas[rank], [examples[p] for p in positions], positions, 3, settings,
-            np.random.default_rng(4), pad_token_id=0,
-            collective=ThreadCollective(shared, rank, 4),
-        )  # fmt: skip
-
-    run_threads(4, worker)
     assert results[3] is not None and results[3].local_backward_examples == 0
     for result in results:
         assert result.kept.tolist() == expected.kept.tolist() and result.backward_examples == 2

@@ -158,3 +158,19 @@ def test_empty_paths_setting_is_refused_by_the_config():
 
 def test_rundir_lock_file_name_is_hidden():
     assert Path(LOCK_FILE).name.startswith(".")
+
+
+def test_failed_cluster_work_is_one_line_with_exit_status_1(capsys):
+    """A job that failed on the cluster (e.g. sweep trials) is not a user mistake: status 1,
+    one line naming the log, no traceback."""
+    from slap_ray import cli
+    from slap_ray.errors import JobFailed
+
+    def failing(config):
+        raise JobFailed("sweep: 1 of 2 trial(s) failed (slap-a0.3-s0); see runs/x/logs/sweep.log")
+
+    assert cli._entry("sweep", lambda: failing)([]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "slap sweep: sweep: 1 of 2 trial(s) failed (slap-a0.3-s0); see runs/x/logs/sweep.log"
+    ]

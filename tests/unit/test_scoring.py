@@ -41,6 +41,10 @@ def test_micro_batched_scores_equal_one_row_at_a_time():
             expected = lm_head_features(hidden, model.lm_head.weight, aligned)[0]
         assert abs(losses[j] - float(expected_loss)) < 1e-4
         torch.testing.assert_close(features[j], expected, rtol=1e-3, atol=1e-6)
+    # Methods other than SLAP skip the (B, V) features and get the same losses.
+    only, none = losses_and_features(model, ids, labels, 0, None, 4, with_features=False)
+    assert none is None
+    np.testing.assert_array_equal(only, losses)
 
 
 def test_score_batch_keeps_round_fraction_per_alpha_and_is_seeded():
