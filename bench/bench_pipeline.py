@@ -113,14 +113,11 @@ def loop_run(config, prepared_path: Path) -> dict:
     from slap_ray.core.seeds import derive_seed
 
     torch.set_num_threads(1)
-    prepared = pd.read_parquet(prepared_path)
-    batches = {
-        int(b): g.sort_values("id")
-        for b, g in prepared[prepared["batch_id"] >= 0].groupby("batch_id")
-    }
+    packed = pd.read_parquet(prepared_path)  # stages/batches: one row per composed batch
+    batches = {int(r["batch_id"]): r for _, r in packed.iterrows()}
     payload = {
-        b: ([list(x) for x in g["input_ids"]], [list(x) for x in g["labels"]])
-        for b, g in batches.items()
+        b: ([list(map(int, x)) for x in r["input_ids"]], [list(map(int, x)) for x in r["labels"]])
+        for b, r in batches.items()
     }
     model = load_causal_lm(config.model.name)
     pad = load_tokenizer(config.model.name).pad_token_id
@@ -159,7 +156,7 @@ def bench_scoring(args) -> dict:
         one = scoring_config(paths, tmp / "one", args.model, 1)
         results["ray_1_scorer"] = ray_run(one)
         results["ray_2_scorers"] = ray_run(scoring_config(paths, tmp / "two", args.model, 2))
-        results["plain_loop"] = loop_run(one, tmp / "one" / "stages" / "prepared.parquet")
+        results["plain_loop"] = loop_run(one, tmp / "one" / "stages" / "batches")
     results["ray_1_vs_loop"] = round(
         results["ray_1_scorer"]["score_rows_per_s"] / results["plain_loop"]["score_rows_per_s"], 3
     )
@@ -173,7 +170,6 @@ def bench_scoring(args) -> dict:
 def bench_embed_chitchat(args) -> dict:
     import ray
 
-    from slap_ray.assets import resolve_embedder_path
     from slap_ray.core.seeds import derive_seed
     from slap_ray.core.strata import kmeans_fit
     from slap_ray.ray import stages
@@ -192,7 +188,7 @@ def bench_embed_chitchat(args) -> dict:
         if args.limit:
             rows = rows.limit(args.limit)
         embedded = stages.embed_stage(
-            rows, resolve_embedder_path("all-minilm-l6-v2"), 256, args.max_chars, args.actors, 0.0
+            rows, "all-minilm-l6-v2", 256, args.max_chars, args.actors, 0.0
         ).materialize()
         timings["read_embed_s"] = round(time.perf_counter() - start, 1)
         total = embedded.count()

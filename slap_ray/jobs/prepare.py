@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import ray
 from ray.data import Dataset
 
 from slap_ray.config import ConfigError, SlapConfig, config_to_dict
 from slap_ray.core.seeds import derive_seed
 from slap_ray.core.strata import kmeans_fit
-from slap_ray.jobs.rows import marked_rows, raise_first_reject, shuffle_partitions
+from slap_ray.jobs.rows import ORIGIN, marked_rows, raise_first_reject, shuffle_partitions
 from slap_ray.ray import pool, stages
 from slap_ray.reporting.manifest import Manifest
 
@@ -106,7 +107,31 @@ def _read(config: SlapConfig, manifest: Manifest) -> Dataset:
     return rows
 
 
-def _strata(config: SlapConfig, tokens: Dataset, manifest: Manifest) -> Dataset:
+def _embed(config: SlapConfig, tokens: Dataset, stages_dir: Path, manifest: Manifest) -> Dataset:
+    """Embeddings of every row; batches a killed run finished (``stages/embedded/``) are read
+    back, only the other rows are embedded."""
+    e, folder = config.embed, stages_dir / "embedded"
+    folder.mkdir(exist_ok=True)
+    partitions = shuffle_partitions(config)
+    finished, todo = None, tokens
+    if any(folder.glob("*.parquet")):
+        finished = ray.data.read_parquet(str(folder)).materialize()
+        keys = finished.select_columns(ORIGIN)
+        todo = tokens.join(keys, join_type="left_anti", num_partitions=partitions, on=ORIGIN)
+    fresh = stages.embed_stage(
+        todo, e.model, e.batch_size, e.max_chars, e.num_actors, e.num_gpus_per_actor,
+        e.num_cpus_per_actor, str(folder),
+    ).materialize()  # fmt: skip
+    manifest.count(
+        "embed", rows_now=fresh.count(), resumed_rows=finished.count() if finished else 0
+    )
+    if finished is None:
+        return fresh
+    reused = tokens.join(finished, join_type="inner", num_partitions=partitions, on=ORIGIN)
+    return fresh.union(reused).materialize()
+
+
+def _strata(config: SlapConfig, tokens: Dataset, stages_dir: Path, manifest: Manifest) -> Dataset:
     """Add ``cluster``: k-means on sentence embeddings, or the values of ``strata.by``."""
     if config.strata.by != "embedding":
         with manifest.stage("strata"):
@@ -114,12 +139,8 @@ def _strata(config: SlapConfig, tokens: Dataset, manifest: Manifest) -> Dataset:
             clustered = clustered.materialize()
         manifest.count("strata", by=config.strata.by, clusters=len(values))
         return clustered
-    e = config.embed
     with manifest.stage("embed"):
-        embedded = stages.embed_stage(
-            tokens, e.model, e.batch_size, e.max_chars, e.num_actors, e.num_gpus_per_actor,
-            e.num_cpus_per_actor,
-        ).materialize()  # fmt: skip
+        embedded = _embed(config, tokens, stages_dir, manifest)
     with manifest.stage("kmeans"):
         total = embedded.count()
         fraction = min(1.0, config.strata.fit_sample_size / max(total, 1))
@@ -157,7 +178,7 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
             "(data.on_bad_rows=skip writes them to rejected.jsonl)"
         )
     tokens = tokenized.filter(lambda r: r["reject_reason"] is None)
-    clustered = _strata(config, tokens, manifest)
+    clustered = _strata(config, tokens, stages_dir, manifest)
     with manifest.stage("compose"):
         seed = derive_seed(config.seed, "compose")
         composed, num_batches = pool.compose(clustered, config.select.batch_size, seed, partitions)
@@ -186,6 +207,7 @@ def load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> in
         (stages_dir / "second_moment.pt").unlink(missing_ok=True)
         for stale in (run_dir / "scored").glob("batch-*.parquet"):
             stale.unlink()
+        shutil.rmtree(stages_dir / "embedded", ignore_errors=True)
         done = None
     if done is not None:
         manifest.count("resume", prepared_reused=True)

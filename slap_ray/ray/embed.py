@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import uuid
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from slap_ray.core.model import device_for
@@ -23,7 +27,13 @@ class Embedder:
     """
 
     def __init__(
-        self, model_name: str, batch_size: int, max_chars: int, use_gpu: bool, num_cpus: float = 1
+        self,
+        model_name: str,
+        batch_size: int,
+        max_chars: int,
+        use_gpu: bool,
+        num_cpus: float = 1,
+        persist_dir: str | None = None,
     ) -> None:
         from sentence_transformers import SentenceTransformer
 
@@ -34,6 +44,7 @@ class Embedder:
         self.model = SentenceTransformer(resolve_embedder_path(model_name), device=device)
         self.batch_size = batch_size
         self.max_chars = max_chars
+        self.persist_dir = Path(persist_dir) if persist_dir else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [conversation_text(json.loads(m), self.max_chars) for m in batch["messages"]]
@@ -41,4 +52,20 @@ class Embedder:
             texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
         )
         batch["embedding"] = list(np.round(vectors.astype(np.float32), 4))
+        if self.persist_dir is not None:
+            self._persist(batch)
         return batch
+
+    def _persist(self, batch: dict[str, np.ndarray]) -> None:
+        """Each finished batch's (path, line, embedding) as one file: a resumed run skips it."""
+        table = pa.table(
+            {
+                "path": pa.array(list(batch["path"]), pa.string()),
+                "line": pa.array(list(batch["line"]), pa.int64()),
+                "embedding": pa.array(list(batch["embedding"]), pa.list_(pa.float32())),
+            }
+        )
+        name = f"part-{uuid.uuid4().hex}"
+        tmp = self.persist_dir / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        tmp.rename(self.persist_dir / f"{name}.parquet")

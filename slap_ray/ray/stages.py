@@ -133,12 +133,21 @@ def embed_stage(
     num_actors: int,
     num_gpus: float,
     num_cpus: float = 1.0,
+    persist_dir: str | None = None,
 ) -> Dataset:
     """Sentence embeddings on an actor pool; each actor runs as many torch threads as CPUs it
-    holds, and resolves the model folder on its own node."""
+    holds, and resolves the model folder on its own node. With ``persist_dir`` every finished
+    batch is also written there (``--resume`` skips its rows)."""
     return ds.map_batches(
         Embedder,
-        fn_constructor_args=(model_name, batch_size, max_chars, num_gpus > 0, num_cpus),
+        fn_constructor_args=(
+            model_name,
+            batch_size,
+            max_chars,
+            num_gpus > 0,
+            num_cpus,
+            persist_dir,
+        ),  # fmt: skip
         compute=ActorPoolStrategy(size=num_actors),
         batch_size=batch_size,
         num_cpus=0 if num_gpus > 0 else num_cpus,

@@ -166,19 +166,30 @@ def test_bad_rows_stop_the_run_in_error_mode(ray_cluster, tmp_path):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(baseline_run, pool_subset, tmp_path, kill_job):
-    """Kill the job (whole process group) once scoring has begun, resume, compare with baseline."""
+    """Kill the job (whole process group) once embedding has begun, resume and kill again once
+    scoring has begun, resume: the same kept ids as the uninterrupted baseline, and each resume
+    skipped what the killed run had finished (embedded batches, scored batches)."""
     out = tmp_path / "run"
     config = tiny_config([str(pool_subset / "*.jsonl")], out)
     kill_job(
         "slap_select.py", config, tmp_path,
+        lambda: any((out / "stages" / "embedded").glob("part-*.parquet")), "an embedded batch",
+        timeout_s=300,
+    )  # fmt: skip
+    assert not (out / "stages" / "prepare.json").exists()
+    resumed = config.model_copy(update={"resume": True})
+    kill_job(
+        "slap_select.py", resumed, tmp_path,
         lambda: len(list((out / "scored").glob("batch-*.parquet"))) >= 2, "two scored batches",
         timeout_s=300,
     )  # fmt: skip
     finished_before = len(list((out / "scored").glob("batch-*.parquet")))
     assert 2 <= finished_before < 10 and not (out / "scores.parquet").exists()
 
-    run_select(config.model_copy(update={"resume": True}))
+    run_select(resumed)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["resume"]["prepared_reused"] is True
+    embedded = manifest["counts"]["embed"]
+    assert embedded["resumed_rows"] > 0 and embedded["resumed_rows"] + embedded["rows_now"] == 160
     assert manifest["counts"]["score"]["resumed_batches"] >= finished_before
     assert kept_ids(out) == kept_ids(baseline_run)
