@@ -162,7 +162,8 @@ def run_trial(params: dict) -> None:
     spec, shared = params["trial"], params["shared"]
     config = trial_config(shared["config"], spec, Path(shared["sweep_dir"]))
     done = Path(config.output_dir) / TRIAL_RESULT
-    if not done.is_file():  # a trial killed after finishing but before Tune heard of it
+    trained_now = not done.is_file()
+    if trained_now:  # else a trial killed after finishing but before Tune heard of it
         with locked_run_dir(config.output_dir, FINETUNE_OWNED, resume=True) as run_dir:
             finetune_into(config, run_dir)
             metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -170,7 +171,12 @@ def run_trial(params: dict) -> None:
             tmp = done.with_suffix(".tmp")
             tmp.write_text(json.dumps(trial_row(spec, metrics, manifest)), encoding="utf-8")
             tmp.rename(done)
-    tune.report(json.loads(done.read_text(encoding="utf-8")))
+    tune.report({**json.loads(done.read_text(encoding="utf-8")), "trained_now": trained_now})
+
+
+def _untrained(sweep_dir: Path, specs: list[dict]) -> int:
+    trials = sweep_dir / TRIALS_DIR
+    return sum(not (trials / trial_name(s) / TRIAL_RESULT).is_file() for s in specs)
 
 
 def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[dict], manifest: Manifest):
@@ -250,6 +256,7 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
                     run_trial, specs, shared, sweep_dir / TUNE_DIR, EXPERIMENT, trial_name,
                     config.sweep.max_concurrent_trials, config.sweep.trial_cpus, config.resume,
                     on_trial_done=lambda: write_partial_results(config, sweep_dir, specs),
+                    untrained=lambda: _untrained(sweep_dir, specs),
                 )  # fmt: skip
         failed = [r for r in rows if r["error"]]
         manifest.count("trials", finished=len(rows) - len(failed), failed=len(failed))

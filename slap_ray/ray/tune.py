@@ -26,37 +26,54 @@ log = logging.getLogger("slap_ray.sweep")
 TUNE_FIELDS = {
     "timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date",
     "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
-    "time_since_restore", "iterations_since_restore", "should_checkpoint",
+    "time_since_restore", "iterations_since_restore", "should_checkpoint", "trained_now",
 }  # fmt: skip
 
 
 class _Progress(tune.Callback):
-    """One compact line per finished trial: done / running / left and an ETA."""
+    """One compact line per finished trial: done / running / left and an ETA from the trials
+    that trained in this session (a resumed sweep reports finished trials at once)."""
 
     def __init__(
-        self, total: int, name_of: Callable[[dict], str], on_done: Callable[[], None]
+        self,
+        total: int,
+        name_of: Callable[[dict], str],
+        on_done: Callable[[], None],
+        untrained: Callable[[], int],
     ) -> None:
-        self.total, self.name_of, self.on_done = total, name_of, on_done
-        self.started = time.monotonic()
-        self.done_now = 0
+        self.total, self.name_of, self.on_done, self.untrained = total, name_of, on_done, untrained
+        self.setup()
+
+    def setup(self, **info: Any) -> None:
+        # Also called when a restored experiment starts: times from a past session are void.
+        self.started: dict[str, float] = {}
+        self.durations: list[float] = []
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.started[trial.trial_id] = time.monotonic()
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self.done_now += 1
+        result = trial.last_result or {}
+        began = self.started.pop(trial.trial_id, None)
+        if result.get("trained_now") and began is not None:
+            self.durations.append(time.monotonic() - began)
         others = [t for t in trials if t is not trial]
         done = 1 + sum(t.status == "TERMINATED" for t in others)
         running = sum(t.status == "RUNNING" for t in others)
         left = self.total - done - running
-        per_trial = (time.monotonic() - self.started) / self.done_now
-        eta = per_trial * (self.total - done) / max(running, 1)
-        loss = (trial.last_result or {}).get("eval_loss")
+        eta = "n/a"
+        if self.durations:
+            per_trial = sum(self.durations) / len(self.durations)
+            eta = f"{per_trial * self.untrained() / max(running, 1) / 60:.0f} min"
+        loss = result.get("eval_loss")
         log.info(
-            "trial %s done (eval loss %s); %d done, %d running, %d left, ETA %.0f min",
+            "trial %s done (eval loss %s); %d done, %d running, %d left, ETA %s",
             self.name_of(trial.config["trial"]),
             "n/a" if loss is None else f"{loss:.4f}",
             done,
             running,
             left,
-            eta / 60,
+            eta,
         )
         self.on_done()
 
@@ -72,16 +89,21 @@ def run_trials(
     trial_cpus: float,
     resume: bool,
     on_trial_done: Callable[[], None] = lambda: None,
+    untrained: Callable[[], int] | None = None,
 ) -> list[dict]:
     """Run every trial spec (``config["trial"]``; ``config["shared"]`` is common to all) and
     return each trial's last reported metrics, with ``error`` set where a trial failed.
-    ``on_trial_done`` runs on the driver after each finished trial (partial results)."""
+    ``on_trial_done`` runs on the driver after each finished trial (partial results);
+    ``untrained`` counts the trials that still have to train (for the ETA)."""
     # A trial driver only waits on its TorchTrainer: with trial_cpus=0 it holds a token of
     # memory instead (Tune refuses an empty bundle), so the trainer's workers get every CPU.
     resources = {"cpu": trial_cpus} if trial_cpus > 0 else {"memory": float(2**20)}
     trainable = tune.with_resources(trainable, resources)
     path = (storage / name).resolve()  # pyarrow takes absolute paths or URIs only
+    progress = _Progress(len(specs), trial_name, on_trial_done, untrained or (lambda: len(specs)))
     if resume and tune.Tuner.can_restore(str(path)):
+        # The restored run keeps the callbacks it was started with; Tune calls their setup()
+        # again, which clears timings from the past session.
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -96,7 +118,7 @@ def run_trials(
                 name=name,
                 storage_path=str(storage.resolve()),
                 verbose=0,
-                callbacks=[_Progress(len(specs), trial_name, on_trial_done)],
+                callbacks=[progress],
             ),
         )
     grid = tuner.fit()
