@@ -108,6 +108,20 @@ def head_node():
             ensure_ray(RayConfig(num_cpus=2, object_store_memory=400 * 1024 * 1024))
 
 
+def submit_and_succeed(script: str, config: dict, tmp_path: Path, env: dict) -> str:
+    """Submit ``pipelines/<script>`` with ``config``; asserts the job SUCCEEDED (exit status and
+    ``ray job status``) and returns its stdout."""
+    config_path = tmp_path / f"{Path(script).stem}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    submitted = submit("python", f"pipelines/{script}", "--config", str(config_path), env=env)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+    status = ray_cli("job", "status", "--address", DASHBOARD, job_id, env=env)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
+    assert f"Job '{job_id}' succeeded" in plain
+    return submitted.stdout
+
+
 def test_select_job_through_ray_job_submit(head_node, pool_subset, tmp_path):
     out = tmp_path / "job_run"
     config = {
@@ -122,18 +136,8 @@ def test_select_job_through_ray_job_submit(head_node, pool_subset, tmp_path):
         "strata": {"num_clusters": 2},
         "select": {"batch_size": 8, "alphas": [0.3], "calibration_batches": 1},
     }
-    config_path = tmp_path / "job.yaml"
-    config_path.write_text(yaml.safe_dump(config))
     assert shutil.which("python", path=head_node["PATH"]).startswith(str(BIN))
-    submitted = submit(
-        "python", "pipelines/slap_select.py", "--config", str(config_path), env=head_node
-    )
-    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    assert "report:" in submitted.stdout
-    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
-    status = ray_cli("job", "status", "--address", DASHBOARD, job_id, env=head_node)
-    plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
-    assert f"Job '{job_id}' succeeded" in plain
+    assert "report:" in submit_and_succeed("slap_select.py", config, tmp_path, head_node)
     scores = pd.read_parquet(out / "scores.parquet")
     assert len(scores) == 40 and scores["id"].is_unique
     assert scores["keep_a0.3"].sum() == sum(
@@ -154,13 +158,8 @@ def test_finetune_job_through_ray_job_submit(head_node, pool_subset, shared_data
         "train": {"alpha": 0.3, "batch_size": 10, "num_workers": 2, "checkpoint_every": 1},
         "eval": {"paths": [str(shared_data / "eval" / "nq_open.jsonl")], "max_rows": 8},
     }
-    config_path = tmp_path / "finetune.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    submitted = submit(
-        "python", "pipelines/finetune.py", "--config", str(config_path), env=head_node
-    )
-    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    assert "slap finetune: done" in submitted.stdout
+    stdout = submit_and_succeed("finetune.py", config, tmp_path, head_node)
+    assert "slap finetune: done" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["backward_examples"] for h in metrics["history"]] == [7, 7]
     assert (out / "model" / "adapter_model.safetensors").is_file()
@@ -189,15 +188,7 @@ def test_sweep_job_through_ray_job_submit(head_node, pool_subset, shared_data, t
             "full_data": False,
         },
     }
-    config_path = tmp_path / "sweep.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    submitted = submit("python", "pipelines/sweep.py", "--config", str(config_path), env=head_node)
-    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    job_id = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
-    status = ray_cli("job", "status", "--address", DASHBOARD, job_id, env=head_node)
-    assert f"Job '{job_id}' succeeded" in re.sub(
-        r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr
-    )
+    submit_and_succeed("sweep.py", config, tmp_path, head_node)
     frame = pd.read_csv(out / "results.csv")
     assert frame[["arm", "alpha", "seed"]].values.tolist() == [["random", 0.3, 0]]
     assert (out / "trials" / "random-offline-a0.3-s0" / "train_ids.txt").read_text().count(

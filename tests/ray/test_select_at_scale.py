@@ -8,9 +8,12 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import ray
 from ray.data import Dataset
@@ -58,7 +61,8 @@ def _config(paths: list[str], out: Path, **extra):
 
 
 class _DriverRows:
-    """Counts rows of per-row columns that Ray Data hands to the driver (outermost calls)."""
+    """Counts rows holding per-row columns that Ray Data hands to the driver (outermost
+    calls only: ``to_pandas`` iterates batches itself)."""
 
     def __init__(self) -> None:
         self.rows = 0
@@ -71,26 +75,32 @@ class _DriverRows:
                 result = method(ds, *args, **kwargs)
             finally:
                 self.depth -= 1
-            per_row = self.depth == 0 and bool(ROW_COLUMNS & set(ds.columns() or []))
-            if not per_row:
+            if self.depth:
                 return result
             if name in ("iter_rows", "iter_batches"):
-                return self._counting(result, name)
-            self.rows += _length(result)
+                return self._counting(result)
+            self._count(result)
             return result
 
         return counted
 
-    def _counting(self, iterator, name):
+    def _counting(self, iterator):
         for item in iterator:
-            self.rows += 1 if name == "iter_rows" else _length(item)
+            self._count(item)
             yield item
 
-
-def _length(result) -> int:
-    if isinstance(result, dict):
-        return len(next(iter(result.values()), []))
-    return len(result)
+    def _count(self, result) -> None:
+        if isinstance(result, list):  # take / take_all: a list of row dicts
+            for row in result:
+                self._count(row)
+        elif isinstance(result, pa.Table):
+            self.rows += result.num_rows if ROW_COLUMNS & set(result.column_names) else 0
+        elif isinstance(result, pd.DataFrame):
+            self.rows += len(result) if ROW_COLUMNS & set(result.columns) else 0
+        elif isinstance(result, Mapping) and ROW_COLUMNS & set(result):
+            first = next(iter(result.values()))
+            # a row (iter_rows, take) or a batch of columns (iter_batches, take_batch)
+            self.rows += len(first) if isinstance(first, (list, np.ndarray)) else 1
 
 
 def test_driver_never_collects_per_row_data(ray_cluster, tmp_path, monkeypatch):
@@ -115,6 +125,9 @@ def test_the_counter_sees_a_collect(ray_cluster, monkeypatch):
     monkeypatch.setattr(Dataset, "to_pandas", counter.wrap("to_pandas", Dataset.to_pandas))
     ray.data.from_items([{"id": str(i)} for i in range(30)]).to_pandas()
     assert counter.rows == 30
+    monkeypatch.setattr(Dataset, "iter_rows", counter.wrap("iter_rows", Dataset.iter_rows))
+    assert len(list(ray.data.from_items([{"path": "p"}] * 5).iter_rows())) == 5
+    assert counter.rows == 35
 
 
 MULTINODE = textwrap.dedent(
@@ -125,7 +138,9 @@ MULTINODE = textwrap.dedent(
     from ray.cluster_utils import Cluster
     from slap_ray.config import load_config
     from slap_ray.jobs.select import run_select
-    import pandas as pd
+    import numpy as np
+import pandas as pd
+import pyarrow as pa
 
     cluster = Cluster(
         initialize_head=True,
