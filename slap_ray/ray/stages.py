@@ -70,16 +70,21 @@ def read_stage(files: list[str], options: SchemaOptions, fmt: str) -> Dataset:
 
 
 def chitchat_stage(mode: str, split: str = "train") -> Dataset:
-    """The embedded default dataset (chitchat-dataset package) as normalised rows.
+    """The embedded default dataset (chitchat-dataset package) as normalised rows, built in a
+    task on the cluster (never on the driver).
 
     ``split``: "train" (what selection and training use), "eval" (held-out conversations) or
     "all".
     """
-    from slap_ray.data.chitchat import chitchat_rows
-
     name = EMBEDDED_CHITCHAT_EVAL if split == "eval" else EMBEDDED_CHITCHAT
-    rows = [_row(name, i, r, None, None) for i, r in enumerate(chitchat_rows(mode, split=split))]
-    return ray.data.from_items(rows)
+
+    def rows_of(item: dict[str, Any]) -> list[dict]:
+        from slap_ray.data.chitchat import chitchat_rows
+
+        rows = chitchat_rows(item["mode"], split=item["split"])
+        return [_row(name, i, r, None, None) for i, r in enumerate(rows)]
+
+    return ray.data.from_items([{"mode": mode, "split": split}]).flat_map(rows_of)
 
 
 class Tokenizer:
