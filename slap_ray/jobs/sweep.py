@@ -151,26 +151,32 @@ def trial_config(tree: dict, spec: dict, sweep_dir: Path) -> SlapConfig:
     return build_config(tree)
 
 
+def _train_trial(config: SlapConfig, spec: dict, done: Path) -> None:
+    from slap_ray.jobs.finetune import OWNED as FINETUNE_OWNED
+    from slap_ray.jobs.finetune import finetune_into
+    from slap_ray.reporting.sweep import trial_row
+
+    with locked_run_dir(config.output_dir, FINETUNE_OWNED, resume=True) as run_dir:
+        finetune_into(config, run_dir)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(trial_row(spec, metrics, manifest)), encoding="utf-8")
+        tmp.rename(done)
+
+
 def run_trial(params: dict) -> None:
     """The Tune function trainable: fine-tune and evaluate one trial, then report its metrics."""
     from ray import tune
 
-    from slap_ray.jobs.finetune import OWNED as FINETUNE_OWNED
-    from slap_ray.jobs.finetune import finetune_into
-    from slap_ray.reporting.sweep import trial_row
+    from slap_ray.ray.tune import outside_trial_placement_group
 
     spec, shared = params["trial"], params["shared"]
     config = trial_config(shared["config"], spec, Path(shared["sweep_dir"]))
     done = Path(config.output_dir) / TRIAL_RESULT
     trained_now = not done.is_file()
     if trained_now:  # else a trial killed after finishing but before Tune heard of it
-        with locked_run_dir(config.output_dir, FINETUNE_OWNED, resume=True) as run_dir:
-            finetune_into(config, run_dir)
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            manifest = json.loads((run_dir / "manifest.json").read_text())
-            tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps(trial_row(spec, metrics, manifest)), encoding="utf-8")
-            tmp.rename(done)
+        outside_trial_placement_group(_train_trial, config, spec, done)
     tune.report({**json.loads(done.read_text(encoding="utf-8")), "trained_now": trained_now})
 
 

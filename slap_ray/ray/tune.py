@@ -19,7 +19,9 @@ from typing import Any
 # is silent there, and the sweep prints its own progress line per finished trial.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
+import ray  # noqa: E402
 from ray import tune  # noqa: E402
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
 log = logging.getLogger("slap_ray.sweep")
 # What Tune adds to every reported result; results.csv keeps the trial's own metrics.
@@ -28,6 +30,22 @@ TUNE_FIELDS = {
     "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip", "config",
     "time_since_restore", "iterations_since_restore", "should_checkpoint", "trained_now",
 }  # fmt: skip
+
+
+@ray.remote(num_cpus=0)
+def _call(fn: Callable, *args: Any) -> Any:
+    return fn(*args)
+
+
+def outside_trial_placement_group(fn: Callable, *args: Any) -> Any:
+    """``fn(*args)`` in a 0-CPU task that the trial's placement group does not capture.
+
+    A trial holds only a token of memory; the Ray Data shuffles of its data preparation (and
+    the TorchTrainer's workers) need CPUs that bundle cannot give, and Ray Data submits its
+    shuffle tasks without a scheduling strategy, so inside the trial they would be captured.
+    """
+    escape = PlacementGroupSchedulingStrategy(placement_group=None)
+    return ray.get(_call.options(scheduling_strategy=escape).remote(fn, *args))
 
 
 class _Progress(tune.Callback):

@@ -138,9 +138,7 @@ MULTINODE = textwrap.dedent(
     from ray.cluster_utils import Cluster
     from slap_ray.config import load_config
     from slap_ray.jobs.select import run_select
-    import numpy as np
-import pandas as pd
-import pyarrow as pa
+    import pandas as pd
 
     cluster = Cluster(
         initialize_head=True,
