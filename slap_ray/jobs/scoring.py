@@ -126,9 +126,12 @@ def score(
         if todo:
             finished = np.array(sorted(done), dtype=np.int64)
             # Read before the scorers start: they may hold every CPU a read task would need.
+            # Small blocks (a few batches each) so every scorer gets work and is kept busy.
+            per_block = max(1, todo // (8 * config.score.num_scorers))
             pending = (
                 _packed(run_dir)
                 .map_batches(lambda b: b[~b["batch_id"].isin(finished)], batch_format="pandas")
+                .repartition(target_num_rows_per_block=per_block)
                 .materialize()
             )
             results = pending.map_batches(
