@@ -21,34 +21,26 @@ class Demand:
     per_actor: dict[str, float]
 
 
+def _pool(setting: str, count: int, section: str, unit: str, values) -> Demand:
+    """An actor pool whose actors each hold ``num_gpus_per_<unit>`` GPUs, else
+    ``num_cpus_per_<unit>`` CPUs."""
+    gpus = getattr(values, f"num_gpus_per_{unit}")
+    cpus = getattr(values, f"num_cpus_per_{unit}")
+    label = (
+        f"{setting}={count}, {section}.num_gpus_per_{unit}={gpus:g}, "
+        f"{section}.num_cpus_per_{unit}={cpus:g}"
+    )
+    return Demand(label, count, {"GPU": gpus} if gpus else {"CPU": cpus})
+
+
 def demands(config: SlapConfig, command: str) -> list[Demand]:
     """The actor groups a command runs (each group runs on its own, one after another)."""
     out: list[Demand] = []
     if command == "select":
         e, s = config.embed, config.score
         if config.strata.by == "embedding":
-            out.append(
-                Demand(
-                    f"embed.num_actors={e.num_actors}, "
-                    f"embed.num_gpus_per_actor={e.num_gpus_per_actor:g}, "
-                    f"embed.num_cpus_per_actor={e.num_cpus_per_actor:g}",
-                    e.num_actors,
-                    {"GPU": e.num_gpus_per_actor}
-                    if e.num_gpus_per_actor
-                    else {"CPU": e.num_cpus_per_actor},
-                )
-            )
-        out.append(
-            Demand(
-                f"score.num_scorers={s.num_scorers}, "
-                f"score.num_gpus_per_scorer={s.num_gpus_per_scorer:g}, "
-                f"score.num_cpus_per_scorer={s.num_cpus_per_scorer:g}",
-                s.num_scorers,
-                {"GPU": s.num_gpus_per_scorer}
-                if s.num_gpus_per_scorer
-                else {"CPU": s.num_cpus_per_scorer},
-            )
-        )
+            out.append(_pool("embed.num_actors", e.num_actors, "embed", "actor", e))
+        out.append(_pool("score.num_scorers", s.num_scorers, "score", "scorer", s))
     if command == "finetune":
         t = config.train
         per_worker = {k: float(v) for k, v in t.resources_per_worker.items() if v}

@@ -38,18 +38,16 @@ BATCH_SCHEMA = pa.schema(
     + [("messages", pa.list_(pa.string()))]
     + [(c, pa.list_(_LIST)) for c in ("input_ids", "labels")]
 )
-UNSCORED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("task", pa.string()),
-        ("path", pa.string()),
-        ("line", pa.int64()),
-        ("reject_reason", pa.string()),
-        ("raw", pa.string()),
-        ("sampled", pa.bool_()),
-    ]
-)
+# Every row's identity and fate, first in each per-row table.
+ROW_FIELDS = [
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("task", pa.string()),
+    ("path", pa.string()),
+    ("line", pa.int64()),
+    ("reject_reason", pa.string()),
+]
+UNSCORED_SCHEMA = pa.schema([*ROW_FIELDS, ("raw", pa.string()), ("sampled", pa.bool_())])
 
 
 def fingerprint(config: SlapConfig) -> str:

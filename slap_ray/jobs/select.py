@@ -27,7 +27,7 @@ from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.scoring import Selection
 from slap_ray.core.selection import n_keep_for
 from slap_ray.data.ingest import BadRowError, make_reject, write_rejected
-from slap_ray.jobs.prepare import load_or_prepare
+from slap_ray.jobs.prepare import ROW_FIELDS, load_or_prepare
 from slap_ray.jobs.rows import ORIGIN, input_files, raw_text
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.scoring import plain_selections, score
@@ -48,12 +48,7 @@ OWNED = (
     "manifest.json", "config.yaml", "stages", "scored", "logs",
 )  # fmt: skip
 META = [
-    ("id", pa.string()),
-    ("source", pa.string()),
-    ("task", pa.string()),
-    ("path", pa.string()),
-    ("line", pa.int64()),
-    ("reject_reason", pa.string()),
+    *ROW_FIELDS,
     ("sampled", pa.bool_()),
     ("cluster", pa.int64()),
     ("batch_id", pa.int64()),
