@@ -195,23 +195,28 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
 
 
 def load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> int:
-    """The prepared stage of this config (reused on ``--resume``); returns the batch count."""
+    """The prepared stage of this config (reused on ``--resume``); returns the batch count.
+
+    ``stages/fingerprint.txt`` names the config that the partial work (embedded and scored
+    batches) belongs to; a different config discards it. ``prepare.json`` marks the prepare
+    stage finished.
+    """
     stages_dir = run_dir / "stages"
-    stamp = stages_dir / "prepare.json"
+    stamp, done_path = stages_dir / "fingerprint.txt", stages_dir / "prepare.json"
     wanted = fingerprint(config)
-    done = json.loads(stamp.read_text()) if stamp.exists() else None
-    if done is None or done.get("fingerprint") != wanted:
-        stamp.unlink(missing_ok=True)
+    if not stamp.exists() or stamp.read_text() != wanted:
+        done_path.unlink(missing_ok=True)
         (stages_dir / "second_moment.pt").unlink(missing_ok=True)
         for stale in (run_dir / "scored").glob("batch-*.parquet"):
             stale.unlink()
         shutil.rmtree(stages_dir / "embedded", ignore_errors=True)
-        done = None
-    if done is not None:
+        stamp.write_text(wanted)
+    if done_path.exists():
+        done = json.loads(done_path.read_text())
         manifest.count("resume", prepared_reused=True)
         for stage, counts in done["counts"].items():
             manifest.count(stage, **counts)
         return int(done["batches"])
     result = prepare(config, stages_dir, manifest)
-    stamp.write_text(json.dumps({"fingerprint": wanted, **result}, default=str))
+    done_path.write_text(json.dumps(result, default=str))
     return int(result["batches"])
