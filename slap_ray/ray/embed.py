@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,9 @@ class Embedder:
                 "embedding": pa.array(list(batch["embedding"]), pa.list_(pa.float32())),
             }
         )
-        name = f"part-{uuid.uuid4().hex}"
+        # Named by its rows: a batch retried after an actor failure overwrites its own file.
+        origins = "\n".join(f"{p}:{ln}" for p, ln in zip(batch["path"], batch["line"], strict=True))
+        name = f"part-{hashlib.sha1(origins.encode()).hexdigest()[:20]}"
         tmp = self.persist_dir / f".{name}.tmp"
         pq.write_table(table, tmp)
         tmp.rename(self.persist_dir / f"{name}.parquet")
