@@ -8,6 +8,7 @@ Streams record batches, so memory stays flat however many rows were kept. No Ray
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,19 +43,21 @@ def selected_folder(run_dir: Path, alpha: float) -> Path:
 
 def export(run_dir: Path, alpha: float, fmt: str, output: Path) -> int:
     """Write the kept rows at ``alpha`` to ``output``; returns the number of rows."""
-    source = pads.dataset(str(selected_folder(run_dir, alpha)), format="parquet")
+    folder = selected_folder(run_dir, alpha)
     output.parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
     if fmt == "hf":
         from datasets import Dataset, disable_progress_bars
 
         disable_progress_bars()
-        files = sorted(str(f) for f in selected_folder(run_dir, alpha).glob("*.parquet"))
-        dataset = Dataset.from_parquet(files)
+        dataset = Dataset.from_parquet(sorted(str(f) for f in folder.glob("*.parquet")))
         dataset.save_to_disk(str(output))
         return len(dataset)
+    source = pads.dataset(str(folder), format="parquet")
+    rows = 0
     writer = None
-    with output.open("w", encoding="utf-8") if fmt == "jsonl" else _null() as handle:
+    with (
+        output.open("w", encoding="utf-8") if fmt == "jsonl" else contextlib.nullcontext() as handle
+    ):
         for batch in source.to_batches():
             rows += batch.num_rows
             if fmt == "jsonl":
@@ -69,14 +72,6 @@ def export(run_dir: Path, alpha: float, fmt: str, output: Path) -> int:
     elif fmt == "parquet":
         pq.write_table(source.schema.empty_table(), str(output))
     return rows
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main_export(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def _normalised(frame: pd.DataFrame, keep: str) -> pa.Table:
     return pa.Table.from_pydict({k: list(v) for k, v in columns.items()}, schema=SELECTED_SCHEMA)
 
 
-def _write_rejected(frame: pd.DataFrame, fmt: str, path: str) -> int:
+def _write_rejected(frames: Iterable[pd.DataFrame], fmt: str, path: str) -> int:
+    parts = list(frames)
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if len(frame):
         frame = frame.sort_values(ORIGIN, kind="stable")
         texts = raw_text(frame, fmt)
@@ -200,15 +203,21 @@ def write_outputs(
     return SelectionSummary(groups, edges, loss_kept, loss_pruned)
 
 
-def write_kept(scores: pd.DataFrame, alphas: list[float], folder: Path) -> dict[str, int]:
-    """``alpha-<a>.txt`` (one id per line) and ``alpha-<a>.parquet`` (id, training weight)."""
+def write_kept(frames: Iterable[pd.DataFrame], alphas: list[float], folder: Path) -> dict[str, int]:
+    """``alpha-<a>.txt`` (one id per line) and ``alpha-<a>.parquet`` (id, training weight)
+    from blocks with ``id`` and the keep/weight columns; holds only the kept ids."""
+    kept_parts: dict[float, list[pd.DataFrame]] = {alpha: [] for alpha in alphas}
+    for frame in frames:
+        for alpha in alphas:
+            part = frame.loc[frame[keep_column(alpha)].astype(bool), ["id", weight_column(alpha)]]
+            kept_parts[alpha].append(part.rename(columns={weight_column(alpha): "weight"}))
     folder.mkdir(exist_ok=True)
     for stale in folder.glob("alpha-*"):
         stale.unlink()
     summary = {}
-    for alpha in alphas:
-        kept = scores.loc[scores[keep_column(alpha)], ["id", weight_column(alpha)]]
-        kept = kept.rename(columns={weight_column(alpha): "weight"}).sort_values("id")
+    for alpha, parts in kept_parts.items():
+        empty = pd.DataFrame({"id": pd.Series(dtype=object), "weight": pd.Series(dtype=float)})
+        kept = pd.concat([empty, *parts], ignore_index=True).sort_values("id")
         (folder / f"alpha-{alpha:g}.txt").write_text(
             "".join(i + "\n" for i in kept["id"]), encoding="utf-8"
         )

@@ -122,7 +122,7 @@ def write_arm_views(selection_dir: Path, specs: list[dict]) -> None:
         for m in members:
             frame[f"keep_a{m['alpha']:g}"] = scores[f"keep_{selection_key(m)}"]
             frame[f"weight_a{m['alpha']:g}"] = scores[f"weight_{selection_key(m)}"]
-        kept = write_kept(frame, alphas, view / "kept")
+        kept = write_kept([frame], alphas, view / "kept")
         manifest = {"alphas": alphas, "method": members[0]["method"], "kept_per_alpha": kept}
         (view / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 

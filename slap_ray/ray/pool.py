@@ -85,12 +85,20 @@ def mark_duplicates(rows: Dataset, partitions: int) -> Dataset:
         .materialize()
     )
     refs = firsts.to_arrow_refs()
+    fetched: dict[str, dict] = {}  # per task: the table is fetched once, not once per batch
+
+    def first_origins() -> dict:
+        if "first" not in fetched:
+            table = pa.concat_tables(ray.get(refs)) if refs else None
+            ids = table["id"].to_pylist() if table is not None else []
+            origins = table["first"].to_pylist() if table is not None else []
+            fetched["first"] = dict(zip(ids, origins, strict=True))
+        return fetched["first"]
 
     def reject(batch: pd.DataFrame) -> pd.DataFrame:
-        table = pa.concat_tables(ray.get(refs)) if refs else None
-        if table is None or table.num_rows == 0:
+        first = first_origins()
+        if not first:
             return batch
-        first = dict(zip(table["id"].to_pylist(), table["first"].to_pylist(), strict=True))
         origin = origin_key(batch["path"], batch["line"])
         reasons = batch["reject_reason"].astype(object).where(batch["reject_reason"].notna(), None)
         for i in np.flatnonzero(batch["id"].isin(first).to_numpy()):
@@ -241,12 +249,12 @@ def write_table(
 
 @ray.remote
 def _apply(fn: Callable, refs: list, *args):
-    frame = pa.concat_tables(ray.get(refs)).to_pandas() if refs else pd.DataFrame()
-    return fn(frame, *args)
+    return fn((ray.get(ref).to_pandas() for ref in refs), *args)
 
 
 def on_cluster(fn: Callable, ds: Dataset, *args):
-    """``fn(frame, *args)`` in one task on the cluster, ``frame`` being ``ds`` as pandas: for
-    outputs that are one file (kept-id lists, rejected.jsonl). The rows go from the workers
-    that hold them to that task, not through the driver."""
+    """``fn(frames, *args)`` in one task on the cluster, ``frames`` iterating over the blocks of
+    ``ds`` as pandas, one at a time: for outputs that are one file (kept-id lists,
+    rejected.jsonl). The rows go from the workers that hold them to that task, not through the
+    driver, and the task holds one block plus what ``fn`` keeps."""
     return ray.get(_apply.remote(fn, ds.to_arrow_refs(), *args))
