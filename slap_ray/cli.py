@@ -24,7 +24,11 @@ from slap_ray.errors import JobFailed
 
 def parse(argv: list[str] | None, command: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"slap {command}", description=__doc__)
-    parser.add_argument("--config", help="YAML config file (defaults when omitted)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="YAML config file (defaults when omitted); repeat to layer files, later ones win",
+    )
     parser.add_argument("--resume", action="store_true", help="reuse finished work in output_dir")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. select.alphas=[0.3]")
     return parser.parse_args(argv)

@@ -250,6 +250,10 @@ class RayConfig(_Section):
     # per file) and partitions per shuffle (None: the cluster's CPUs).
     rows_per_block: int | None = Field(None, ge=1)
     shuffle_partitions: int | None = Field(None, ge=1)
+    # Ray Train checkpoints and Ray Tune state: None keeps them in the run directory; a folder
+    # every node mounts or a URI (s3://..., gs://...) puts them there, under a name derived from
+    # output_dir so a restarted job resumes (multi-node Train needs storage all nodes reach).
+    storage_path: str | None = None
 
 
 class SlapConfig(_Section):
@@ -314,16 +318,36 @@ def build_config(tree: dict | None = None, overrides: list[str] | None = None) -
         raise ConfigError(_describe(error)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SlapConfig:
-    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+def load_config(
+    paths: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
+) -> SlapConfig:
+    """Load YAML config files (the defaults when none) and apply overrides.
+
+    Several files layer: a later file's keys replace an earlier one's, section by section
+    (lists are replaced whole), e.g. a run config, then a hardware config for the cluster.
+    """
+    if paths is None:
+        paths = []
+    elif isinstance(paths, str | Path):
+        paths = [paths]
     tree: dict = {}
-    if path is not None:
+    for path in paths:
         text = Path(path).read_text(encoding="utf-8")
         loaded = yaml.safe_load(text)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-        tree = loaded or {}
+        _layer(tree, loaded or {})
     return build_config(tree, overrides)
+
+
+def _layer(tree: dict, layer: dict) -> dict:
+    """Merge ``layer`` into ``tree`` in place: mappings merge, anything else is replaced."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _layer(tree[key], value)
+        else:
+            tree[key] = value
+    return tree
 
 
 def config_to_dict(config: SlapConfig) -> dict:

@@ -6,18 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+from manifests import require
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def _require_shared(path: Path) -> Path:
-    if path.is_dir():
-        return path
-    message = f"{path} is absent: the real-data tests need ../shared/data beside the checkout"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    return require(path, "the real-data tests need ../shared/data beside the checkout")
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from slap_ray.core.seeds import id_rank_key
 from slap_ray.core.training import MODEL_DIR, STATE_FILE, flops_estimate, total_steps
 from slap_ray.jobs.rows import input_files, marked_rows, read_rows
 from slap_ray.jobs.rundir import locked_run_dir
+from slap_ray.jobs.storage import storage_for
 from slap_ray.ray import stages
 from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
@@ -208,7 +209,7 @@ def finetune_into(
     write_resolved_config(config, run_dir / "config.yaml")
     manifest = Manifest("run" if selection_report or prior_timings else "finetune")
     manifest.data["timings_s"].update(prior_timings or {})
-    storage = run_dir / RAY_TRAIN_DIR
+    storage = storage_for(config, run_dir, RAY_TRAIN_DIR)
     try:
         with ray_session(config.ray, run_dir, "finetune"):
             check_resources(config, "finetune")

@@ -116,6 +116,9 @@ def _embed(config: SlapConfig, tokens: Dataset, stages_dir: Path, manifest: Mani
         finished = ray.data.read_parquet(str(folder)).materialize()
         keys = finished.select_columns(ORIGIN)
         todo = tokens.join(keys, join_type="left_anti", num_partitions=partitions, on=ORIGIN)
+    # Materialised first: embedders may hold every CPU of a node, and a lazy upstream step
+    # (a filter, the join) would then wait for a CPU forever.
+    todo = todo.materialize()
     fresh = stages.embed_stage(
         todo, e.model, e.batch_size, e.max_chars, e.num_actors, e.num_gpus_per_actor,
         e.num_cpus_per_actor, str(folder),

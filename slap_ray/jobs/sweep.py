@@ -18,6 +18,7 @@ from slap_ray.config import SlapConfig, build_config, config_to_dict
 from slap_ray.core.scoring import Selection
 from slap_ray.errors import JobFailed
 from slap_ray.jobs.rundir import locked_run_dir
+from slap_ray.jobs.storage import storage_for
 from slap_ray.reporting.manifest import Manifest
 
 log = logging.getLogger("slap_ray.sweep")
@@ -259,7 +260,8 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
             shared = {"config": _absolute_paths(config), "sweep_dir": str(sweep_dir.resolve())}
             with manifest.stage("trials"):
                 rows = run_trials(
-                    run_trial, specs, shared, sweep_dir / TUNE_DIR, EXPERIMENT, trial_name,
+                    run_trial, specs, shared, storage_for(config, sweep_dir, TUNE_DIR),
+                    EXPERIMENT, trial_name,
                     config.sweep.max_concurrent_trials, config.sweep.trial_cpus, config.resume,
                     on_trial_done=lambda: write_partial_results(config, sweep_dir, specs),
                     untrained=lambda: _untrained(sweep_dir, specs),

@@ -276,7 +276,7 @@ def make_trainer(
     train_table: dict,
     eval_table: dict,
     total_steps: int,
-    storage_path: Path,
+    storage_path: str,
     run_name: str,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` of a run: scaling, storage, checkpoints and failure policy."""
@@ -320,7 +320,7 @@ def make_trainer(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage_path.resolve()),
+            storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=train.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),

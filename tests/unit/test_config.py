@@ -100,3 +100,24 @@ def test_train_and_eval_sections():
     ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             build_config({}, [override])
+
+
+def test_config_files_layer_section_by_section(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        "seed: 3\nscore:\n  num_scorers: 2\n  micro_batch_size: 4\nselect:\n  alphas: [0.2]\n"
+    )
+    hardware = tmp_path / "hardware.yaml"
+    hardware.write_text("score:\n  num_scorers: 6\nselect:\n  alphas: [0.3, 0.4]\n")
+    config = load_config([run, hardware], ["seed=5"])
+    assert config.score.num_scorers == 6 and config.score.micro_batch_size == 4  # merged
+    assert config.select.alphas == [0.3, 0.4]  # lists are replaced, not appended
+    assert config.seed == 5  # overrides come last
+    assert load_config([hardware, run]).score.num_scorers == 2  # order decides
+
+
+def test_cli_takes_repeated_config_files():
+    from slap_ray.cli import parse
+
+    args = parse(["--config", "a.yaml", "--config", "b.yaml", "seed=1"], "select")
+    assert args.config == ["a.yaml", "b.yaml"] and args.overrides == ["seed=1"]
