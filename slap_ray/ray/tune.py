@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # Tune's new console output prints an experiment table even at verbose=0; the classic output
@@ -99,7 +100,7 @@ def run_trials(
     trainable: Callable[[dict], None],
     specs: list[dict],
     shared: dict,
-    storage: str,
+    storage: str | Path,
     name: str,
     trial_name: Callable[[dict], str],
     max_concurrent_trials: int,
@@ -116,7 +117,9 @@ def run_trials(
     # memory instead (Tune refuses an empty bundle), so the trainer's workers get every CPU.
     resources = {"cpu": trial_cpus} if trial_cpus > 0 else {"memory": float(2**20)}
     trainable = tune.with_resources(trainable, resources)
-    path = f"{storage.rstrip('/')}/{name}"  # an absolute path or a URI
+    # pyarrow takes absolute paths or URIs only (a relative output_dir must still restore)
+    storage = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
+    path = f"{storage.rstrip('/')}/{name}"
     progress = _Progress(len(specs), trial_name, on_trial_done, untrained or (lambda: len(specs)))
     if resume and tune.Tuner.can_restore(str(path)):
         # The restored run keeps the callbacks it was started with; Tune calls their setup()
