@@ -276,8 +276,10 @@ def test_token_auth_and_locked_down_pods(target):
             assert context["allowPrivilegeEscalation"] is False, where
             assert context["capabilities"]["drop"] == ["ALL"], where
             assert {"cpu", "memory"} <= set(container["resources"]["limits"]), where
-    secrets = [v for d in docs for k, v in walk(d) if k == "secretKeyRef" or k == "auth_token"]
-    assert not secrets or all(isinstance(s, dict) for s in secrets)  # references, no values
+    env = [e for d in docs for k, v in walk(d) if k == "env" for e in v]
+    assert not [e for e in env if e["name"] == "RAY_AUTH_TOKEN" and "value" in e], (
+        "a token value in a manifest: keep it in the slap-ray-auth Secret"
+    )
     assert not of_kind(docs, "Secret"), "the token Secret is created by the user, not rendered"
 
 
