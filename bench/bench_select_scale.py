@@ -5,6 +5,10 @@ smallest to the largest size), wall time linear in rows.
 
     python bench/bench_select_scale.py [--sizes 50000 200000 1000000] [--resume]
         [--out bench/results/select_scale.json]
+    python bench/bench_select_scale.py --chitchat [--out bench/results/select_chitchat.json]
+
+``--chitchat``: every chitchat pair once (131,548 rows), MiniLM embeddings with k-means strata
+(``strata.by: embedding``) and tiny-model scoring: the driver and total peak of a real pool.
 
 Each size's result is saved as soon as it finishes; ``--resume`` skips sizes already saved.
 """
@@ -26,13 +30,23 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = 8
+DEFAULT_OUT = str(REPO / "bench" / "results" / "select_scale.json")
 
 
-def write_pool(folder: Path, rows: int) -> str:
-    """``rows`` chitchat pairs, cycled under new ids, one file per source."""
+def write_pool(folder: Path, rows: int | None) -> str:
+    """``rows`` chitchat pairs, cycled under new ids, one file per source; None: every pair once
+    under its own id."""
     from slap_ray.data.chitchat import chitchat_rows
 
-    base = list(chitchat_rows("pairs", split="train"))
+    base = list(chitchat_rows("pairs", split="train" if rows else "all"))
+    if rows is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        handles = [(folder / f"part{s}.jsonl").open("w", encoding="utf-8") for s in range(SOURCES)]
+        for i, row in enumerate(base):
+            handles[i % SOURCES].write(json.dumps(row) + "\n")
+        for handle in handles:
+            handle.close()
+        return str(folder / "*.jsonl")
     folder.mkdir(parents=True, exist_ok=True)
     handles = [(folder / f"part{s}.jsonl").open("w", encoding="utf-8") for s in range(SOURCES)]
     for i in range(rows):
@@ -96,7 +110,7 @@ class PeakRss:
         self._thread.join()
 
 
-def run_size(rows: int, work: Path, extra: dict) -> dict:
+def run_size(rows: int | None, work: Path, extra: dict) -> dict:
     paths = write_pool(work / f"pool{rows}", rows)
     out = work / f"run{rows}"
     config = work / f"config{rows}.yaml"
@@ -115,7 +129,7 @@ def run_size(rows: int, work: Path, extra: dict) -> dict:
         raise SystemExit(f"select failed at {rows} rows (exit {code})")
     manifest = json.loads((out / "manifest.json").read_text())
     return {
-        "rows": rows,
+        "rows": manifest["counts"]["read"]["rows"],
         "wall_s": round(seconds, 1),
         "driver_peak_rss_gib": round(peak.driver / 2**30, 3),
         "total_peak_rss_gib": round(peak.total / 2**30, 3),
@@ -127,12 +141,17 @@ def run_size(rows: int, work: Path, extra: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000, 1_000_000])
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "select_scale.json"))
+    parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--set", nargs="*", default=[], help="extra section.key=value settings")
+    parser.add_argument(
+        "--chitchat", action="store_true", help="every chitchat pair, MiniLM strata"
+    )
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.set)
     extra = {k: yaml.safe_load(v) for k, v in extra.items()}
+    if args.chitchat:
+        return chitchat(args, extra)
     out = Path(args.out)
     results = json.loads(out.read_text()) if args.resume and out.exists() else {"sizes": []}
     done = {r["rows"] for r in results["sizes"]}
@@ -155,6 +174,18 @@ def main() -> None:
         }
         out.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "sizes"}))
+
+
+def chitchat(args, extra: dict) -> None:
+    """Every chitchat pair with MiniLM strata (embedding + k-means) and tiny-model scoring."""
+    extra = {"strata.by": "embedding", "strata.num_clusters": 8, "embed.num_cpus_per_actor": 2,
+             **extra}  # fmt: skip
+    out = Path(args.out if args.out != DEFAULT_OUT else REPO / "bench/results/select_chitchat.json")
+    with tempfile.TemporaryDirectory(prefix="slap-chitchat-") as tmp:
+        result = run_size(None, Path(tmp), extra)
+    result["settings"] = extra
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

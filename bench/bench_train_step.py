@@ -1,5 +1,11 @@
 """Training step time with on-policy SLAP versus the full batch (results in docs/performance.md).
 
+The baseline that matters is the *best-batched* full batch: the fastest of the micro-batch
+sizes tried (``best_batched_ratio``). SLAP runs in both on-policy modes: ``kept_graphs``
+(micro-batch ``--micro``, graphs kept) and ``recompute`` (no-grad scoring forward in
+micro-batches of ``--score-micro``, then forward + backward of the kept rows in
+``--recompute-micro``).
+
     python bench/bench_train_step.py                      # SmolLM2-135M, B=16, 256 tokens
     python bench/bench_train_step.py --steps 2 --model tiny-random   # quick plumbing check
 
@@ -78,10 +84,12 @@ def measure(finetuning: str, args, rows) -> list[dict]:
     counts = parameter_counts(model)
     batches = [rows[i * args.batch : (i + 1) * args.batch] for i in range(args.steps + 1)]
     results = []
-    configs = [(0.0, "full", args.micro)] + [(a, "slap", args.micro) for a in args.alphas]
-    configs.append((0.0, "full", 4))  # reference: the full batch with 4-example micro-batches
-    for alpha, method, micro in configs:
-        settings = SelectionSettings(method=method, alpha=alpha)
+    for setting in settings_grid(args):
+        alpha, method, micro = setting["alpha"], setting["method"], setting["micro"]
+        settings = SelectionSettings(
+            method=method, alpha=alpha, onpolicy=setting["onpolicy"],
+            score_micro_batch_size=args.score_micro, preconditioner=args.preconditioner,
+        )  # fmt: skip
         times, parts, tokens = [], {}, {"forward": 0, "backward": 0}
         for step, batch in enumerate(batches):  # batch 0 warms up (and creates Adam's state)
             start = time.perf_counter()
@@ -109,6 +117,7 @@ def measure(finetuning: str, args, rows) -> list[dict]:
                 "finetuning": finetuning,
                 "alpha": alpha,
                 "method": method,
+                "onpolicy": setting["onpolicy"] if method != "full" else "-",
                 "micro_batch_size": micro,
                 "step_s_mean": round(float(np.mean(times)), 3),
                 "step_s_min": round(float(np.min(times)), 3),
@@ -119,12 +128,33 @@ def measure(finetuning: str, args, rows) -> list[dict]:
         )
         print(json.dumps(results[-1]), flush=True)
     base = results[0]
+    full = [r for r in results if r["method"] == "full"]
+    best = min(full, key=lambda r: r["step_s_mean"])
     for r in results:
         r["step_ratio"] = round(r["step_s_mean"] / base["step_s_mean"], 3)
+        r["best_batched_ratio"] = round(r["step_s_mean"] / best["step_s_mean"], 3)
         r["flops_ratio_model"] = round(r["flops_per_step"] / base["flops_per_step"], 3)
         overhead = r["parts_s_mean"].get("features", 0) + r["parts_s_mean"].get("select", 0)
         r["features_select_share"] = round(overhead / r["step_s_mean"], 3)
     return results
+
+
+def settings_grid(args) -> list[dict]:
+    """The full batch at micro-batch ``--micro`` first (the ratio base), then at every
+    ``--baseline-micro`` (the fastest is the best-batched baseline), then SLAP at every alpha in
+    each ``--onpolicy`` mode (kept graphs at ``--micro``, recompute at ``--recompute-micro``)."""
+    grid = [{"alpha": 0.0, "method": "full", "micro": args.micro, "onpolicy": "kept_graphs"}]
+    grid += [
+        {"alpha": 0.0, "method": "full", "micro": m, "onpolicy": "kept_graphs"}
+        for m in args.baseline_micro
+        if m != args.micro
+    ]
+    for mode in args.onpolicy:
+        micro = args.micro if mode == "kept_graphs" else args.recompute_micro
+        grid += [
+            {"alpha": a, "method": "slap", "micro": micro, "onpolicy": mode} for a in args.alphas
+        ]
+    return grid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +166,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per setting")
     parser.add_argument("--micro", type=int, default=1, help="micro-batch size of the timed runs")
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.4])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5])
+    parser.add_argument(
+        "--baseline-micro",
+        type=int,
+        nargs="+",
+        default=[2, 4, 8],
+        help="micro-batch sizes of the full batch (the best is the baseline)",
+    )
+    parser.add_argument("--onpolicy", nargs="+", default=["kept_graphs", "recompute"])
+    parser.add_argument(
+        "--recompute-micro",
+        type=int,
+        default=4,
+        help="micro-batch size of the recompute mode's forward + backward",
+    )
+    parser.add_argument(
+        "--score-micro",
+        type=int,
+        default=16,
+        help="micro-batch size of the recompute mode's no-grad scoring forward",
+    )
+    parser.add_argument("--preconditioner", default="adam", choices=["adam", "factored", "none"])
+    parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--finetuning", nargs="+", default=["full", "lora"])
     args = parser.parse_args(argv)
@@ -149,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": [r for f in args.finetuning for r in measure(f, args, rows)],
     }
     print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -274,6 +275,20 @@ def resolve_model_path(name: str) -> str:
     anything else is returned unchanged (a Hub id).
     """
     return _resolve(name, _MODEL_ALIASES)
+
+
+def parameter_count(name: str) -> int | None:
+    """Parameters of a model from its safetensors headers (nothing is loaded); None where the
+    model is not a local folder (a Hub id, offline)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(resolve_model_path(name)).glob("*.safetensors"))
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total or None
 
 
 def resolve_embedder_path(name: str) -> str:

@@ -11,7 +11,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slap_ray.vocabulary import Format, Method, Schema, StrataKind
+from slap_ray.vocabulary import (
+    Format,
+    Method,
+    OnPolicyMode,
+    Preconditioner,
+    Schema,
+    StrataKind,
+)
+
+# How an arm's label names a non-default preconditioner ("raw": plain gradient norms).
+ARM_PRECONDITIONER_LABELS = {"factored": "factored", "none": "raw"}
 
 
 class _Section(BaseModel):
@@ -88,8 +98,14 @@ class SelectConfig(_Section):
     projection_dim: int | None = Field(None, ge=1)
     calibration_batches: int = Field(4, ge=0)
     beta2: float = Field(0.999, ge=0, lt=1)
-    # False: raw LM-head gradient norms (s_hat = 1), the preconditioner ablation.
-    preconditioned: bool = True
+    # How LM-head gradient features are preconditioned: exact elementwise Adam second moment
+    # (``adam``), its Adafactor-style rank-1 factorisation (``factored``, O(T^2 (V + H)) per
+    # example), or raw gradient norms (``none``, s_hat = 1, the ablation).
+    preconditioner: Preconditioner = "adam"
+    # On-policy only: keep every row's graph and back-propagate the kept ones (``kept_graphs``),
+    # or score the batch without grad in micro-batches of ``score.micro_batch_size`` and then
+    # forward + backward only the kept rows in ``train.micro_batch_size`` (``recompute``).
+    onpolicy: OnPolicyMode = "kept_graphs"
 
     @field_validator("alphas")
     @classmethod
@@ -105,12 +121,20 @@ class SelectConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    """Scorer actors holding model replicas."""
+    """Scorer actors holding model replicas.
+
+    ``model``: the causal LM that scores and selects offline (None: ``model.name``). A small
+    proxy can select for a larger trained model: selection writes ids, fine-tuning joins on them
+    and tokenizes with its own model, so the two tokenizers may differ.
+    """
+
+    model: str | None = None
 
     num_scorers: int = Field(1, ge=1)
     # CPUs each scorer holds (ignored with a GPU); it runs that many torch threads.
     num_cpus_per_scorer: float = Field(1.0, gt=0)
     num_gpus_per_scorer: float = Field(0.0, ge=0)
+    # Rows per no-grad scoring forward (offline scorers, on-policy ``recompute``).
     micro_batch_size: int = Field(8, ge=1)
     vocab_chunk: int | None = Field(None, ge=1)
 
@@ -156,11 +180,12 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(1, ge=1)
 
-    def resolved_micro_batch_size(self, mode: str) -> int:
-        """Online selection saves backward work only per whole micro-batch: default 1 there."""
+    def resolved_micro_batch_size(self, mode: str, onpolicy: str = "kept_graphs") -> int:
+        """On-policy selection with kept graphs saves backward work only per whole micro-batch:
+        default 1 there; 4 otherwise (recompute back-propagates only kept rows anyway)."""
         if self.micro_batch_size is not None:
             return self.micro_batch_size
-        return 1 if mode == "online" else 4
+        return 1 if mode == "online" and onpolicy == "kept_graphs" else 4
 
 
 class EvalConfig(_Section):
@@ -188,7 +213,7 @@ class ArmConfig(_Section):
     num_strata: int | None = Field(None, ge=1)
     tau: float | None = Field(None, gt=0)
     strata: StrataKind | None = None
-    preconditioned: bool = True
+    preconditioner: Preconditioner | None = None
     alphas: list[float] | None = None
     modes: list[Mode] | None = None
 
@@ -200,8 +225,8 @@ class ArmConfig(_Section):
         for key in ("num_strata", "tau", "strata"):
             if getattr(self, key) is not None:
                 parts.append(f"{key}{getattr(self, key)}")
-        if not self.preconditioned:
-            parts.append("raw")
+        if self.preconditioner is not None and self.preconditioner != "adam":
+            parts.append(ARM_PRECONDITIONER_LABELS[self.preconditioner])
         return "-".join(parts)
 
 
@@ -273,6 +298,11 @@ class SlapConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def scoring_model(self) -> str:
+        """The model that tokenizes, scores and selects in `slap select`."""
+        return self.score.model or self.model.name
 
 
 class ConfigError(ValueError):

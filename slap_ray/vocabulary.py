@@ -1,5 +1,5 @@
 """The names a user can write in a config, defined once: selection methods, loss-strata kinds,
-input formats and row schemas. The config's types, the readers and the selection code all take
+preconditioners, on-policy modes, input formats and row schemas. The config's types, the readers and the selection code all take
 them from here (a plain module, so loading a config imports nothing heavy)."""
 
 from __future__ import annotations
@@ -10,8 +10,12 @@ METHODS = ("slap", "random", "full", "online_hard", "ccs", "infobatch")
 STRATA_KINDS = ("width", "quantile")
 FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "hf_disk")
 SCHEMAS = ("auto", "messages", "alpaca", "sharegpt", "prompt_response")
+PRECONDITIONERS = ("adam", "factored", "none")
+ONPOLICY_MODES = ("kept_graphs", "recompute")
 
 Method = Literal[METHODS]
 StrataKind = Literal[STRATA_KINDS]
 Format = Literal[FORMATS]
 Schema = Literal[SCHEMAS]
+Preconditioner = Literal[PRECONDITIONERS]
+OnPolicyMode = Literal[ONPOLICY_MODES]

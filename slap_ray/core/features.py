@@ -12,21 +12,33 @@ and its feature is the row norm of the preconditioned gradient,
 with s_hat the diagonal second moment (Adam's bias-corrected ``exp_avg_sq``) or 1 before any
 exists. Everything here is closed form: no autograd, and memory bounded by chunking over
 examples and vocabulary, so B x V x H is never allocated.
+
+The ``factored`` option replaces 1 / sqrt(s_hat) by an Adafactor-style rank-1 product
+a[v] b[h] (``FactoredPreconditioner``). Then
+
+    f_j[v] = a[v] * sqrt(e_v^T K e_v) / T_j,   K = H diag(b^2) H^T   (T_j x T_j),
+
+with e_v the T_j residuals of vocabulary row v: O(T^2 (V + H)) per example instead of O(T V H).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from slap_ray.core.model import IGNORE_INDEX, shift_labels
+from slap_ray.vocabulary import PRECONDITIONERS
 
 __all__ = [
     "IGNORE_INDEX",
+    "FactoredPreconditioner",
     "SecondMomentEMA",
+    "factored_inverse_root",
     "inverse_root",
+    "make_preconditioner",
     "lm_head_example_gradient_sum",
     "lm_head_features",
     "project_features",
@@ -146,6 +158,48 @@ def inverse_root(second_moment: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
     return 1.0 / (second_moment.float().sqrt() + eps)
 
 
+@dataclass(frozen=True)
+class FactoredPreconditioner:
+    """A rank-1 preconditioner a[v] * b[h] standing in for 1 / (sqrt(s_hat[v, h]) + eps).
+
+    row (V,) = a, col (H,) = b, float32.
+    """
+
+    row: torch.Tensor
+    col: torch.Tensor
+
+
+def factored_inverse_root(second_moment: torch.Tensor, eps: float = 1e-6) -> FactoredPreconditioner:
+    """Adafactor's factorisation (Shazeer and Stern, 2018) of s_hat (V, H):
+
+        s_hat[v, h] ~ R[v] C[h] / S,   R = row sums (V,), C = column sums (H,), S = sum(R),
+
+    so 1 / sqrt(s_hat) ~ a[v] b[h] with a = 1 / (sqrt(R) + eps), b = 1 / (sqrt(C / S) + eps)
+    (eps guards each factor). Only R and C are needed: V + H numbers instead of V x H.
+    """
+    moment = second_moment.float()
+    rows, cols = moment.sum(dim=1), moment.sum(dim=0)
+    total = rows.sum().clamp(min=torch.finfo(torch.float32).tiny)
+    return FactoredPreconditioner(
+        row=1.0 / (rows.sqrt() + eps), col=1.0 / ((cols / total).sqrt() + eps)
+    )
+
+
+def make_preconditioner(
+    second_moment: torch.Tensor | None, kind: str, eps: float = 1e-6
+) -> torch.Tensor | FactoredPreconditioner | None:
+    """What ``lm_head_features`` takes as ``preconditioner`` for ``kind``: the exact
+    elementwise ``adam`` one (V, H), the rank-1 ``factored`` one, or None (``none``, or no second
+    moment yet: raw gradient norms)."""
+    if kind not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {kind!r}")
+    if second_moment is None or kind == "none":
+        return None
+    if kind == "factored":
+        return factored_inverse_root(second_moment, eps)
+    return inverse_root(second_moment, eps)
+
+
 def lm_head_features(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -154,7 +208,7 @@ def lm_head_features(
     eps: float = 1e-6,
     vocab_chunk: int | None = None,
     logits: torch.Tensor | None = None,
-    preconditioner: torch.Tensor | None = None,
+    preconditioner: torch.Tensor | FactoredPreconditioner | None = None,
 ) -> torch.Tensor:
     """Per-example row norms of the preconditioned LM-head gradient of the mean response loss.
 
@@ -164,8 +218,8 @@ def lm_head_features(
     logits, optional: the forward pass's own W h, reused instead of recomputed: (B, T, V), or
     (N, V) for only the N labelled positions in row-major order (the cheap forward computes the
     LM head only there). preconditioner, optional: ``inverse_root(second_moment, eps)`` built
-    once by the caller (then ``second_moment`` may be omitted). Returns (B, V) float32; an example
-    without response tokens gets all zeros.
+    once by the caller (then ``second_moment`` may be omitted), or a ``FactoredPreconditioner``.
+    Returns (B, V) float32; an example without response tokens gets all zeros.
 
     Work goes example by example (no padding waste) and vocabulary chunk by chunk: at most
     (T_j x chunk) and (chunk x H) blocks live at once; B x V x H is never allocated.
@@ -177,8 +231,15 @@ def lm_head_features(
     if preconditioner is None and second_moment is not None:
         # Shared by every example of the call: computed once here.
         preconditioner = inverse_root(second_moment, eps)
-    if preconditioner is not None and preconditioner.shape != weight.shape:
+    factored = isinstance(preconditioner, FactoredPreconditioner)
+    if factored:
+        if preconditioner.row.shape != (vocab,) or preconditioner.col.shape != (width,):
+            raise ValueError(f"factored preconditioner does not match weight {(vocab, width)}")
+    elif preconditioner is not None and preconditioner.shape != weight.shape:
         raise ValueError(f"second moment {tuple(preconditioner.shape)} != weight {(vocab, width)}")
+    # Raw and factored norms are a row scale times ||sum_t e_t (b * h_t)||.
+    dense = None if factored else preconditioner
+    col_scale = preconditioner.col if factored else None
     features = torch.zeros(hidden.shape[0], vocab, dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for j, h, y, z in _examples(
@@ -187,20 +248,23 @@ def lm_head_features(
             tokens = h.shape[0]
             chunk = _chunk_size(vocab_chunk, tokens, width, vocab)
             residual = _ExampleResidual(h, y, weight, z, chunk)
+            scaled = h if col_scale is None else h * col_scale
             # Gram form: ||sum_t e_t h_t||^2 = e^T (H H^T) e, cheaper than V x H when T < H.
-            gram = h @ h.T if preconditioner is None and tokens < width else None
+            gram = scaled @ scaled.T if dense is None and tokens < width else None
             for start in range(0, vocab, chunk):
                 stop = min(start + chunk, vocab)
                 e = residual.chunk(start, stop)  # (T, Vc)
                 if gram is not None:
-                    rows = (e * (gram @ e)).sum(0).clamp(min=0).sqrt() / (1.0 + eps)
+                    rows = (e * (gram @ e)).sum(0).clamp(min=0).sqrt()
                 else:
-                    grad = e.T @ h  # (Vc, H)
-                    if preconditioner is None:
-                        rows = torch.linalg.vector_norm(grad, dim=-1) / (1.0 + eps)
-                    else:
-                        grad.mul_(preconditioner[start:stop])
-                        rows = torch.linalg.vector_norm(grad, dim=-1)
+                    grad = e.T @ scaled  # (Vc, H)
+                    if dense is not None:
+                        grad.mul_(dense[start:stop])
+                    rows = torch.linalg.vector_norm(grad, dim=-1)
+                if factored:
+                    rows = rows * preconditioner.row[start:stop]
+                elif dense is None:
+                    rows = rows / (1.0 + eps)
                 features[j, start:stop] = rows / tokens
     return features
 

@@ -1,10 +1,17 @@
 """One on-policy SLAP training step (SLAP_METHOD.md sections 1-2), pure PyTorch.
 
-Every example of the batch is forwarded *with* grad in micro-batches and its graph is kept;
-losses and LM-head features go to ``select``; only the kept examples' losses enter the single
-backward pass, so graphs of pruned micro-batches are never back-propagated. With
-``micro_batch_size = 1`` the saving is exact per example; larger micro-batches save only where a
-whole micro-batch is pruned (a batched graph cannot be split).
+Two ways to spend the saving (``SelectionSettings.onpolicy``):
+
+- ``kept_graphs``: every example of the batch is forwarded *with* grad in micro-batches and its
+  graph is kept; losses and LM-head features go to ``select``; only the kept examples' losses
+  enter the single backward pass, so graphs of pruned micro-batches are never back-propagated.
+  With ``micro_batch_size = 1`` the saving is exact per example; larger micro-batches save only
+  where a whole micro-batch is pruned (a batched graph cannot be split).
+- ``recompute``: the batch is forwarded *without* grad in large micro-batches
+  (``score_micro_batch_size``), losses and features select, then only the kept rows are
+  forwarded again with grad and back-propagated in ordinary micro-batches. It pays a second
+  forward of the kept rows but keeps batching on both passes, which wins wherever one row does
+  not saturate the device.
 
 Data parallelism goes through a small ``Collective``: every worker forwards its share of the
 global batch, losses and features are all-gathered, every worker runs the same seeded ``select``
@@ -26,14 +33,15 @@ import torch
 
 from slap_ray.core.features import (
     SecondMomentEMA,
-    inverse_root,
     lm_head_example_gradient_sum,
     lm_head_features,
+    make_preconditioner,
     project_features,
     response_token_losses_packed,
 )
 from slap_ray.core.model import MicroBatch, forward_micro_batches, lm_head_of
 from slap_ray.core.selection import n_keep_for, select_weighted
+from slap_ray.vocabulary import ONPOLICY_MODES, PRECONDITIONERS
 
 
 class Collective(Protocol):
@@ -90,6 +98,18 @@ class SelectionSettings:
     projection_dim: int | None = None
     projection_seed: int = 0
     vocab_chunk: int | None = None
+    preconditioner: str = "adam"  # or "factored" | "none"
+    onpolicy: str = "kept_graphs"  # or "recompute"
+    # Rows per no-grad forward of the recompute mode's scoring pass (None: the whole batch).
+    score_micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.onpolicy not in ONPOLICY_MODES:
+            raise ValueError(f"onpolicy must be one of {ONPOLICY_MODES}, got {self.onpolicy!r}")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(
+                f"preconditioner must be one of {PRECONDITIONERS}, got {self.preconditioner!r}"
+            )
 
     def options(self) -> dict[str, Any]:
         return {"num_strata": self.num_strata, "tau": self.tau, "strata": self.strata}
@@ -143,7 +163,8 @@ class _Step:
         self.weight = lm_head_of(model)
         self.examples = examples
         self.seconds = dict.fromkeys(
-            ("forward", "features", "gather", "select", "backward", "all_reduce"), 0.0
+            ("forward", "features", "gather", "select", "recompute", "backward", "all_reduce"),
+            0.0,
         )
         self.backward_examples = self.backward_tokens = 0
         self.local_weights: np.ndarray | None = None  # offline training weights of this worker
@@ -160,20 +181,24 @@ class _Step:
         finally:
             self.seconds[phase] += time.perf_counter() - start
 
-    def forward(self, model, pad_token_id, micro_batch_size, autocast):
-        """Forward this worker's rows with grad, micro-batch by micro-batch (timed); yields
-        (micro-batch, per-row losses with graph) and records the losses in ``local_losses``."""
+    def forward(self, model, pad_token_id, micro_batch_size, autocast, grad=True, rows=None):
+        """Forward this worker's rows (or the subset ``rows``), micro-batch by micro-batch
+        (timed); yields (micro-batch, per-row losses) with ``micro.rows`` indexing this worker's
+        examples. A pass over every row records the losses in ``local_losses``."""
+        subset = list(range(len(self.examples))) if rows is None else list(rows)
         micro_batches = forward_micro_batches(
-            model, [x[0] for x in self.examples], [x[1] for x in self.examples], pad_token_id,
-            micro_batch_size, grad=True, autocast=autocast,
+            model, [self.examples[i][0] for i in subset], [self.examples[i][1] for i in subset],
+            pad_token_id, micro_batch_size, grad=grad, autocast=autocast,
         )  # fmt: skip
         while True:
-            with self.timed("forward"):
+            with self.timed("forward" if rows is None else "recompute"):
                 micro = next(micro_batches, None)
                 if micro is None:
                     return
+                micro.rows = [subset[k] for k in micro.rows]
                 losses = response_token_losses_packed(micro.logits, micro.aligned)
-                self.local_losses[micro.rows] = losses.detach().double().cpu().numpy()
+                if rows is None:
+                    self.local_losses[micro.rows] = losses.detach().double().cpu().numpy()
             yield micro, losses
 
     def backward_done(self, micro: MicroBatch, scale: torch.Tensor, chosen: list[int]) -> None:
@@ -227,6 +252,7 @@ def onpolicy_step(
             skipped=True,
         )
     step = _Step(model, examples, lm_head_ema)
+    tokens_recomputed = examples_recomputed = 0
     if settings.method == "full" or n_keep == batch_size:
         weights = (
             np.ones(len(examples))
@@ -246,9 +272,11 @@ def onpolicy_step(
             ] = np.concatenate([g["weights"] for g in gathered])
     else:
         needs_features = settings.method == "slap"
-        graphs, local_losses, local_features = _forward_keeping_graphs(
+        recompute = settings.onpolicy == "recompute"
+        graphs, local_losses, local_features = _forward_scoring(
             model, step, settings, second_moment if needs_features else None, needs_features,
-            pad_token_id, micro_batch_size, autocast,
+            pad_token_id, (settings.score_micro_batch_size or batch_size) if recompute
+            else micro_batch_size, autocast, keep_graphs=not recompute,
         )  # fmt: skip
         gathered = _gather(step, collective, positions, local_losses, local_features)
         losses, tokens, features = _assemble(
@@ -258,7 +286,14 @@ def onpolicy_step(
             kept, kept_weights = select_weighted(
                 settings.method, losses, features, n_keep, rng, **settings.options()
             )
-        _backward_kept(step, graphs, positions, kept, kept_weights, n_keep)
+        if recompute:
+            _recompute_kept(
+                model, step, positions, kept, kept_weights, n_keep, pad_token_id,
+                micro_batch_size, autocast,
+            )  # fmt: skip
+            tokens_recomputed, examples_recomputed = int(tokens[kept].sum()), len(kept)
+        else:
+            _backward_kept(step, graphs, positions, kept, kept_weights, n_keep)
     with step.timed("all_reduce"):
         sum_gradients_(model, collective)
         counts = torch.tensor(
@@ -276,8 +311,8 @@ def onpolicy_step(
         kept=np.sort(kept),
         losses=losses,
         objective=float((losses[kept] * kept_weights).sum() / denominator),
-        forward_examples=batch_size,
-        forward_tokens=int(tokens.sum()),
+        forward_examples=batch_size + examples_recomputed,
+        forward_tokens=int(tokens.sum()) + tokens_recomputed,
         backward_examples=int(counts[0]),
         backward_tokens=int(counts[1]),
         local_backward_examples=step.backward_examples,
@@ -299,18 +334,23 @@ def _streaming_backward(model, step, batch_size, weights, pad_token_id, micro_ba
     return step.local_losses
 
 
-def _forward_keeping_graphs(
-    model, step, settings, second_moment, needs_features, pad_token_id, micro_batch_size, autocast
-):
-    """Forward every micro-batch with grad and keep its graph; features where the method needs
-    them. Returns (graphs, local losses (n,), local features (n, V) or None)."""
+def _forward_scoring(
+    model, step, settings, second_moment, needs_features, pad_token_id, micro_batch_size, autocast,
+    keep_graphs,
+):  # fmt: skip
+    """Forward every micro-batch, with grad and its graph kept (``keep_graphs``) or without
+    grad; features where the method needs them. Returns (graphs, local losses (n,), local
+    features (n, V) or None); graphs is empty without ``keep_graphs``."""
     local_features = (
         np.zeros((len(step.examples), step.weight.shape[0]), np.float32) if needs_features else None
     )
-    preconditioner = None if second_moment is None else inverse_root(second_moment, settings.eps)
+    preconditioner = make_preconditioner(second_moment, settings.preconditioner, settings.eps)
     graphs: list[tuple[MicroBatch, torch.Tensor]] = []
-    for micro, losses in step.forward(model, pad_token_id, micro_batch_size, autocast):
-        graphs.append((micro, losses))
+    for micro, losses in step.forward(
+        model, pad_token_id, micro_batch_size, autocast, grad=keep_graphs
+    ):
+        if keep_graphs:
+            graphs.append((micro, losses))
         if needs_features:
             with step.timed("features"):
                 local_features[micro.rows] = lm_head_features(
@@ -319,6 +359,26 @@ def _forward_keeping_graphs(
                     preconditioner=preconditioner,
                 ).cpu().numpy()  # fmt: skip
     return graphs, step.local_losses, local_features
+
+
+def _recompute_kept(
+    model, step, positions, kept, kept_weights, n_keep, pad_token_id, micro_batch_size, autocast
+) -> None:
+    """Forward this worker's kept rows again, with grad, and back-propagate each micro-batch at
+    once (gradient accumulation): the same gradient as ``_backward_kept`` for the same model."""
+    weight_of = dict(zip(kept.tolist(), kept_weights.tolist(), strict=True))
+    mine = [i for i, p in enumerate(positions) if int(p) in weight_of]
+    if not mine:
+        return
+    for micro, losses in step.forward(
+        model, pad_token_id, micro_batch_size, autocast, grad=True, rows=mine
+    ):
+        with step.timed("backward"):
+            scale = torch.tensor(
+                [weight_of[int(positions[i])] / n_keep for i in micro.rows], device=losses.device
+            )
+            (losses * scale).sum().backward()
+            step.backward_done(micro, scale, list(range(len(micro.rows))))
 
 
 def _gather(step, collective, positions, local_losses, local_features) -> list[dict]:

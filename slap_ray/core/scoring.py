@@ -14,9 +14,9 @@ import torch
 
 from slap_ray.core.features import (
     SecondMomentEMA,
-    inverse_root,
     lm_head_example_gradient_sum,
     lm_head_features,
+    make_preconditioner,
     project_features,
     response_token_losses_packed,
 )
@@ -48,9 +48,11 @@ def losses_and_features(
     eps: float = 1e-6,
     vocab_chunk: int | None = None,
     with_features: bool = True,
+    preconditioner: str = "adam",
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """Forward a batch in micro-batches: losses (B,) float64 and features (B, V) float32
     (None without ``with_features``: methods other than SLAP need the losses only).
+    ``preconditioner``: ``adam`` | ``factored`` | ``none`` (see ``make_preconditioner``).
 
     Rows are grouped into micro-batches by length (ties by position) so little padding is
     forwarded; results come back in the input order.
@@ -58,7 +60,7 @@ def losses_and_features(
     losses = np.empty(len(input_ids), dtype=np.float64)
     weight = lm_head_of(model)
     features = torch.empty(len(input_ids), weight.shape[0]) if with_features else None
-    preconditioner = None if second_moment is None else inverse_root(second_moment, eps)
+    built = make_preconditioner(second_moment, preconditioner, eps)
     for micro in forward_micro_batches(model, input_ids, labels, pad_token_id, micro_batch_size):
         rows = micro.rows
         losses[rows] = (
@@ -68,7 +70,7 @@ def losses_and_features(
             continue
         features[rows] = lm_head_features(
             micro.hidden, weight, micro.aligned, eps=eps, vocab_chunk=vocab_chunk,
-            logits=micro.logits, preconditioner=preconditioner,
+            logits=micro.logits, preconditioner=built,
         ).cpu()  # fmt: skip
     return losses, features
 
@@ -77,8 +79,9 @@ def losses_and_features(
 class Selection:
     """One selection of a scored batch: a method and its options at a pruning ratio and seed.
 
-    ``key`` names its output (``keep_<key>``, ``weight_<key>``). ``preconditioned=False`` uses
-    raw LM-head gradient norms (s_hat = 1), the ablation of SLAP_METHOD.md section 5.
+    ``key`` names its output (``keep_<key>``, ``weight_<key>``). ``preconditioner``: ``adam``
+    (exact), ``factored`` (rank-1) or ``none`` (raw LM-head gradient norms, s_hat = 1, the
+    ablation of SLAP_METHOD.md section 5).
     """
 
     key: str
@@ -88,7 +91,7 @@ class Selection:
     num_strata: int = 3
     tau: float = 1.0
     strata: str = "width"
-    preconditioned: bool = True
+    preconditioner: str = "adam"
     projection_dim: int | None = None
 
     def options(self) -> dict:
@@ -106,22 +109,21 @@ def selections_for(method: str, alphas: Sequence[float], seed: int, **options) -
 
 
 def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk):
-    """Losses (B,) and the feature matrices the selections need: {preconditioned: (B, V)};
+    """Losses (B,) and the feature matrices the selections need: {preconditioner: (B, V)};
     none when no selection is SLAP (the other methods rank by loss alone)."""
-    wanted = {s.preconditioned for s in selections if s.method == "slap"}
+    wanted = {s.preconditioner for s in selections if s.method == "slap"}
     if not wanted:
         losses, _ = losses_and_features(
             model, input_ids, labels, pad, None, mb, eps, chunk, with_features=False
         )
         return losses, {}
     features = {}
-    for preconditioned in sorted(wanted, reverse=True):
-        moment = second_moment if preconditioned else None
-        if features and second_moment is None:
-            features[preconditioned] = features[True]
+    for kind in sorted(wanted):
+        if features and second_moment is None:  # every kind is the raw norm then
+            features[kind] = next(iter(features.values()))
             continue
-        losses, features[preconditioned] = losses_and_features(
-            model, input_ids, labels, pad, moment, mb, eps, chunk
+        losses, features[kind] = losses_and_features(
+            model, input_ids, labels, pad, second_moment, mb, eps, chunk, preconditioner=kind
         )
     return losses, features
 
@@ -158,7 +160,7 @@ def score_batch(
         num_tokens=sum(len(x) for x in input_ids),
     )
     for s in selections:
-        matrix = features.get(s.preconditioned, features.get(True))
+        matrix = features.get(s.preconditioner)
         if matrix is not None and s.projection_dim is not None:
             matrix = project_features(matrix, s.projection_dim, projection_seed)
         rng = derive_rng(s.seed, "select", s.method, s.alpha, batch_key)

@@ -149,6 +149,21 @@ def flops_estimate(
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
+def scoring_cost_fraction(
+    scoring_parameters: int, trained_parameters: int, alpha: float, epochs: int = 1
+) -> float:
+    """Scoring FLOPs over the training FLOPs the selection prunes (FLOPs model of section 2).
+
+    Scoring forwards every row once (2 N_score per token); full fine-tuning of a row costs
+    6 N_train per token per epoch, and an alpha fraction of the rows is pruned. Token counts are
+    taken as equal under both tokenizers, and the features' cost is left out:
+    N_score / (3 N_train alpha epochs).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must satisfy 0 < alpha < 1, got {alpha}")
+    return scoring_parameters / (3.0 * trained_parameters * alpha * epochs)
+
+
 def save_training_state(
     directory: Path, model, optimizer, scheduler, state: dict[str, Any]
 ) -> None:

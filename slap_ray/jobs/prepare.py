@@ -164,7 +164,7 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
     with manifest.stage("tokenize"):
         usable = rows.filter(lambda r: bool(r["sampled"])).drop_columns(["raw"])
         tokenized = stages.tokenize_stage(
-            usable, config.model.name, config.data.max_length, config.data.truncation,
+            usable, config.scoring_model, config.data.max_length, config.data.truncation,
             config.data.num_tokenizers,
         ).materialize()  # fmt: skip
         token_rejects = tokenized.filter(lambda r: r["reject_reason"] is not None)

@@ -25,7 +25,7 @@ def plain_selections(config: SlapConfig) -> list[Selection]:
     s = config.select
     return selections_for(
         s.method, s.alphas, config.seed, num_strata=s.num_strata, tau=s.tau, strata=s.strata,
-        projection_dim=s.projection_dim, preconditioned=s.preconditioned,
+        projection_dim=s.projection_dim, preconditioner=s.preconditioner,
     )  # fmt: skip
 
 
@@ -98,7 +98,7 @@ def _calibrate(config: SlapConfig, run_dir: Path, num_batches: int, manifest: Ma
             task = calibrate_task.options(**_resources(config))
             ray.get(
                 task.remote(
-                    config.model.name, config.model.dtype, refs, s.beta2,
+                    config.scoring_model, config.model.dtype, refs, s.beta2,
                     config.score.micro_batch_size, str(path), _threads(config),
                 )
             )  # fmt: skip
@@ -137,7 +137,7 @@ def score(
             results = pending.map_batches(
                 BatchScorer,
                 fn_constructor_args=(
-                    config.model.name,
+                    config.scoring_model,
                     config.model.dtype,
                     _settings(config, selections),
                     moment,

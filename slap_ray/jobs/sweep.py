@@ -49,7 +49,7 @@ def trial_grid(config: SlapConfig) -> list[dict]:
                             "num_strata": arm.num_strata or select.num_strata,
                             "tau": arm.tau or select.tau,
                             "strata": arm.strata or select.strata,
-                            "preconditioned": arm.preconditioned,
+                            "preconditioner": arm.preconditioner or select.preconditioner,
                         }
                     )
     if sweep.full_data:
@@ -92,7 +92,7 @@ def grid_selections(config: SlapConfig, specs: list[dict]) -> list[Selection]:
             num_strata=spec["num_strata"],
             tau=spec["tau"],
             strata=spec["strata"],
-            preconditioned=spec["preconditioned"],
+            preconditioner=spec["preconditioner"],
             projection_dim=config.select.projection_dim,
         )  # fmt: skip
         for spec in specs
@@ -139,7 +139,7 @@ def trial_config(tree: dict, spec: dict, sweep_dir: Path) -> SlapConfig:
     if spec["mode"] == "online":
         tree["select"].update(
             mode="online", method=spec["method"], num_strata=spec["num_strata"],
-            tau=spec["tau"], strata=spec["strata"], preconditioned=spec["preconditioned"],
+            tau=spec["tau"], strata=spec["strata"], preconditioner=spec["preconditioner"],
         )  # fmt: skip
         tree["train"].update(alpha=spec["alpha"], selection_dir=None)
     elif spec["arm"] == FULL:

@@ -199,7 +199,7 @@ def train_loop_per_worker(settings: dict[str, Any]) -> None:
     head = lm_head_of(model)
 
     def moment() -> torch.Tensor | None:
-        if not settings["preconditioned"]:
+        if selection.preconditioner == "none":
             return None  # the ablation: raw gradient norms
         return ema.value() if ema is not None else adam_second_moment(optimizer, head)
 
@@ -292,6 +292,9 @@ def make_trainer(
         projection_dim=select.projection_dim,
         projection_seed=derive_seed(config.seed, "projection"),
         vocab_chunk=config.score.vocab_chunk,
+        preconditioner=select.preconditioner,
+        onpolicy=select.onpolicy,
+        score_micro_batch_size=config.score.micro_batch_size,
     )
     from slap_ray.assets import resolve_model_path
 
@@ -300,9 +303,8 @@ def make_trainer(
         "model_name": resolve_model_path(config.model.name),
         "seed": derive_seed(config.seed if train.seed is None else train.seed, "train"),
         "beta2": select.beta2,
-        "preconditioned": select.preconditioned,
         "selection": asdict(selection),
-        "micro_batch_size": train.resolved_micro_batch_size(select.mode),
+        "micro_batch_size": train.resolved_micro_batch_size(select.mode, select.onpolicy),
         "total_steps": total_steps,
         "train_ref": ray.put(train_table),
         "eval_ref": ray.put(eval_table),

@@ -120,6 +120,15 @@ def write_selection_report(
     for alpha in alphas:
         n = int(groups[keep_column(alpha)].sum())
         lines.append(f"| {alpha:g} | {n} | {n / max(scored, 1):.3f} |")
+    cost = manifest.get("scoring_cost")
+    if cost:
+        shares = ", ".join(f"alpha {a}: {f:.1%}" for a, f in cost["fraction_per_alpha"].items())
+        lines += [
+            "",
+            f"Scoring cost (`{manifest.get('scoring_model')}`, {cost['scoring_parameters']:,} "
+            f"parameters) as a share of the training it prunes (one epoch of full fine-tuning "
+            f"of {cost['trained_parameters']:,} parameters, FLOPs model): {shares}.",
+        ]
     lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v} |" for k, v in manifest.get("timings_s", {}).items()]
     lines += ["", "## Row counts", "", "```", *(f"{k}: {v}" for k, v in counts.items()), "```", ""]

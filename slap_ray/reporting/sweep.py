@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 from slap_ray.config import SlapConfig  # noqa: E402
 
 KEYS = ["arm", "method", "mode", "alpha", "seed"]
-OPTIONS = ["num_strata", "tau", "strata", "preconditioned"]
+OPTIONS = ["num_strata", "tau", "strata", "preconditioner"]
 FULL = "full"
 BASELINE = "random"
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from slap_ray.assets import parameter_count
 from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
 from slap_ray.jobs.select import run_select
@@ -98,14 +99,17 @@ def test_report_manifest_and_config_written(baseline_run):
     "layout",
     [
         {"ray.rows_per_block": 16, "score.num_scorers": 3, "score.num_cpus_per_scorer": 0.5},
-        {"ray.rows_per_block": 1000, "score.num_scorers": 1, "embed.batch_size": 16},
+        # A proxy scorer: the trained model is SmolLM2, the tiny model scores and selects.
+        {"ray.rows_per_block": 1000, "score.num_scorers": 1, "embed.batch_size": 16,
+         "model.name": "smollm2-135m-instruct", "score.model": "tiny-random"},
     ],
-    ids=["blocks16-scorers3", "blocks1000-scorers1"],
-)
+    ids=["blocks16-scorers3", "blocks1000-scorers1-proxy"],
+)  # fmt: skip
 def test_same_selection_for_any_layout_and_shuffled_files(
     baseline_run, pool_subset, tmp_path, layout
 ):
-    """Block size, file order, row order inside files and scorer count change nothing."""
+    """Block size, file order, row order inside files and scorer count change nothing; with
+    ``score.model`` the selection is that model's whatever ``model.name`` trains."""
     rng = np.random.default_rng(3)
     folder = tmp_path / "shuffled"
     folder.mkdir()
@@ -116,6 +120,13 @@ def test_same_selection_for_any_layout_and_shuffled_files(
     shuffled = [str(folder / files[i].name) for i in rng.permutation(len(files))]
     run_select(tiny_config(shuffled, tmp_path / "run", **layout))
     assert kept_ids(tmp_path / "run") == kept_ids(baseline_run)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    scoring = layout.get("score.model", "tiny-random")
+    assert manifest["scoring_model"] == scoring
+    cost = manifest["scoring_cost"]
+    assert cost["scoring_parameters"] == parameter_count(scoring)
+    assert cost["trained_parameters"] == parameter_count(layout.get("model.name", "tiny-random"))
+    assert "Scoring cost" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_bad_rows_skipped_and_written(ray_cluster, pool_subset, tmp_path):

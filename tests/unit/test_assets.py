@@ -176,3 +176,14 @@ def test_failed_build_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert not [p for p in (tmp_path / assets.ASSETS_VERSION).iterdir() if p.is_dir()]
     built = assets._build_once("thing", lambda out: {})
     assert (built / "slap_asset.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["tiny-random", "tiny-random-untied"])
+def test_parameter_count_reads_headers_and_equals_the_loaded_model(name: str) -> None:
+    model = assets.load_causal_lm(name)
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}  # tied weights once
+    assert assets.parameter_count(name) == sum(unique.values())
+
+
+def test_parameter_count_of_an_unknown_hub_id_is_none() -> None:
+    assert assets.parameter_count("some-org/not-downloaded-model") is None

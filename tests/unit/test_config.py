@@ -84,6 +84,7 @@ def test_train_and_eval_sections():
     config = build_config({}, ["select.mode=online", "train.finetuning=full", "train.alpha=0.4"])
     assert config.train.resolved_micro_batch_size("online") == 1
     assert config.train.resolved_micro_batch_size("offline") == 4
+    assert config.train.resolved_micro_batch_size("online", "recompute") == 4
     assert (
         build_config({}, ["train.micro_batch_size=2"]).train.resolved_micro_batch_size("online")
         == 2
@@ -121,3 +122,22 @@ def test_cli_takes_repeated_config_files():
 
     args = parse(["--config", "a.yaml", "--config", "b.yaml", "seed=1"], "select")
     assert args.config == ["a.yaml", "b.yaml"] and args.overrides == ["seed=1"]
+
+
+def test_preconditioner_and_onpolicy_settings():
+    config = build_config({}, ["select.preconditioner=factored", "select.onpolicy=recompute"])
+    assert config.select.preconditioner == "factored" and config.select.onpolicy == "recompute"
+    for override, key in [
+        ("select.preconditioner=shampoo", "select.preconditioner"),
+        ("select.onpolicy=graphs", "select.onpolicy"),
+        ("select.preconditioned=false", "select.preconditioned"),  # the old key is unknown now
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            build_config({}, [override])
+    arms = build_config(
+        {"sweep": {"arms": [{"method": "slap", "preconditioner": "none"},
+                            {"method": "slap", "preconditioner": "factored"},
+                            {"method": "slap", "preconditioner": "adam"}, {"method": "random"}]}},
+        [],
+    ).sweep.arms  # fmt: skip
+    assert [a.label() for a in arms] == ["slap-raw", "slap-factored", "slap", "random"]

@@ -9,7 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from slap_ray.core.features import (
     IGNORE_INDEX,
     SecondMomentEMA,
+    factored_inverse_root,
     lm_head_features,
+    make_preconditioner,
     response_token_losses,
     response_token_losses_packed,
     shift_labels,
@@ -191,3 +193,61 @@ def test_precomputed_preconditioner_equals_second_moment_path():
     ours = lm_head_features(hidden, weight, labels, preconditioner=inverse_root(moment, 1e-6))
     torch.testing.assert_close(ours, expected)
     assert not torch.allclose(ours, lm_head_features(hidden, weight, labels))
+
+
+def factored_reference(hidden, weight, aligned, moment, eps=1e-6):
+    """Explicit float64 factored preconditioner P[v, h] = a[v] b[h] from Adafactor's row/column
+    sums, applied elementwise to each example's autograd LM-head gradient."""
+    moment = moment.double()
+    rows, cols = moment.sum(1), moment.sum(0)
+    a = 1.0 / (rows.sqrt() + eps)
+    b = 1.0 / ((cols / rows.sum()).sqrt() + eps)
+    explicit = a[:, None] * b[None, :]  # (V, H), what the factored option never builds
+    out = []
+    for j in range(hidden.shape[0]):
+        w = weight.detach().double().clone().requires_grad_(True)
+        mask = aligned[j] != IGNORE_INDEX
+        loss = torch.nn.functional.cross_entropy(hidden[j][mask].double() @ w.T, aligned[j][mask])
+        (grad,) = torch.autograd.grad(loss, w)
+        out.append((grad * explicit).norm(dim=1))
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("tokens", [3, 20], ids=["gram", "explicit"])
+def test_factored_features_match_an_explicit_factored_preconditioner(tokens):
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(VOCAB, 8, generator=generator)
+    hidden = torch.randn(3, 20, 8, generator=generator)
+    labels = torch.randint(0, VOCAB, (3, 20), generator=generator)
+    labels[:, tokens:] = IGNORE_INDEX  # fewer tokens than H takes the T x T kernel path
+    moment = torch.rand(VOCAB, 8, generator=generator) ** 2 * 1e-3 + 1e-7
+    expected = factored_reference(hidden, weight, labels, moment)
+    pre = make_preconditioner(moment, "factored")
+    actual = lm_head_features(hidden, weight, labels, preconditioner=pre, vocab_chunk=17)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_factored_is_exact_for_a_rank_one_second_moment():
+    """When s_hat really is r c^T, the factored features equal the exact Adam ones."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(VOCAB, 8, generator=generator)
+    hidden = torch.randn(2, 6, 8, generator=generator)
+    labels = torch.randint(0, VOCAB, (2, 6), generator=generator)
+    moment = torch.outer(torch.rand(VOCAB, generator=generator) + 0.1,
+                         torch.rand(8, generator=generator) + 0.1) * 1e-2  # fmt: skip
+    exact = lm_head_features(hidden, weight, labels, second_moment=moment, eps=0.0)
+    factored = lm_head_features(
+        hidden, weight, labels, preconditioner=factored_inverse_root(moment, eps=0.0)
+    )
+    torch.testing.assert_close(factored, exact, rtol=1e-4, atol=1e-7)
+
+
+def test_make_preconditioner_kinds():
+    moment = torch.full((VOCAB, HIDDEN), 0.25)
+    assert make_preconditioner(None, "adam") is None
+    assert make_preconditioner(moment, "none") is None
+    torch.testing.assert_close(make_preconditioner(moment, "adam"), torch.full_like(moment, 2.0),
+                               rtol=1e-5, atol=0)  # fmt: skip
+    assert make_preconditioner(moment, "factored").row.shape == (VOCAB,)
+    with pytest.raises(ValueError, match="preconditioner"):
+        make_preconditioner(moment, "shampoo")

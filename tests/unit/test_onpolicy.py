@@ -307,3 +307,87 @@ def test_offline_calibration_equals_the_online_ema_after_the_same_batches():
     )
     assert offline.steps == online.steps == 2
     torch.testing.assert_close(offline.value(), online.value(), rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("method", ["slap", "infobatch"])
+def test_recompute_keeps_the_same_rows_and_gradient_as_kept_graphs(mode, method):
+    """Recompute (no-grad scoring forward, then forward + backward of the kept rows only)
+    selects the same rows as kept graphs from the same model state, and its gradient is the
+    autograd gradient of the kept rows' objective."""
+    torch.manual_seed(0)
+    base = load_causal_lm("tiny-random-untied").train()
+    if mode == "lora":
+        base = lora(base)
+    examples = batch(12, seed=11)
+    outcomes, emas = {}, {}
+    for onpolicy in ("kept_graphs", "recompute"):
+        model = copy.deepcopy(base)
+        emas[onpolicy] = SecondMomentEMA(beta2=0.5) if mode == "lora" else None
+        settings = SelectionSettings(method=method, alpha=0.3, onpolicy=onpolicy,
+                                     score_micro_batch_size=5)  # fmt: skip
+        stats = onpolicy_step(
+            model, examples, range(12), 12, settings, np.random.default_rng(4), pad_token_id=0,
+            micro_batch_size=1 if onpolicy == "kept_graphs" else 3, lm_head_ema=emas[onpolicy],
+        )  # fmt: skip
+        outcomes[onpolicy] = (stats, grads(model), model)
+    if mode == "lora":  # the frozen head's EMA sees the same objective gradient
+        torch.testing.assert_close(
+            emas["recompute"].value(), emas["kept_graphs"].value(), rtol=1e-4, atol=1e-12
+        )
+    graphs, recompute = outcomes["kept_graphs"][0], outcomes["recompute"][0]
+    assert recompute.kept.tolist() == graphs.kept.tolist() and len(recompute.kept) == 8
+    np.testing.assert_allclose(recompute.losses, graphs.losses, rtol=1e-5)
+    assert recompute.backward_examples == 8 and recompute.backward_tokens == graphs.backward_tokens
+    # The kept rows are forwarded twice, and the counters say so.
+    kept_tokens = sum(len(examples[j][0]) for j in recompute.kept)
+    assert recompute.forward_examples == 12 + 8
+    assert recompute.forward_tokens == graphs.forward_tokens + kept_tokens
+    assert recompute.seconds["recompute"] > 0
+    weights = None
+    if method == "infobatch":
+        from slap_ray.core.selection import select_weighted
+
+        _, weights = select_weighted("infobatch", graphs.losses, None, 8, np.random.default_rng(4))
+    model = outcomes["recompute"][2]
+    ours = outcomes["recompute"][1]
+    expected = reference_gradients(model, examples, recompute.kept.tolist(), weights)
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ours[name], outcomes["kept_graphs"][1][name], rtol=1e-4,
+                                   atol=1e-6)  # fmt: skip
+
+
+def test_recompute_on_two_workers_sums_to_the_single_worker_gradient():
+    torch.manual_seed(0)
+    base = lora(load_causal_lm("tiny-random-untied").train())
+    settings = SelectionSettings(alpha=0.3, onpolicy="recompute")
+    single, expected, replicas, results = steps_on_thread_workers(
+        base, batch(10, seed=6), 2, settings, seed=9
+    )
+    for result in results:
+        assert result.kept.tolist() == expected.kept.tolist()
+    assert sum(r.local_backward_examples for r in results) == 7
+    reference = grads(single)
+    for replica in replicas:
+        for name, value in grads(replica).items():
+            torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-7)
+
+
+def test_unknown_onpolicy_mode_and_preconditioner_are_refused():
+    with pytest.raises(ValueError, match="onpolicy"):
+        SelectionSettings(onpolicy="graphs")
+    with pytest.raises(ValueError, match="preconditioner"):
+        SelectionSettings(preconditioner="shampoo")
+
+
+def test_factored_preconditioner_selects_on_policy():
+    """The factored option runs inside the training step and keeps the step's budget."""
+    model = load_causal_lm("tiny-random-untied").train()
+    examples = batch(10, seed=8)
+    moment = torch.rand_like(model.lm_head.weight, dtype=torch.float32) * 1e-4 + 1e-8
+    stats = onpolicy_step(
+        model, examples, range(10), 10, SelectionSettings(alpha=0.3, preconditioner="factored"),
+        np.random.default_rng(3), pad_token_id=0, second_moment=moment,
+    )  # fmt: skip
+    assert len(stats.kept) == 7 and stats.backward_examples == 7

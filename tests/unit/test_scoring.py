@@ -73,7 +73,7 @@ def test_one_scoring_pass_serves_a_grid_of_selections():
     grid = [
         Selection("slap__a0.25__s0", "slap", 0.25, 0),
         Selection("slap__a0.25__s1", "slap", 0.25, 1),
-        Selection("raw__a0.25__s0", "slap", 0.25, 0, preconditioned=False),
+        Selection("raw__a0.25__s0", "slap", 0.25, 0, preconditioner="none"),
         Selection("ccs__a0.5__s0", "ccs", 0.5, 0, num_strata=2),
         Selection("infobatch__a0.25__s0", "infobatch", 0.25, 0),
     ]

@@ -158,3 +158,13 @@ def test_rouge_l_and_response_split():
     assert rouge_l("", "x") == 0.0 and rouge_l("a b", "c d") == 0.0
     prompt, reference = last_response_split([1, 2, 3, 4, 5, 6], [-100, -100, 3, 4, -100, 6])
     assert prompt == [1, 2, 3, 4, 5] and reference == [6]
+
+
+def test_scoring_cost_fraction_is_the_flops_model_ratio():
+    from slap_ray.core.training import scoring_cost_fraction
+
+    # 2 N_s T per scored row over 6 N_t T alpha per row of training pruned, per epoch.
+    assert scoring_cost_fraction(100, 1000, 0.25) == pytest.approx(2 * 100 / (6 * 1000 * 0.25))
+    assert scoring_cost_fraction(100, 1000, 0.25, epochs=2) == pytest.approx(100 / 1500)
+    with pytest.raises(ValueError, match="alpha"):
+        scoring_cost_fraction(100, 1000, 0.0)
