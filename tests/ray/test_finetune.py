@@ -74,6 +74,30 @@ def test_online_lora_two_workers_trains_adapters_only_and_lowers_eval_loss(onlin
     assert (online_run / "plots" / "train_loss.png").stat().st_size > 0
 
 
+def test_recompute_mode_selects_like_kept_graphs_through_ray_train(
+    online_run, pool_subset, shared_data, tmp_path
+):
+    """select.onpolicy=recompute on two Ray Train workers: the first step keeps the rows the
+    kept-graphs run kept (same model state), every kept row is forwarded a second time and
+    counted, and training follows the same course."""
+    run_finetune(
+        train_config(
+            pool_subset,
+            shared_data,
+            tmp_path,
+            "select.onpolicy=recompute",
+            "score.micro_batch_size=5",
+        )  # fmt: skip
+    )
+    ours, reference = load(tmp_path, "metrics.json"), load(online_run, "metrics.json")
+    assert ours["history"][0]["kept_ids"] == reference["history"][0]["kept_ids"]
+    assert [h["backward_examples"] for h in ours["history"]] == [7] * 12
+    compute = ours["compute"]
+    assert compute["forward_examples"] == 120 + 84 and compute["backward_examples"] == 84
+    final = ours["final_eval"]["overall"]["loss"]
+    assert final == pytest.approx(reference["final_eval"]["overall"]["loss"], rel=1e-2)
+
+
 def test_saved_adapter_loads_outside_ray_with_the_same_eval_loss(online_run, shared_data):
     from peft import PeftModel
     from safetensors.torch import load_file
