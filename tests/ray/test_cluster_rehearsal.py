@@ -1,8 +1,8 @@
 """Local rehearsal of the KubeRay deployment: the cpu-small overlay's cluster, started on
-127.0.0.1 with the manifests' own `rayStartParams` (a head with no CPUs, one worker node joined
-with `ray start --address`) and token authentication on, as `authOptions` sets it; then every
-RayJob's `entrypoint`, read from the rendered YAML, is submitted with `ray job submit` and must
-reach SUCCEEDED. A manifest whose command does not run fails here.
+127.0.0.1 with the manifests' own `rayStartParams` and container `env` (a head with no CPUs,
+one worker node joined with `ray start --address`) and token authentication on, as `authOptions`
+sets it; then every RayJob's `entrypoint`, read from the rendered YAML, is submitted with
+`ray job submit` and must reach SUCCEEDED. A manifest whose command does not run fails here.
 
 What differs from a pod, and why: loopback addresses and test ports (the machine may run other
 Ray instances), an object store cap (tests cap memory), the ConfigMap's files written to a temp
@@ -49,6 +49,12 @@ def ray_cli(*args: str, env: dict, timeout: int = 120) -> subprocess.CompletedPr
 def start_flags(params: dict) -> list[str]:
     """`ray start` flags from a group's rayStartParams, as KubeRay passes them."""
     return [f"--{key}={value}" for key, value in params.items() if key not in PINNED]
+
+
+def container_env(group: dict) -> dict:
+    """The `env` of a group's Ray container, as the pod would have it."""
+    (container,) = group["template"]["spec"]["containers"]
+    return {item["name"]: item["value"] for item in container.get("env", [])}
 
 
 def free_port() -> int:
@@ -124,7 +130,7 @@ def rehearsal_cluster():
             "--object-store-memory=200000000", f"--dashboard-agent-listen-port={free_port()}",
             *start_flags(spec["headGroupSpec"]["rayStartParams"]),
         ],
-        env,
+        env | container_env(spec["headGroupSpec"]),
     )  # fmt: skip
     worker = None
     try:
@@ -138,7 +144,7 @@ def rehearsal_cluster():
                 "--object-store-memory=200000000", f"--dashboard-agent-listen-port={free_port()}",
                 *start_flags(group["rayStartParams"]),
             ],
-            env,
+            env | container_env(group),
         )  # fmt: skip
         _wait_for(lambda: _worker_joined(env), "the worker joining with 2 CPUs")
         yield env, spec

@@ -134,7 +134,7 @@ MULTINODE = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    import slap_ray.ray.runtime  # keeps Ray on the loopback address
+    from slap_ray.ray.runtime import warm_workers  # keeps Ray on the loopback address
     from ray.cluster_utils import Cluster
     from slap_ray.config import load_config
     from slap_ray.jobs.select import run_select
@@ -142,7 +142,8 @@ MULTINODE = textwrap.dedent(
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 0, "object_store_memory": 100 * 2**20},
+        head_node_args={"num_cpus": 0, "object_store_memory": 100 * 2**20,
+                        "_system_config": warm_workers(1)},
     )
     workers = [cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20) for _ in range(2)]
     cluster.wait_for_nodes()
