@@ -25,31 +25,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from pool_sample import tokenized_pool_sample  # noqa: E402
 
 from slap_ray.assets import SMOLLM2_NAME, load_causal_lm, load_tokenizer  # noqa: E402
 from slap_ray.core import scoring  # noqa: E402
-from slap_ray.data.ingest import ingest  # noqa: E402
-from slap_ray.data.tokenize import tokenize_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CALIBRATION_BATCHES = 4
-
-
-def pool_rows(args) -> list[dict]:
-    paths = sorted(Path(args.pool).glob("*.jsonl"))
-    if not paths:
-        raise SystemExit(f"no *.jsonl under {args.pool}: the shared pool is required")
-    rows = ingest([str(p) for p in paths], on_bad_rows="skip").rows
-    order = np.random.default_rng(args.seed).permutation(len(rows))
-    tokenizer = load_tokenizer(SMOLLM2_NAME)
-    need = args.rows + CALIBRATION_BATCHES * args.batch
-    picked: list[dict] = []
-    for start in range(0, len(order), need):
-        chunk = [rows[i] for i in order[start : start + need]]
-        picked += tokenize_rows(chunk, tokenizer, max_length=args.max_length)[0]
-        if len(picked) >= need:
-            return picked[:need]
-    raise SystemExit(f"only {len(picked)} usable rows in the pool, {need} needed")
 
 
 def timed(*args, **kwargs) -> float:
@@ -72,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "factored.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = pool_rows(args)
+    need = args.rows + CALIBRATION_BATCHES * args.batch
+    rows = tokenized_pool_sample(
+        args.pool, args.seed, load_tokenizer(SMOLLM2_NAME), need, args.max_length
+    )
     calibration, bench = rows[: CALIBRATION_BATCHES * args.batch], rows[-args.rows :]
     model = load_causal_lm(SMOLLM2_NAME).eval()
     pad = load_tokenizer(SMOLLM2_NAME).pad_token_id

@@ -239,9 +239,13 @@ def _tiny_builder(tie_word_embeddings: bool) -> Callable[[Path], dict[str, Any]]
     return build
 
 
+def _tiny_cache_name(tie_word_embeddings: bool) -> str:
+    return "tiny-random-llama-" + ("tied" if tie_word_embeddings else "untied")
+
+
 def tiny_llama_dir(tie_word_embeddings: bool = True) -> Path:
     """Cached tiny random Llama (2 layers, hidden 64, SmolLM2 tokenizer) for plumbing tests."""
-    name = "tiny-random-llama-" + ("tied" if tie_word_embeddings else "untied")
+    name = _tiny_cache_name(tie_word_embeddings)
     return _build_once(name, _tiny_builder(tie_word_embeddings))
 
 
@@ -249,6 +253,12 @@ _MODEL_ALIASES: dict[str, Callable[[], Path]] = {
     SMOLLM2_NAME: smollm2_dir,
     TINY_NAME: lambda: tiny_llama_dir(tie_word_embeddings=True),
     TINY_UNTIED_NAME: lambda: tiny_llama_dir(tie_word_embeddings=False),
+}
+# The cache folder each model alias builds (to find it without building it).
+_MODEL_CACHE_NAMES = {
+    SMOLLM2_NAME: SMOLLM2_NAME,
+    TINY_NAME: _tiny_cache_name(True),
+    TINY_UNTIED_NAME: _tiny_cache_name(False),
 }
 _EMBEDDER_ALIASES: dict[str, Callable[[], Path]] = {
     MINILM_NAME: minilm_dir,
@@ -277,12 +287,26 @@ def resolve_model_path(name: str) -> str:
     return _resolve(name, _MODEL_ALIASES)
 
 
+def built_model_path(name: str) -> Path | None:
+    """The local folder of ``name`` if it exists already (an alias's cache is never built
+    here); None for a Hub id or an alias not converted on this machine yet."""
+    cache_name = _MODEL_CACHE_NAMES.get(name.strip().lower())
+    if cache_name is not None:
+        target = cache_root() / cache_name
+        return target if _is_complete(target) else None
+    local = Path(name).expanduser()
+    return local if local.is_dir() else None
+
+
 def parameter_count(name: str) -> int | None:
-    """Parameters of a model from its safetensors headers (nothing is loaded); None where the
-    model is not a local folder (a Hub id, offline)."""
+    """Parameters of a model from its safetensors headers (nothing is loaded or converted);
+    None where the model has no local folder yet (a Hub id, an alias not yet built here)."""
     from safetensors import safe_open
 
-    files = sorted(Path(resolve_model_path(name)).glob("*.safetensors"))
+    folder = built_model_path(name)
+    if folder is None:
+        return None
+    files = sorted(folder.glob("*.safetensors"))
     total = 0
     for path in files:
         with safe_open(str(path), framework="pt") as handle:

@@ -208,7 +208,8 @@ def write_outputs(
 
 def scoring_cost(config: SlapConfig) -> dict | None:
     """Scoring FLOPs as a fraction of the training FLOPs each alpha prunes (per epoch, full
-    fine-tuning of ``model.name``); None when a parameter count is unknown (a Hub id)."""
+    fine-tuning of ``model.name``); None when a parameter count is unknown: a Hub id, or an
+    alias not converted on the driver's machine (counting never converts a model)."""
     from slap_ray.assets import parameter_count
 
     scoring, trained = parameter_count(config.scoring_model), parameter_count(config.model.name)

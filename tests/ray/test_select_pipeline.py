@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slap_ray.assets import parameter_count
+from slap_ray.assets import parameter_count, resolve_model_path
 from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
 from slap_ray.jobs.select import run_select
@@ -118,6 +118,8 @@ def test_same_selection_for_any_layout_and_shuffled_files(
         lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
         (folder / source.name).write_text("".join(rng.permutation(lines)), encoding="utf-8")
     shuffled = [str(folder / files[i].name) for i in rng.permutation(len(files))]
+    trained = layout.get("model.name", "tiny-random")
+    resolve_model_path(trained)  # the cost line counts a converted folder, never converts one
     run_select(tiny_config(shuffled, tmp_path / "run", **layout))
     assert kept_ids(tmp_path / "run") == kept_ids(baseline_run)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -125,7 +127,7 @@ def test_same_selection_for_any_layout_and_shuffled_files(
     assert manifest["scoring_model"] == scoring
     cost = manifest["scoring_cost"]
     assert cost["scoring_parameters"] == parameter_count(scoring)
-    assert cost["trained_parameters"] == parameter_count(layout.get("model.name", "tiny-random"))
+    assert cost["trained_parameters"] == parameter_count(trained)
     assert "Scoring cost" in (tmp_path / "run" / "report.md").read_text()
 
 

@@ -187,3 +187,15 @@ def test_parameter_count_reads_headers_and_equals_the_loaded_model(name: str) ->
 
 def test_parameter_count_of_an_unknown_hub_id_is_none() -> None:
     assert assets.parameter_count("some-org/not-downloaded-model") is None
+
+
+def test_parameter_count_never_converts_a_model(tmp_path, monkeypatch) -> None:
+    """Counting is a report line: an alias not yet built here counts as unknown, and nothing
+    is converted (the selection job's driver would otherwise convert SmolLM2 just to count)."""
+    monkeypatch.setenv("SLAP_CACHE_DIR", str(tmp_path))
+    assert assets.parameter_count("smollm2-135m-instruct") is None
+    assert assets.parameter_count("tiny-random") is None
+    assert not any(tmp_path.rglob("*.safetensors"))
+    built = assets.tiny_llama_dir()
+    assert assets.built_model_path("TINY-random") == built
+    assert assets.parameter_count("tiny-random") > 0
