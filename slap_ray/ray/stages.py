@@ -130,6 +130,10 @@ def tokenize_stage(
     )
 
 
+# Encoder batches per actor call (see embed_stage).
+EMBED_CALL_BATCHES = 16
+
+
 def embed_stage(
     ds: Dataset,
     model_name: str,
@@ -142,7 +146,11 @@ def embed_stage(
 ) -> Dataset:
     """Sentence embeddings on an actor pool; each actor runs as many torch threads as CPUs it
     holds, and resolves the model folder on its own node. With ``persist_dir`` every finished
-    batch is also written there (``--resume`` skips its rows)."""
+    call's rows are also written there (``--resume`` skips them).
+
+    Each call hands the actor ``EMBED_CALL_BATCHES`` encoder batches: ``encode`` sorts its
+    input by length, so a larger call pads much less than one batch of mixed lengths would.
+    """
     return ds.map_batches(
         Embedder,
         fn_constructor_args=(
@@ -154,7 +162,7 @@ def embed_stage(
             persist_dir,
         ),  # fmt: skip
         compute=ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size,
+        batch_size=batch_size * EMBED_CALL_BATCHES,
         num_cpus=0 if num_gpus > 0 else num_cpus,
         num_gpus=num_gpus,
     )
