@@ -11,6 +11,11 @@ smallest to the largest size), wall time linear in rows.
 (``strata.by: embedding``) and tiny-model scoring: the driver and total peak of a real pool.
 
 Each size's result is saved as soon as it finishes; ``--resume`` skips sizes already saved.
+A size in progress (the largest take hours here) keeps its run directory under ``bench/work/``
+and its progress in ``progress.json`` there (every 10 s): killed, ``--resume`` continues it with
+``slap select --resume``. Its wall time is then the sum of the pieces (each piece pays Ray's
+start-up again; a killed piece counts until its last progress record) and its peaks the
+largest of any piece.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,7 +40,15 @@ DEFAULT_OUT = str(REPO / "bench" / "results" / "select_scale.json")
 
 def write_pool(folder: Path, rows: int | None) -> str:
     """``rows`` chitchat pairs, cycled under new ids, one file per source; None: every pair once
-    under its own id."""
+    under its own id. A pool already written (its ``done`` marker) is kept as it is."""
+    if (folder / "done").exists():
+        return str(folder / "*.jsonl")
+    paths = _write_pool(folder, rows)
+    (folder / "done").touch()
+    return paths
+
+
+def _write_pool(folder: Path, rows: int | None) -> str:
     from slap_ray.data.chitchat import chitchat_rows
 
     base = list(chitchat_rows("pairs", split="train" if rows else "all"))
@@ -111,28 +124,46 @@ class PeakRss:
 
 
 def run_size(rows: int | None, work: Path, extra: dict) -> dict:
+    """One ``slap select`` run in ``work``. Pieces of a killed earlier run there (its
+    ``progress.json``) make this one resume; this piece is recorded there every 10 s."""
+    progress = work / "progress.json"
     paths = write_pool(work / f"pool{rows}", rows)
     out = work / f"run{rows}"
     config = work / f"config{rows}.yaml"
     config.write_text(yaml.safe_dump(config_tree(paths, out, extra)))
+    pieces = json.loads(progress.read_text()) if progress.exists() else []
+    command = [sys.executable, "-m", "slap_ray.cli", "select", "--config", str(config)]
     start = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, "-m", "slap_ray.cli", "select", "--config", str(config)],
+        command + (["--resume"] if pieces else []),
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     peak = PeakRss(process.pid)
-    code = process.wait()
+    pieces.append({})
+    while True:
+        try:
+            code = process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        pieces[-1] = {
+            "wall_s": round(time.perf_counter() - start, 1),
+            "driver_peak_rss_gib": round(peak.driver / 2**30, 3),
+            "total_peak_rss_gib": round(peak.total / 2**30, 3),
+        }
+        progress.write_text(json.dumps(pieces, indent=2))
+        if code is not None:
+            break
     peak.stop()
-    seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"select failed at {rows} rows (exit {code})")
     manifest = json.loads((out / "manifest.json").read_text())
     return {
         "rows": manifest["counts"]["read"]["rows"],
-        "wall_s": round(seconds, 1),
-        "driver_peak_rss_gib": round(peak.driver / 2**30, 3),
-        "total_peak_rss_gib": round(peak.total / 2**30, 3),
+        "wall_s": round(sum(p["wall_s"] for p in pieces), 1),
+        "driver_peak_rss_gib": max(p["driver_peak_rss_gib"] for p in pieces),
+        "total_peak_rss_gib": max(p["total_peak_rss_gib"] for p in pieces),
+        "pieces": len(pieces),
         "timings_s": manifest["timings_s"],
         "scored": manifest["counts"]["output"]["scored"],
     }
@@ -155,14 +186,15 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if args.resume and out.exists() else {"sizes": []}
     done = {r["rows"] for r in results["sizes"]}
-    with tempfile.TemporaryDirectory(prefix="slap-scale-") as tmp:
-        for rows in args.sizes:
-            if rows in done:
-                continue
-            results["sizes"].append(run_size(rows, Path(tmp), extra))
-            results["sizes"].sort(key=lambda r: r["rows"])
-            out.write_text(json.dumps(results, indent=2))
-            print(json.dumps(results["sizes"][-1]))
+    for rows in args.sizes:
+        if rows in done:
+            continue
+        work = work_dir(f"size{rows}", args.resume)
+        results["sizes"].append(run_size(rows, work, extra))
+        results["sizes"].sort(key=lambda r: r["rows"])
+        out.write_text(json.dumps(results, indent=2))
+        shutil.rmtree(work)
+        print(json.dumps(results["sizes"][-1]))
     sizes = results["sizes"]
     if len(sizes) >= 2:
         first, last = sizes[0], sizes[-1]
@@ -176,15 +208,25 @@ def main() -> None:
     print(json.dumps({k: v for k, v in results.items() if k != "sizes"}))
 
 
+def work_dir(name: str, resume: bool) -> Path:
+    """A run's persistent folder; without ``resume`` any earlier partial run is discarded."""
+    work = REPO / "bench" / "work" / name
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def chitchat(args, extra: dict) -> None:
     """Every chitchat pair with MiniLM strata (embedding + k-means) and tiny-model scoring."""
     extra = {"strata.by": "embedding", "strata.num_clusters": 8, "embed.num_cpus_per_actor": 2,
              **extra}  # fmt: skip
     out = Path(args.out if args.out != DEFAULT_OUT else REPO / "bench/results/select_chitchat.json")
-    with tempfile.TemporaryDirectory(prefix="slap-chitchat-") as tmp:
-        result = run_size(None, Path(tmp), extra)
+    work = work_dir("chitchat", args.resume)
+    result = run_size(None, work, extra)
     result["settings"] = extra
     out.write_text(json.dumps(result, indent=2))
+    shutil.rmtree(work)
     print(json.dumps(result))
 
 

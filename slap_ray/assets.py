@@ -206,7 +206,7 @@ def _logit_gap(
 
 def smollm2_dir() -> Path:
     """Cached safetensors folder of SmolLM2-135M-Instruct (converted from the GGUF on first use)."""
-    return _build_once(SMOLLM2_NAME, _build_smollm2)
+    return Path(resolve_model_path(SMOLLM2_NAME))
 
 
 def _tiny_builder(tie_word_embeddings: bool) -> Callable[[Path], dict[str, Any]]:
@@ -245,20 +245,15 @@ def _tiny_cache_name(tie_word_embeddings: bool) -> str:
 
 def tiny_llama_dir(tie_word_embeddings: bool = True) -> Path:
     """Cached tiny random Llama (2 layers, hidden 64, SmolLM2 tokenizer) for plumbing tests."""
-    name = _tiny_cache_name(tie_word_embeddings)
-    return _build_once(name, _tiny_builder(tie_word_embeddings))
+    return Path(resolve_model_path(TINY_NAME if tie_word_embeddings else TINY_UNTIED_NAME))
 
 
-_MODEL_ALIASES: dict[str, Callable[[], Path]] = {
-    SMOLLM2_NAME: smollm2_dir,
-    TINY_NAME: lambda: tiny_llama_dir(tie_word_embeddings=True),
-    TINY_UNTIED_NAME: lambda: tiny_llama_dir(tie_word_embeddings=False),
-}
-# The cache folder each model alias builds (to find it without building it).
-_MODEL_CACHE_NAMES = {
-    SMOLLM2_NAME: SMOLLM2_NAME,
-    TINY_NAME: _tiny_cache_name(True),
-    TINY_UNTIED_NAME: _tiny_cache_name(False),
+# Each model alias: the cache folder it builds, and how to build it. One table, read both to
+# build (resolve_model_path) and to find without building (built_model_path).
+_MODEL_ALIASES: dict[str, tuple[str, Callable[[Path], dict[str, Any]]]] = {
+    SMOLLM2_NAME: (SMOLLM2_NAME, _build_smollm2),
+    TINY_NAME: (_tiny_cache_name(True), _tiny_builder(True)),
+    TINY_UNTIED_NAME: (_tiny_cache_name(False), _tiny_builder(False)),
 }
 _EMBEDDER_ALIASES: dict[str, Callable[[], Path]] = {
     MINILM_NAME: minilm_dir,
@@ -271,6 +266,10 @@ def _resolve(name: str, aliases: dict[str, Callable[[], Path]]) -> str:
     alias = aliases.get(name.strip().lower())
     if alias is not None:
         return str(alias())
+    return _local_or_hub(name)
+
+
+def _local_or_hub(name: str) -> str:
     local = Path(name).expanduser()
     if local.is_dir():
         return str(local)
@@ -284,15 +283,18 @@ def resolve_model_path(name: str) -> str:
     to cached local folders (built on first use); an existing local folder maps to itself;
     anything else is returned unchanged (a Hub id).
     """
-    return _resolve(name, _MODEL_ALIASES)
+    alias = _MODEL_ALIASES.get(name.strip().lower())
+    if alias is not None:
+        return str(_build_once(*alias))
+    return _local_or_hub(name)
 
 
 def built_model_path(name: str) -> Path | None:
     """The local folder of ``name`` if it exists already (an alias's cache is never built
     here); None for a Hub id or an alias not converted on this machine yet."""
-    cache_name = _MODEL_CACHE_NAMES.get(name.strip().lower())
-    if cache_name is not None:
-        target = cache_root() / cache_name
+    alias = _MODEL_ALIASES.get(name.strip().lower())
+    if alias is not None:
+        target = cache_root() / alias[0]
         return target if _is_complete(target) else None
     local = Path(name).expanduser()
     return local if local.is_dir() else None

@@ -27,7 +27,6 @@ from ray.data import Dataset
 from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.scoring import Selection
 from slap_ray.core.selection import n_keep_for
-from slap_ray.core.training import scoring_cost_fraction
 from slap_ray.data.ingest import BadRowError, make_reject, write_rejected
 from slap_ray.jobs.prepare import ROW_FIELDS, load_or_prepare
 from slap_ray.jobs.rows import ORIGIN, input_files, raw_text
@@ -39,6 +38,7 @@ from slap_ray.reporting.manifest import Manifest
 from slap_ray.reporting.selection import (
     SelectionSummary,
     keep_column,
+    scoring_cost,
     weight_column,
     write_selection_report,
 )
@@ -201,28 +201,10 @@ def write_outputs(
     )
     manifest.set("method", config.select.method)
     manifest.set("scoring_model", config.scoring_model)
-    manifest.set("scoring_cost", scoring_cost(config))
+    cost = scoring_cost(config.scoring_model, config.model.name, config.select.alphas)
+    manifest.set("scoring_cost", cost)
     manifest.set("alphas", list(alphas))
     return SelectionSummary(groups, edges, loss_kept, loss_pruned)
-
-
-def scoring_cost(config: SlapConfig) -> dict | None:
-    """Scoring FLOPs as a fraction of the training FLOPs each alpha prunes (per epoch, full
-    fine-tuning of ``model.name``); None when a parameter count is unknown: a Hub id, or an
-    alias not converted on the driver's machine (counting never converts a model)."""
-    from slap_ray.assets import parameter_count
-
-    scoring, trained = parameter_count(config.scoring_model), parameter_count(config.model.name)
-    if not scoring or not trained:
-        return None
-    fractions = {
-        f"{a:g}": scoring_cost_fraction(scoring, trained, a) for a in config.select.alphas if a > 0
-    }
-    return {
-        "scoring_parameters": scoring,
-        "trained_parameters": trained,
-        "fraction_per_alpha": fractions,
-    }
 
 
 def write_kept(frames: Iterable[pd.DataFrame], alphas: list[float], folder: Path) -> dict[str, int]:

@@ -54,6 +54,43 @@ class SelectionSummary:
     loss_pruned: np.ndarray
 
 
+def scoring_cost(scoring_model: str, trained_model: str, alphas: list[float]) -> dict:
+    """Scoring FLOPs as a fraction of the training FLOPs each alpha prunes (per epoch, full
+    fine-tuning of ``trained_model``), or ``{"unknown": why}`` where a parameter count is
+    unknown: a Hub id, or an alias not converted on this machine (counting never converts)."""
+    from slap_ray.assets import parameter_count
+    from slap_ray.core.training import scoring_cost_fraction
+
+    counts = {"score.model": scoring_model, "model.name": trained_model}
+    missing = [key for key, name in counts.items() if not parameter_count(name)]
+    if missing:
+        names = " and ".join(f"{key} `{counts[key]}`" for key in missing)
+        return {"unknown": f"{names} not converted on this machine yet (or not a local folder)"}
+    scoring, trained = parameter_count(scoring_model), parameter_count(trained_model)
+    return {
+        "scoring_parameters": scoring,
+        "trained_parameters": trained,
+        "fraction_per_alpha": {
+            f"{a:g}": scoring_cost_fraction(scoring, trained, a) for a in alphas if a > 0
+        },
+    }
+
+
+def scoring_cost_lines(scoring_model: str | None, cost: dict | None) -> list[str]:
+    """The report's scoring-cost sentence; it says why where the cost is unknown."""
+    if not cost:
+        return []
+    if "unknown" in cost:
+        return ["", f"Scoring cost: unknown: {cost['unknown']}."]
+    shares = ", ".join(f"alpha {a}: {f:.1%}" for a, f in cost["fraction_per_alpha"].items())
+    return [
+        "",
+        f"Scoring cost (`{scoring_model}`, {cost['scoring_parameters']:,} parameters) as a "
+        f"share of the training it prunes (one epoch of full fine-tuning of "
+        f"{cost['trained_parameters']:,} parameters, FLOPs model): {shares}.",
+    ]
+
+
 def write_selection_report(
     summary: SelectionSummary, alphas: list[float], run_dir: Path, manifest: dict
 ) -> Path:
@@ -120,15 +157,7 @@ def write_selection_report(
     for alpha in alphas:
         n = int(groups[keep_column(alpha)].sum())
         lines.append(f"| {alpha:g} | {n} | {n / max(scored, 1):.3f} |")
-    cost = manifest.get("scoring_cost")
-    if cost:
-        shares = ", ".join(f"alpha {a}: {f:.1%}" for a, f in cost["fraction_per_alpha"].items())
-        lines += [
-            "",
-            f"Scoring cost (`{manifest.get('scoring_model')}`, {cost['scoring_parameters']:,} "
-            f"parameters) as a share of the training it prunes (one epoch of full fine-tuning "
-            f"of {cost['trained_parameters']:,} parameters, FLOPs model): {shares}.",
-        ]
+    lines += scoring_cost_lines(manifest.get("scoring_model"), manifest.get("scoring_cost"))
     lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v} |" for k, v in manifest.get("timings_s", {}).items()]
     lines += ["", "## Row counts", "", "```", *(f"{k}: {v}" for k, v in counts.items()), "```", ""]

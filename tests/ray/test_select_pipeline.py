@@ -27,7 +27,9 @@ def tiny_config(paths: list[str], output_dir: Path, **extra: object):
             "progress": False,
             "data": {"paths": paths, "max_length": 96},
             "model": {"name": "tiny-random"},
-            "embed": {"max_chars": 256, "batch_size": 64},
+            # Embed calls of 16 rows (batch_size x EMBED_CALL_BATCHES): ten calls over the
+            # 160-row pool, so a kill after the first leaves a partial embed to resume.
+            "embed": {"max_chars": 256, "batch_size": 1},
             "strata": {"num_clusters": 4},
             "select": {"batch_size": 16, "alphas": ALPHAS, "calibration_batches": 2},
             "score": {"num_scorers": 1, "micro_batch_size": 8},
@@ -203,6 +205,7 @@ def test_resume_after_kill_matches_uninterrupted_run(baseline_run, pool_subset, 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["resume"]["prepared_reused"] is True
     embedded = manifest["counts"]["embed"]
-    assert embedded["resumed_rows"] > 0 and embedded["resumed_rows"] + embedded["rows_now"] == 160
+    assert 0 < embedded["resumed_rows"] < 160  # a partial embed was resumed
+    assert embedded["resumed_rows"] + embedded["rows_now"] == 160
     assert manifest["counts"]["score"]["resumed_batches"] >= finished_before
     assert kept_ids(out) == kept_ids(baseline_run)

@@ -199,3 +199,20 @@ def test_parameter_count_never_converts_a_model(tmp_path, monkeypatch) -> None:
     built = assets.tiny_llama_dir()
     assert assets.built_model_path("TINY-random") == built
     assert assets.parameter_count("tiny-random") > 0
+
+
+def test_report_says_why_the_scoring_cost_is_unknown(tmp_path, monkeypatch) -> None:
+    """A model never converted here leaves the cost unknown, and the report says which one."""
+    from slap_ray.reporting.selection import scoring_cost, scoring_cost_lines
+
+    monkeypatch.setenv("SLAP_CACHE_DIR", str(tmp_path))
+    assets.tiny_llama_dir()
+    cost = scoring_cost("tiny-random", "smollm2-135m-instruct", [0.3])
+    line = " ".join(scoring_cost_lines("tiny-random", cost))
+    assert "unknown" in line and "model.name `smollm2-135m-instruct`" in line
+    assert "score.model" not in line
+    known = scoring_cost("tiny-random", "tiny-random", [0.0, 0.3])
+    assert list(known["fraction_per_alpha"]) == ["0.3"]
+    assert known["fraction_per_alpha"]["0.3"] == pytest.approx(2 / (6 * 0.3))
+    assert "33.3%" not in " ".join(scoring_cost_lines("tiny-random", known))
+    assert "111.1%" in " ".join(scoring_cost_lines("tiny-random", known))
