@@ -17,7 +17,7 @@ import ray
 from tqdm import tqdm
 
 from slap_ray.config import ConfigError, RayConfig, SlapConfig
-from slap_ray.resources import check_fits
+from slap_ray.resources import check_fits, warm_workers
 
 # Keep Ray's own traffic on the loopback address unless a cluster address is given.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -28,19 +28,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # Loggers whose detail goes to the run's log file; on the console only their errors show.
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "py.warnings")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# A job is many short Ray Data executions; Ray's default kills a worker idle for 1 s beyond one
-# per CPU, so each execution paid fresh worker start-up and imports (measured: a 40-row select
-# took 116 s with the defaults, 77 s with warm workers). Idle workers cost memory only.
-IDLE_WORKER_KEEP_MS = 600_000
-
-
-def warm_workers(num_cpus: int | None) -> dict:
-    """Ray system config that keeps idle workers for reuse (``num_cpus`` per node)."""
-    cpus = num_cpus or os.cpu_count() or 1
-    return {
-        "num_workers_soft_limit": 2 * cpus + 2,
-        "idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS,
-    }
 
 
 def ensure_ray(config: RayConfig) -> bool:

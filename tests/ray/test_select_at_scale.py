@@ -134,7 +134,8 @@ MULTINODE = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from slap_ray.ray.runtime import warm_workers  # keeps Ray on the loopback address
+    import slap_ray.ray.runtime  # keeps Ray on the loopback address
+    from slap_ray.resources import warm_workers
     from ray.cluster_utils import Cluster
     from slap_ray.config import load_config
     from slap_ray.jobs.select import run_select

@@ -35,7 +35,7 @@ from manifests import (
     walk,
 )
 
-from slap_ray.resources import demands
+from slap_ray.resources import demands, warm_workers
 
 GPU = "nvidia.com/gpu"
 IMAGE = re.compile(
@@ -242,6 +242,19 @@ def test_image_tags_and_ray_versions_match_the_project(target):
             assert bool(match["gpu"]) == wants_gpu, f"{where}: -gpu image iff it asks for a GPU"
             images += 1
     assert images >= 10
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_worker_containers_keep_idle_workers_warm_for_their_cpus(target):
+    """Each worker group's container sets ``warm_workers(num-cpus)`` as ``RAY_<key>`` env, so an
+    overlay that changes a group's CPUs must change its soft limit too."""
+    cluster = only(rendered(target), "RayCluster")
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        cpus = int(_cpus(group["rayStartParams"]["num-cpus"]))
+        wanted = {f"RAY_{k}": str(v) for k, v in warm_workers(cpus).items()}
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in wanted} == wanted, (target, group["groupName"])
 
 
 @pytest.mark.parametrize("target", TARGETS)
