@@ -61,12 +61,14 @@ def scoring_cost(scoring_model: str, trained_model: str, alphas: list[float]) ->
     from slap_ray.assets import parameter_count
     from slap_ray.core.training import scoring_cost_fraction
 
-    counts = {"score.model": scoring_model, "model.name": trained_model}
-    missing = [key for key, name in counts.items() if not parameter_count(name)]
-    if missing:
-        names = " and ".join(f"{key} `{counts[key]}`" for key in missing)
-        return {"unknown": f"{names} not converted on this machine yet (or not a local folder)"}
     scoring, trained = parameter_count(scoring_model), parameter_count(trained_model)
+    if not scoring or not trained:
+        unknown = {"score.model": scoring_model} if not scoring else {}
+        unknown |= {"model.name": trained_model} if not trained else {}
+        if scoring_model == trained_model:
+            unknown = {"model.name": trained_model}  # score.model unset: one model to name
+        names = " and ".join(f"{key} `{name}`" for key, name in unknown.items())
+        return {"unknown": f"{names} not converted on this machine yet (or not a local folder)"}
     return {
         "scoring_parameters": scoring,
         "trained_parameters": trained,

@@ -216,3 +216,8 @@ def test_report_says_why_the_scoring_cost_is_unknown(tmp_path, monkeypatch) -> N
     assert known["fraction_per_alpha"]["0.3"] == pytest.approx(2 / (6 * 0.3))
     assert "33.3%" not in " ".join(scoring_cost_lines("tiny-random", known))
     assert "111.1%" in " ".join(scoring_cost_lines("tiny-random", known))
+    unset = scoring_cost("smollm2-135m-instruct", "smollm2-135m-instruct", [0.3])
+    assert unset == {
+        "unknown": "model.name `smollm2-135m-instruct` not converted on this machine yet "
+        "(or not a local folder)"
+    }
