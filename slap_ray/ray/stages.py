@@ -130,8 +130,9 @@ def tokenize_stage(
     )
 
 
-# Encoder batches per actor call (see embed_stage).
-EMBED_CALL_BATCHES = 16
+# Encoder batches per actor call (see embed_stage). Measured with MiniLM on 4,096 chitchat rows
+# in one process: calls of 2,048 rows ran 10-14% slower than one call of 4,096 (more padding).
+EMBED_CALL_BATCHES = 64
 
 
 def embed_stage(

@@ -27,7 +27,7 @@ def tiny_config(paths: list[str], output_dir: Path, **extra: object):
             "progress": False,
             "data": {"paths": paths, "max_length": 96},
             "model": {"name": "tiny-random"},
-            # Embed calls of 16 rows (batch_size x EMBED_CALL_BATCHES): ten calls over the
+            # Embed calls of 64 rows (batch_size x EMBED_CALL_BATCHES): three calls over the
             # 160-row pool, so a kill after the first leaves a partial embed to resume.
             "embed": {"max_chars": 256, "batch_size": 1},
             "strata": {"num_clusters": 4},
