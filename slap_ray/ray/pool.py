@@ -89,7 +89,7 @@ def mark_duplicates(rows: Dataset, partitions: int) -> Dataset:
 
     def first_origins() -> dict:
         if "first" not in fetched:
-            table = pa.concat_tables(ray.get(refs)) if refs else None
+            table = fetch_table(refs)
             ids = table["id"].to_pylist() if table is not None else []
             origins = table["first"].to_pylist() if table is not None else []
             fetched["first"] = dict(zip(ids, origins, strict=True))
@@ -245,6 +245,13 @@ def write_table(
     if not any(folder.glob("*.parquet")):
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(schema.empty_table(), folder / "empty.parquet")
+
+
+def fetch_table(refs: list) -> pa.Table | None:
+    """The rows behind ``to_arrow_refs()`` as one table; None where there are none. Blocks that
+    a filter emptied may carry no schema at all, so they are dropped before concatenation."""
+    tables = [table for table in ray.get(refs) if table.num_rows]
+    return pa.concat_tables(tables) if tables else None
 
 
 @ray.remote

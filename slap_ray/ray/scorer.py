@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import ray
 import torch
 
 from slap_ray.core.model import device_for
 from slap_ray.core.scoring import calibrate_second_moment, score_batch
+from slap_ray.ray.pool import fetch_table
 
 
 class Scorer:
@@ -89,10 +89,10 @@ def calibrate_task(
     from slap_ray.assets import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(threads)
-    frame = pa.concat_tables(ray.get(refs)).to_pandas() if refs else pd.DataFrame()
-    if frame.empty:
+    table = fetch_table(refs)
+    if table is None:
         return False
-    frame = frame.sort_values("batch_id")
+    frame = table.to_pandas().sort_values("batch_id")
     model = load_causal_lm(model_name, dtype=getattr(torch, dtype)).eval()
     pad = load_tokenizer(model_name).pad_token_id
     batches = [(_lists(r["input_ids"]), _lists(r["labels"])) for _, r in frame.iterrows()]

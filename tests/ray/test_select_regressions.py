@@ -212,3 +212,19 @@ def test_truncation_rejects_stop_error_mode_and_unsampled_rows_are_kept(
     assert scores.loc[~scores["sampled"], "loss"].isna().all()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["output"]["not_sampled"] == 60
+
+
+def test_blocks_a_filter_emptied_do_not_break_fetching(ray_cluster):
+    """At 200k rows the calibration filter left a block with no rows and no schema, and
+    concatenating it with the others failed (ArrowInvalid: schema at index 1 was different)."""
+    import pyarrow as pa
+    import ray
+
+    from slap_ray.ray.pool import fetch_table
+
+    rows = pa.table({"batch_id": [7], "input_ids": [[[1, 2]]]})
+    refs = [ray.put(rows), ray.put(pa.table({})), ray.put(rows.slice(0, 0))]
+    with pytest.raises(pa.ArrowInvalid):
+        pa.concat_tables(ray.get(refs))
+    assert fetch_table(refs).to_pydict() == rows.to_pydict()
+    assert fetch_table(refs[1:]) is None and fetch_table([]) is None
