@@ -24,6 +24,7 @@ from slap_ray.core.seeds import derive_seed
 from slap_ray.core.strata import kmeans_fit
 from slap_ray.jobs.rows import ORIGIN, marked_rows, raise_first_reject, shuffle_partitions
 from slap_ray.ray import pool, stages
+from slap_ray.ray.scorer import SCORED_GLOB
 from slap_ray.reporting.manifest import Manifest
 
 BATCH_COLUMNS = [
@@ -210,7 +211,7 @@ def load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> in
     if not stamp.exists() or stamp.read_text() != wanted:
         done_path.unlink(missing_ok=True)
         (stages_dir / "second_moment.pt").unlink(missing_ok=True)
-        for stale in (run_dir / "scored").glob("batch-*.parquet"):
+        for stale in (run_dir / "scored").glob(SCORED_GLOB):
             stale.unlink()
         shutil.rmtree(stages_dir / "embedded", ignore_errors=True)
         stamp.write_text(wanted)

@@ -1,9 +1,11 @@
 """The scoring stage of `slap select`: calibrate the second moment once (a task on the cluster),
 then score every composed batch on scorer actors fed by Ray Data from ``stages/batches``; each
-actor writes the batches it finished to ``scored/``, which ``--resume`` skips."""
+actor call scores a group of batches and writes them as one file to ``scored/``, whose batches
+``--resume`` skips."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -16,8 +18,12 @@ from slap_ray.config import ConfigError, SlapConfig
 from slap_ray.core.scoring import Selection, selections_for
 from slap_ray.core.seeds import derive_seed
 from slap_ray.ray.runtime import progress_bar
-from slap_ray.ray.scorer import BatchScorer, calibrate_task
+from slap_ray.ray.scorer import SCORED_BATCHES_KEY, SCORED_GLOB, BatchScorer, calibrate_task
 from slap_ray.reporting.manifest import Manifest
+
+# Rows per scorer call, and so per file in scored/. One file per 32-row batch made 6,250 files
+# at 200k rows, and reading them back in the write stage took longer than scoring them.
+SCORED_FILE_ROWS = 2048
 
 
 def plain_selections(config: SlapConfig) -> list[Selection]:
@@ -63,21 +69,31 @@ def _shown(key: str) -> str:
     return key[1:] if re.fullmatch(r"a[0-9.]+", key) else key
 
 
+def batches_per_call(todo: int, batch_size: int, num_scorers: int) -> int:
+    """Batches per scorer call (and per scored file): up to ``SCORED_FILE_ROWS`` rows, and few
+    enough that every scorer gets several calls, so none waits idle at the end."""
+    return max(1, min(SCORED_FILE_ROWS // batch_size, todo // (4 * num_scorers)))
+
+
 def finished_batches(scored_dir: Path, selections: list[Selection]) -> set[int]:
-    """Batches a killed run already scored; they must carry every selection asked for now."""
-    files = sorted(scored_dir.glob("batch-*.parquet"))
+    """Batches a killed run already scored (named in each file's footer); they must carry
+    every selection asked for now."""
+    files = sorted(scored_dir.glob(SCORED_GLOB))
     if not files:
         return set()
-    columns = set(pq.read_schema(files[0]).names)
+    schemas = [pq.read_schema(path) for path in files]
+    columns = set(schemas[0].names)
     missing = [_shown(s.key) for s in selections if f"keep_{s.key}" not in columns]
     if missing:
         have = sorted(_shown(c.removeprefix("keep_")) for c in columns if c.startswith("keep_"))
         raise ConfigError(
             f"select.alphas: --resume asks for alphas {missing} that the {len(files)} "
-            f"finished batches were not scored for (they have {have}); resume with those "
-            "alphas or run without --resume"
+            f"files of finished batches were not scored for (they have {have}); resume with "
+            "those alphas or run without --resume"
         )
-    return {int(p.stem.split("-")[1]) for p in files}
+    return {
+        batch for schema in schemas for batch in json.loads(schema.metadata[SCORED_BATCHES_KEY])
+    }
 
 
 def _packed(run_dir: Path) -> ray.data.Dataset:
@@ -114,7 +130,7 @@ def score(
     selections: list[Selection] | None = None,
 ) -> None:
     """Score every unscored batch on ``score.num_scorers`` actors (each batch once, whatever
-    the number of selections); each actor writes its batches to ``scored/``."""
+    the number of selections); each call writes its group of batches to ``scored/``."""
     selections = selections or plain_selections(config)
     scored_dir = run_dir / "scored"
     scored_dir.mkdir(exist_ok=True)
@@ -126,12 +142,12 @@ def score(
         if todo:
             finished = np.array(sorted(done), dtype=np.int64)
             # Read before the scorers start: they may hold every CPU a read task would need.
-            # Small blocks (a few batches each) so every scorer gets work and is kept busy.
-            per_block = max(1, todo // (8 * config.score.num_scorers))
+            # One block per call, so every scorer gets work and is kept busy.
+            per_call = batches_per_call(todo, config.select.batch_size, config.score.num_scorers)
             pending = (
                 _packed(run_dir)
                 .map_batches(lambda b: b[~b["batch_id"].isin(finished)], batch_format="pandas")
-                .repartition(target_num_rows_per_block=per_block)
+                .repartition(target_num_rows_per_block=per_call)
                 .materialize()
             )
             results = pending.map_batches(
@@ -144,7 +160,7 @@ def score(
                     str(scored_dir),
                 ),  # fmt: skip
                 compute=ActorPoolStrategy(size=config.score.num_scorers),
-                batch_size=1,
+                batch_size=per_call,
                 batch_format="pandas",
                 **_resources(config),
             )

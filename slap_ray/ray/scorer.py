@@ -1,23 +1,30 @@
 """Scorer actors: each holds one model replica and scores composed batches (core.scoring).
 
-``BatchScorer`` is the ``map_batches`` form: Ray Data feeds it one packed batch per call (the
-tokens never pass through the driver) and it writes that batch's scores itself, so a killed
-run keeps every finished batch.
+``BatchScorer`` is the ``map_batches`` form: Ray Data feeds it a group of packed batches per
+call (the tokens never pass through the driver) and it writes their scores itself, as one file,
+so a killed run keeps every finished group.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 
 from slap_ray.core.model import device_for
 from slap_ray.core.scoring import calibrate_second_moment, score_batch
 from slap_ray.ray.pool import fetch_table
+
+SCORED_GLOB = "scored-*.parquet"
+# Footer metadata of a scored file: the JSON list of the batch ids it holds (what resume skips).
+SCORED_BATCHES_KEY = b"slap.batch_ids"
 
 
 class Scorer:
@@ -104,9 +111,10 @@ def calibrate_task(
 
 
 class BatchScorer:
-    """``map_batches`` UDF (``batch_size=1``): score one packed batch, write
-    ``<scored_dir>/batch-<id>.parquet`` (meta, loss, a keep and weight column per selection,
-    the conversation, the scorer's node) and return one small row per batch."""
+    """``map_batches`` UDF: score each packed batch of the call, write them together as
+    ``<scored_dir>/scored-<first batch id>.parquet`` (meta, loss, a keep and weight column per
+    selection, the conversation, the scorer's node; the batch ids in the footer) and return
+    one small row per batch."""
 
     def __init__(
         self, model_name: str, dtype: str, settings: dict, moment_path: str | None, scored_dir: str
@@ -118,26 +126,39 @@ class BatchScorer:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, packed: pd.DataFrame) -> pd.DataFrame:
-        done = []
-        for _, row in packed.iterrows():
-            batch_id = int(row["batch_id"])
-            result = self.scorer.score(batch_id, _lists(row["input_ids"]), _lists(row["labels"]))
-            frame = pd.DataFrame(
-                {
-                    c: list(row[c])
-                    for c in ("id", "source", "task", "path", "line", "cluster", "num_tokens")
-                }
-            )
-            frame["batch_id"] = batch_id
-            frame["loss"] = np.asarray(result["loss"], dtype=np.float64)
-            frame["loss_stratum"] = np.asarray(result["loss_stratum"], dtype=np.int64)
-            for key, mask in result["keep"].items():
-                frame[f"keep_{key}"] = np.asarray(mask, dtype=bool)
-                frame[f"weight_{key}"] = np.asarray(result["weight"][key], dtype=np.float64)
-            frame["messages"] = list(row["messages"])
-            frame["scorer_node"] = self.node
-            tmp = self.scored_dir / f".batch-{batch_id:06d}.{self.node[:8]}.tmp"
-            frame.to_parquet(tmp, index=False)
-            tmp.rename(self.scored_dir / f"batch-{batch_id:06d}.parquet")
-            done.append({"batch_id": batch_id, "rows": len(frame)})
-        return pd.DataFrame(done, columns=["batch_id", "rows"])
+        frames = [self._scored(row) for _, row in packed.iterrows()]
+        batch_ids = [int(b) for b in packed["batch_id"]]
+        if frames:
+            self._write(pd.concat(frames, ignore_index=True), batch_ids)
+        rows = [len(frame) for frame in frames]
+        return pd.DataFrame({"batch_id": batch_ids, "rows": rows}, columns=["batch_id", "rows"])
+
+    def _scored(self, row: pd.Series) -> pd.DataFrame:
+        batch_id = int(row["batch_id"])
+        result = self.scorer.score(batch_id, _lists(row["input_ids"]), _lists(row["labels"]))
+        frame = pd.DataFrame(
+            {
+                c: list(row[c])
+                for c in ("id", "source", "task", "path", "line", "cluster", "num_tokens")
+            }
+        )
+        frame["batch_id"] = batch_id
+        frame["loss"] = np.asarray(result["loss"], dtype=np.float64)
+        frame["loss_stratum"] = np.asarray(result["loss_stratum"], dtype=np.int64)
+        for key, mask in result["keep"].items():
+            frame[f"keep_{key}"] = np.asarray(mask, dtype=bool)
+            frame[f"weight_{key}"] = np.asarray(result["weight"][key], dtype=np.float64)
+        frame["messages"] = list(row["messages"])
+        frame["scorer_node"] = self.node
+        return frame
+
+    def _write(self, frame: pd.DataFrame, batch_ids: list[int]) -> None:
+        """Atomically (a hidden temporary file, then a rename): a killed call leaves nothing."""
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), SCORED_BATCHES_KEY: json.dumps(batch_ids)}
+        )
+        first = min(batch_ids)  # unique: a call's batches are scored nowhere else
+        tmp = self.scored_dir / f".scored-{first:06d}.{self.node[:8]}.tmp"
+        pq.write_table(table, tmp)
+        tmp.rename(self.scored_dir / f"scored-{first:06d}.parquet")

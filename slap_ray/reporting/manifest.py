@@ -1,10 +1,12 @@
-"""Run manifest: versions, git commit, row counts and per-stage wall time, as manifest.json."""
+"""Run manifest: versions, git commit, row counts, per-stage wall time and the driver's peak
+memory after each stage, as manifest.json."""
 
 from __future__ import annotations
 
 import json
 import logging
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -34,6 +36,11 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def driver_peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports ``ru_maxrss`` in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 def git_commit(directory: Path | None = None) -> str | None:
@@ -66,6 +73,8 @@ class Manifest:
             "git_commit": git_commit(),
             "counts": {},
             "timings_s": {},
+            # Peak so far at the end of each stage: where the driver grew, stage by stage.
+            "driver_peak_rss_gib": {},
         }
 
     @contextmanager
@@ -75,6 +84,7 @@ class Manifest:
             yield
         finally:
             seconds = self.data["timings_s"][name] = round(time.perf_counter() - start, 3)
+            self.data["driver_peak_rss_gib"][name] = driver_peak_rss_gib()
         log.info("%s done (%.1f s)", name, seconds)
 
     def count(self, stage: str, **counts: Any) -> None:

@@ -151,7 +151,7 @@ MULTINODE = textwrap.dedent(
     config = load_config(sys.argv[1], [f"ray.address={cluster.address}"])
     run_select(config)
     nodes = set()
-    for path in Path(config.output_dir, "scored").glob("batch-*.parquet"):
+    for path in Path(config.output_dir, "scored").glob("scored-*.parquet"):
         nodes |= set(pd.read_parquet(path, columns=["scorer_node"])["scorer_node"])
     print(json.dumps({"scorer_nodes": sorted(nodes),
                       "workers": sorted(w.node_id for w in workers)}))

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from slap_ray.assets import parameter_count, resolve_model_path
 from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
+from slap_ray.jobs.scoring import finished_batches
 from slap_ray.jobs.select import run_select
+from slap_ray.ray.scorer import SCORED_BATCHES_KEY
 
 pytestmark = pytest.mark.ray
 
@@ -69,6 +72,20 @@ def test_every_row_scored_once_and_kept_fractions_match(baseline_run, pool_subse
     assert scores.groupby("batch_id")["cluster"].nunique().iloc[:-1].min() >= 2
 
 
+def test_each_scored_file_holds_the_batches_its_footer_names(baseline_run):
+    """Scorer calls write groups of batches (two per call here: 10 batches, one scorer);
+    resume trusts the footer, so it must name exactly the batches inside."""
+    files = sorted((baseline_run / "scored").glob("scored-*.parquet"))
+    named = {}
+    for path in files:
+        batches = json.loads(pq.read_schema(path).metadata[SCORED_BATCHES_KEY])
+        inside = sorted(set(pd.read_parquet(path, columns=["batch_id"])["batch_id"]))
+        assert sorted(batches) == inside, path.name
+        named.update(dict.fromkeys(batches, path.name))
+    assert sorted(named) == list(range(10))
+    assert len(files) == 5
+
+
 def test_report_manifest_and_config_written(baseline_run):
     for name in ("report.md", "manifest.json", "config.yaml", "rejected.jsonl"):
         assert (baseline_run / name).is_file(), name
@@ -91,6 +108,9 @@ def test_report_manifest_and_config_written(baseline_run):
         "score",
         "calibrate",
     }
+    peaks = manifest["driver_peak_rss_gib"]
+    assert set(peaks) == set(manifest["timings_s"])
+    assert 0 < peaks["read"] <= peaks["score"] < 8  # a running peak, in GiB
     assert manifest["versions"]["ray"] == "2.60.0"
     assert manifest["scorer_throughput_rows_per_s"] > 0
     report = (baseline_run / "report.md").read_text()
@@ -195,10 +215,10 @@ def test_resume_after_kill_matches_uninterrupted_run(baseline_run, pool_subset, 
     resumed = config.model_copy(update={"resume": True})
     kill_job(
         "slap_select.py", resumed, tmp_path,
-        lambda: len(list((out / "scored").glob("batch-*.parquet"))) >= 2, "two scored batches",
+        lambda: len(finished_batches(out / "scored", [])) >= 2, "two scored batches",
         timeout_s=300,
     )  # fmt: skip
-    finished_before = len(list((out / "scored").glob("batch-*.parquet")))
+    finished_before = len(finished_batches(out / "scored", []))
     assert 2 <= finished_before < 10 and not (out / "scores.parquet").exists()
 
     run_select(resumed)
