@@ -269,11 +269,15 @@ def _resolve(name: str, aliases: dict[str, Callable[[], Path]]) -> str:
     return _local_or_hub(name)
 
 
-def _local_or_hub(name: str) -> str:
+def _local_folder(name: str) -> Path | None:
     local = Path(name).expanduser()
-    if local.is_dir():
-        return str(local)
-    return name  # a Hub id: left for online users; offline runs fail in transformers, loudly
+    return local if local.is_dir() else None
+
+
+def _local_or_hub(name: str) -> str:
+    local = _local_folder(name)
+    # A Hub id is left for online users; offline runs fail in transformers, loudly.
+    return str(local) if local else name
 
 
 def resolve_model_path(name: str) -> str:
@@ -296,8 +300,7 @@ def built_model_path(name: str) -> Path | None:
     if alias is not None:
         target = cache_root() / alias[0]
         return target if _is_complete(target) else None
-    local = Path(name).expanduser()
-    return local if local.is_dir() else None
+    return _local_folder(name)
 
 
 def parameter_count(name: str) -> int | None:
