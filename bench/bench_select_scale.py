@@ -165,6 +165,8 @@ def run_size(rows: int | None, work: Path, extra: dict) -> dict:
         "total_peak_rss_gib": max(p["total_peak_rss_gib"] for p in pieces),
         "pieces": len(pieces),
         "timings_s": manifest["timings_s"],
+        # The driver's own running peak at the end of each stage (of the last piece).
+        "driver_peak_rss_gib_by_stage": manifest.get("driver_peak_rss_gib"),
         "scored": manifest["counts"]["output"]["scored"],
     }
 
