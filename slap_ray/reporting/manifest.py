@@ -39,8 +39,17 @@ def package_versions() -> dict[str, str | None]:
 
 
 def driver_peak_rss_gib() -> float:
-    """This process's peak resident memory so far (Linux reports ``ru_maxrss`` in KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    """This process's peak resident memory so far. Linux: ``VmHWM``, the peak of this
+    program only (``ru_maxrss`` keeps the peak of whatever process exec'd it, e.g. a large
+    parent's); elsewhere ``ru_maxrss`` (bytes on macOS, KiB otherwise)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 2**20, 3)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)
 
 
 def git_commit(directory: Path | None = None) -> str | None:

@@ -6,8 +6,9 @@ import json
 import subprocess
 import sys
 
-# In a fresh process: the test session's own earlier peak (a model loaded by another test)
-# would hide the allocation.
+# In a fresh program: the test session's own earlier peak (a model loaded by another test)
+# would hide the allocation. The parent grows first, so a peak it passed on (as Linux's
+# ru_maxrss does across exec) fails the test.
 STAGES = """
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ manifest.write(Path(sys.argv[1]))
 
 def test_each_stage_records_the_driver_peak_it_reached(tmp_path):
     path = tmp_path / "manifest.json"
+    parent_peak = bytearray(600 * 2**20)
+    parent_peak[::4096] = b"x" * len(parent_peak[::4096])
+    del parent_peak
     subprocess.run([sys.executable, "-c", STAGES, str(path)], check=True)
     peaks = json.loads(path.read_text())["driver_peak_rss_gib"]
     assert list(peaks) == ["small", "big", "after"]
