@@ -24,7 +24,6 @@ from slap_ray.core.seeds import derive_seed
 from slap_ray.core.strata import kmeans_fit
 from slap_ray.jobs.rows import ORIGIN, marked_rows, raise_first_reject, shuffle_partitions
 from slap_ray.ray import pool, stages
-from slap_ray.ray.scorer import SCORED_GLOB
 from slap_ray.reporting.manifest import Manifest
 
 BATCH_COLUMNS = [
@@ -187,7 +186,10 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
         for name in ("batches", "unscored"):
             shutil.rmtree(stages_dir / name, ignore_errors=True)
         packed = pool.pack_batches(composed, BATCH_COLUMNS, partitions)
-        pool.write_table(packed, str(stages_dir / "batches"), _batches_table, BATCH_SCHEMA)
+        batches_per_group = max(1, pool.ROW_GROUP_ROWS // config.select.batch_size)
+        pool.write_table(
+            packed, str(stages_dir / "batches"), _batches_table, BATCH_SCHEMA, batches_per_group
+        )
         unscored = rows.filter(lambda r: not r["sampled"]).union(
             token_rejects.select_columns(
                 ["id", "source", "task", "path", "line", "reject_reason"]
@@ -211,8 +213,9 @@ def load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> in
     if not stamp.exists() or stamp.read_text() != wanted:
         done_path.unlink(missing_ok=True)
         (stages_dir / "second_moment.pt").unlink(missing_ok=True)
-        for stale in (run_dir / "scored").glob(SCORED_GLOB):
-            stale.unlink()
+        shutil.rmtree(
+            run_dir / "scored", ignore_errors=True
+        )  # any layout, and killed calls' temp files
         shutil.rmtree(stages_dir / "embedded", ignore_errors=True)
         stamp.write_text(wanted)
     if done_path.exists():

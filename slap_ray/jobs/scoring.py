@@ -75,10 +75,16 @@ def batches_per_call(todo: int, batch_size: int, num_scorers: int) -> int:
     return max(1, min(SCORED_FILE_ROWS // batch_size, todo // (4 * num_scorers)))
 
 
+def scored_files(scored_dir: Path) -> list[Path]:
+    """The files scorer calls finished, in name order; not a killed call's temporary file nor
+    another layout's leftovers, which would otherwise be read twice."""
+    return sorted(scored_dir.glob(SCORED_GLOB))
+
+
 def finished_batches(scored_dir: Path, selections: list[Selection]) -> set[int]:
     """Batches a killed run already scored (named in each file's footer); they must carry
     every selection asked for now."""
-    files = sorted(scored_dir.glob(SCORED_GLOB))
+    files = scored_files(scored_dir)
     if not files:
         return set()
     schemas = [pq.read_schema(path) for path in files]

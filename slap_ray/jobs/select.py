@@ -31,7 +31,7 @@ from slap_ray.data.ingest import BadRowError, make_reject, write_rejected
 from slap_ray.jobs.prepare import ROW_FIELDS, load_or_prepare
 from slap_ray.jobs.rows import ORIGIN, input_files, raw_text
 from slap_ray.jobs.rundir import locked_run_dir
-from slap_ray.jobs.scoring import plain_selections, score
+from slap_ray.jobs.scoring import plain_selections, score, scored_files
 from slap_ray.ray import pool
 from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
@@ -160,7 +160,8 @@ def write_outputs(
     alphas = config.select.alphas
     schema = scores_schema([s.key for s in selections])
     # Read once into the object store: every output below is one more pass over them.
-    scored = ray.data.read_parquet(str(run_dir / "scored")).materialize()
+    scored_paths = [str(path) for path in scored_files(run_dir / "scored")]
+    scored = ray.data.read_parquet(scored_paths).materialize()
     unscored = ray.data.read_parquet(str(run_dir / "stages" / "unscored")).materialize()
     target = run_dir / "scores.parquet"
     shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,30 @@ def test_each_scored_file_holds_the_batches_its_footer_names(baseline_run):
         named.update(dict.fromkeys(batches, path.name))
     assert sorted(named) == list(range(10))
     assert len(files) == 5
+
+
+def test_prepared_batches_are_not_one_row_group_each(baseline_run):
+    """A groupby emits one block per batch; written as they come, each batch was its own row
+    group and the footers every later read plans from grew with the pool."""
+    files = sorted((baseline_run / "stages" / "batches").glob("*.parquet"))
+    metadata = [pq.ParquetFile(path).metadata for path in files]
+    assert sum(m.num_rows for m in metadata) == 10
+    assert max(m.num_rows for m in metadata) >= 2  # some file holds several batches ...
+    assert all(m.num_row_groups == 1 for m in metadata)  # ... in one row group
+
+
+def test_resume_reads_only_finished_scored_files(baseline_run, pool_subset, tmp_path):
+    """A file in ``scored/`` that no finished scorer call wrote (an older layout's
+    ``batch-*.parquet``, a killed call's temporary file) is not read into the outputs."""
+    run = tmp_path / "run"
+    shutil.copytree(baseline_run, run)
+    first = sorted((run / "scored").glob("scored-*.parquet"))[0]
+    shutil.copy(first, run / "scored" / "batch-00000.parquet")
+    config = tiny_config([str(pool_subset / "*.jsonl")], run)
+    run_select(config.model_copy(update={"resume": True}))
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert scores["id"].is_unique and len(scores) == 160
+    assert kept_ids(run) == kept_ids(baseline_run)
 
 
 def test_report_manifest_and_config_written(baseline_run):
