@@ -1,5 +1,5 @@
 """Selection at scale: driver peak RSS, total peak RSS (driver + every Ray process) and wall time
-of `slap select` as the pool grows. Rows are chitchat pairs repeated under new ids over 8
+of `slap select` as the pool grows, and the largest private memory of any one Ray process. Rows are chitchat pairs repeated under new ids over 8
 sources, tiny model, ``strata.by: source``. Target: driver peak flat (at most +10% from the
 smallest to the largest size), wall time linear in rows.
 
@@ -93,12 +93,23 @@ def config_tree(paths: str, out: Path, extra: dict) -> dict:
     return tree
 
 
+def private_bytes(process: psutil.Process) -> int:
+    """A process's own (anonymous) memory: its RSS less the object-store and library pages it
+    shares with the others."""
+    with open(f"/proc/{process.pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class PeakRss:
-    """Polls the driver's RSS and the RSS of the driver with all its descendants."""
+    """Polls the driver's RSS, the RSS of the driver with all its descendants, and the largest
+    private memory of any one descendant (a Ray worker: each must stay flat as the pool grows)."""
 
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
-        self.driver = self.total = 0
+        self.driver = self.total = self.worker = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -111,7 +122,8 @@ class PeakRss:
                 for child in self.process.children(recursive=True):
                     try:
                         total += child.memory_info().rss
-                    except psutil.Error:
+                        self.worker = max(self.worker, private_bytes(child))
+                    except (psutil.Error, OSError):
                         pass
             except psutil.Error:
                 return
@@ -150,6 +162,7 @@ def run_size(rows: int | None, work: Path, extra: dict) -> dict:
             "wall_s": round(time.perf_counter() - start, 1),
             "driver_peak_rss_gib": round(peak.driver / 2**30, 3),
             "total_peak_rss_gib": round(peak.total / 2**30, 3),
+            "largest_worker_private_gib": round(peak.worker / 2**30, 3),
         }
         progress.write_text(json.dumps(pieces, indent=2))
         if code is not None:
@@ -163,6 +176,7 @@ def run_size(rows: int | None, work: Path, extra: dict) -> dict:
         "wall_s": round(sum(p["wall_s"] for p in pieces), 1),
         "driver_peak_rss_gib": max(p["driver_peak_rss_gib"] for p in pieces),
         "total_peak_rss_gib": max(p["total_peak_rss_gib"] for p in pieces),
+        "largest_worker_private_gib": max(p.get("largest_worker_private_gib", 0) for p in pieces),
         "pieces": len(pieces),
         "timings_s": manifest["timings_s"],
         # The driver's own running peak at the end of each stage (of the last piece).
