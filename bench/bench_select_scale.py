@@ -1,8 +1,8 @@
 """Selection at scale: driver peak RSS, total peak RSS (driver + every Ray process), the largest
 private memory of any one Ray process, and wall time of `slap select` as the pool grows. Rows
 are chitchat pairs repeated under new ids over 8 sources, tiny model, ``strata.by: source``.
-Target: driver peak flat (at most +10% from the
-smallest to the largest size), wall time linear in rows.
+Target: driver peak flat (at most +10% from the smallest to the largest size), wall time linear
+in rows.
 
     python bench/bench_select_scale.py [--sizes 50000 200000 1000000] [--resume]
         [--out bench/results/select_scale.json]
