@@ -272,7 +272,8 @@ class RayConfig(_Section):
     # whose nodes appear on demand).
     check_resources: bool = True
     # Execution layout only (never the result): rows per block after reading (None: one block
-    # per file) and partitions per shuffle (None: the cluster's CPUs).
+    # per file) and partitions per shuffle (None: the cluster's CPUs, or one per 50,000 rows
+    # where that is more).
     rows_per_block: int | None = Field(None, ge=1)
     shuffle_partitions: int | None = Field(None, ge=1)
     # Ray Train checkpoints and Ray Tune state: None keeps them in the run directory; a folder

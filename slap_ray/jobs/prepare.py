@@ -82,6 +82,11 @@ def _batches_table(frame: pd.DataFrame) -> pa.Table:
     )
 
 
+def _partitions(config: SlapConfig, manifest: Manifest) -> int:
+    """Shuffle partitions for the rows this run read (counted by ``_read``)."""
+    return shuffle_partitions(config, manifest.data["counts"]["read"]["rows"])
+
+
 def _read(config: SlapConfig, manifest: Manifest) -> Dataset:
     """``rows.marked_rows`` plus its counts in the manifest."""
     rows = marked_rows(config, manifest)
@@ -110,7 +115,7 @@ def _embed(config: SlapConfig, tokens: Dataset, stages_dir: Path, manifest: Mani
     back, only the other rows are embedded."""
     e, folder = config.embed, stages_dir / "embedded"
     folder.mkdir(exist_ok=True)
-    partitions = shuffle_partitions(config)
+    partitions = _partitions(config, manifest)
     finished, todo = None, tokens
     if any(folder.glob("*.parquet")):
         finished = ray.data.read_parquet(str(folder)).materialize()
@@ -158,9 +163,9 @@ def _strata(config: SlapConfig, tokens: Dataset, stages_dir: Path, manifest: Man
 
 def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
     """Run every prepare step; workers write ``batches/`` and ``unscored/``; returns counts."""
-    partitions = shuffle_partitions(config)
     with manifest.stage("read"):
         rows = _read(config, manifest)
+    partitions = _partitions(config, manifest)
     with manifest.stage("tokenize"):
         usable = rows.filter(lambda r: bool(r["sampled"])).drop_columns(["raw"])
         tokenized = stages.tokenize_stage(

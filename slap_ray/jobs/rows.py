@@ -20,6 +20,9 @@ from slap_ray.reporting.manifest import Manifest
 
 ORIGIN = ["path", "line"]
 
+# Rows per shuffle partition past which a shuffle gets more partitions than CPUs.
+ROWS_PER_SHUFFLE_PARTITION = 50_000
+
 
 def schema_options(config: SlapConfig) -> SchemaOptions:
     d = config.data
@@ -80,8 +83,8 @@ def marked_rows(
     rows = read_rows(config, config.data.paths, "data.paths", manifest, stage)
     if config.ray.rows_per_block:
         rows = rows.repartition(target_num_rows_per_block=config.ray.rows_per_block)
-    partitions = shuffle_partitions(config)
-    rows = pool.mark_duplicates(rows.materialize(), partitions)
+    rows = rows.materialize()
+    rows = pool.mark_duplicates(rows, shuffle_partitions(config, rows.count()))
     rows = pool.with_rank_key(rows, config.seed, "max-rows").materialize()
     if rows.count() == 0:
         raise ConfigError(f"data.paths: no rows in {config.data.paths} (every input is empty)")
@@ -93,11 +96,19 @@ def marked_rows(
     return pool.mark_sampled(rows, threshold).drop_columns(["rank_key"]).materialize()
 
 
-def shuffle_partitions(config: SlapConfig) -> int:
-    """Partitions of each shuffle: ``ray.shuffle_partitions``, else the cluster's CPUs."""
+def shuffle_partitions(config: SlapConfig, rows: int) -> int:
+    """Partitions of each shuffle over ``rows`` rows: ``ray.shuffle_partitions``, else
+    ``partitions_for`` the cluster's CPUs."""
     if config.ray.shuffle_partitions:
         return config.ray.shuffle_partitions
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return partitions_for(rows, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def partitions_for(rows: int, cpus: int) -> int:
+    """One partition per CPU, and more where the pool is large: a reduce task holds its whole
+    partition, so with partitions fixed at the CPU count each task's memory grew with the pool
+    (1.5-1.9 GiB per worker at 1M rows on 2 CPUs)."""
+    return max(1, cpus, -(-rows // ROWS_PER_SHUFFLE_PARTITION))
 
 
 def raise_first_reject(rejects: ray.data.Dataset) -> None:

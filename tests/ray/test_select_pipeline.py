@@ -145,7 +145,8 @@ def test_report_manifest_and_config_written(baseline_run):
 @pytest.mark.parametrize(
     "layout",
     [
-        {"ray.rows_per_block": 16, "score.num_scorers": 3, "score.num_cpus_per_scorer": 0.5},
+        {"ray.rows_per_block": 16, "score.num_scorers": 3, "score.num_cpus_per_scorer": 0.5,
+         "ray.shuffle_partitions": 5},
         # A proxy scorer: the trained model is SmolLM2, the tiny model scores and selects.
         {"ray.rows_per_block": 1000, "score.num_scorers": 1, "embed.batch_size": 16,
          "model.name": "smollm2-135m-instruct", "score.model": "tiny-random"},
@@ -155,7 +156,8 @@ def test_report_manifest_and_config_written(baseline_run):
 def test_same_selection_for_any_layout_and_shuffled_files(
     baseline_run, pool_subset, tmp_path, layout
 ):
-    """Block size, file order, row order inside files and scorer count change nothing; with
+    """Block size, file order, row order inside files, shuffle partitions and scorer count
+    change nothing; with
     ``score.model`` the selection is that model's whatever ``model.name`` trains."""
     rng = np.random.default_rng(3)
     folder = tmp_path / "shuffled"

@@ -174,3 +174,16 @@ def test_failed_cluster_work_is_one_line_with_exit_status_1(capsys):
     assert err == [
         "slap sweep: sweep: 1 of 2 trial(s) failed (slap-a0.3-s0); see runs/x/logs/sweep.log"
     ]
+
+
+def test_shuffle_partitions_grow_with_the_pool_past_one_per_cpu():
+    """A reduce task holds its whole partition: partitions fixed at the CPU count made each
+    worker's memory grow with the pool."""
+    from slap_ray.jobs.rows import ROWS_PER_SHUFFLE_PARTITION, partitions_for
+
+    assert partitions_for(0, 0) == 1
+    assert partitions_for(160, 2) == 2
+    assert partitions_for(2 * ROWS_PER_SHUFFLE_PARTITION, 2) == 2
+    assert partitions_for(2 * ROWS_PER_SHUFFLE_PARTITION + 1, 2) == 3
+    assert partitions_for(1_000_000, 2) == -(-1_000_000 // ROWS_PER_SHUFFLE_PARTITION)
+    assert partitions_for(1_000_000, 64) == 64
