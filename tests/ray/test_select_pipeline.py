@@ -157,8 +157,8 @@ def test_same_selection_for_any_layout_and_shuffled_files(
     baseline_run, pool_subset, tmp_path, layout
 ):
     """Block size, file order, row order inside files, shuffle partitions and scorer count
-    change nothing; with
-    ``score.model`` the selection is that model's whatever ``model.name`` trains."""
+    change nothing; with ``score.model`` the selection is that model's whatever ``model.name``
+    trains."""
     rng = np.random.default_rng(3)
     folder = tmp_path / "shuffled"
     folder.mkdir()
