@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -67,9 +68,9 @@ def _kill_job(
     script: str, config, tmp_path: Path, ready, what: str, timeout_s: float = 600
 ) -> None:
     """Run ``pipelines/<script>`` on ``config`` in its own process group (its own 2-CPU Ray),
-    and kill the whole group (SIGKILL) as soon as ``ready()`` holds: a deterministic point such
-    as a marker file, never a sleep. ``what`` names the awaited event in failures."""
-    import signal
+    and kill it with every process under it (SIGKILL) as soon as ``ready()`` holds: a
+    deterministic point such as a marker file, never a sleep. ``what`` names the awaited event
+    in failures."""
     import subprocess
     import sys
     import time
@@ -82,18 +83,52 @@ def _kill_job(
     tree["ray"] = {"num_cpus": 2, "object_store_memory": 200 * 1024 * 1024}
     path = tmp_path / f"{Path(script).stem}-killed.yaml"
     path.write_text(yaml.safe_dump(tree))
-    process = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "pipelines" / script), "--config", str(path)],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = path.with_suffix(".log")
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "pipelines" / script), "--config", str(path)],
+            start_new_session=True,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.time() + timeout_s
     try:
         while not ready():
-            assert process.poll() is None, f"the job ended before {what}"
-            assert time.time() < deadline, f"never saw {what}"
-            time.sleep(0.2)
+            ended = process.poll() is not None
+            assert not ended, f"the job ended before {what}:\n{_tail(log)}"
+            assert time.time() < deadline, f"never saw {what}:\n{_tail(log)}"
+            time.sleep(0.05)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        _kill_tree(process)
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _kill_tree(process) -> None:
+    """SIGKILL ``process``'s group and every process under it. Ray starts each worker in its
+    own process group, so a group kill alone leaves actors running until they notice that their
+    raylet died: long enough to finish work that the test expects the kill to cut short."""
+    import signal
+
+    import psutil
+
+    def descendants() -> list:
+        try:
+            return psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    os.killpg(process.pid, signal.SIGSTOP)  # freeze first: nothing starts while we collect
+    doomed = descendants()
+    for child in doomed:
+        with contextlib.suppress(psutil.Error):
+            child.suspend()
+    doomed += [p for p in descendants() if p not in doomed]
+    os.killpg(process.pid, signal.SIGKILL)
+    for child in doomed:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    process.wait()
+    psutil.wait_procs(doomed, timeout=10)

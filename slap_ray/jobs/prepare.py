@@ -218,9 +218,8 @@ def load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> in
     if not stamp.exists() or stamp.read_text() != wanted:
         done_path.unlink(missing_ok=True)
         (stages_dir / "second_moment.pt").unlink(missing_ok=True)
-        shutil.rmtree(
-            run_dir / "scored", ignore_errors=True
-        )  # any layout, and killed calls' temp files
+        # Whole folder: files of any older layout, and killed calls' temp files.
+        shutil.rmtree(run_dir / "scored", ignore_errors=True)
         shutil.rmtree(stages_dir / "embedded", ignore_errors=True)
         stamp.write_text(wanted)
     if done_path.exists():
