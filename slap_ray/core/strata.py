@@ -53,6 +53,45 @@ def assign_clusters(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return _squared_distances(np.asarray(points, np.float64), centroids).argmin(1).astype(np.int64)
 
 
+KEY_BITS = 63  # id_rank_key is a 63-bit non-negative int
+
+
+def compose_keys(ids: Sequence[str], seed: int) -> np.ndarray:
+    """The seeded shuffle key of each row in its cluster: (N,) -> (N,) int64 in [0, 2**63)."""
+    return np.array([id_rank_key(seed, "compose", str(i)) for i in ids], dtype=np.int64)
+
+
+def rank_buckets(ids: Sequence[str], seed: int, bits: int) -> np.ndarray:
+    """Each row's bucket, the top ``bits`` bits of its compose key: (N,) -> (N,) int64 in
+    [0, 2**bits). Buckets are key ranges in key order, and equal keys share a bucket, so a row's
+    rank in its cluster is the count of its cluster's rows in lower buckets plus its rank inside
+    its (cluster, bucket): each bucket can be ranked apart from the others."""
+    if not 0 <= bits <= 16:
+        raise ValueError(f"bits must be in [0, 16], got {bits}")
+    return compose_keys(ids, seed) >> (KEY_BITS - bits) if bits else np.zeros(len(ids), np.int64)
+
+
+def bucket_bits(largest_cluster: int, group_rows: int) -> int:
+    """The fewest bits that split a cluster of ``largest_cluster`` rows into buckets of about
+    ``group_rows`` rows (compose keys are uniform), at most 16."""
+    groups = max(1, -(-int(largest_cluster) // max(1, int(group_rows))))
+    return min(16, (groups - 1).bit_length())
+
+
+def bucket_offsets(clusters: np.ndarray, buckets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows of the same cluster in lower buckets, for each (cluster, bucket) count:
+    (K,), (K,), (K,) -> (K,) int64, aligned with the input (any order; pairs unique)."""
+    clusters, buckets = np.asarray(clusters, np.int64), np.asarray(buckets, np.int64)
+    rows = np.asarray(rows, np.int64)
+    order = np.lexsort((buckets, clusters))
+    sorted_clusters, sorted_rows = clusters[order], rows[order]
+    running = np.cumsum(sorted_rows) - sorted_rows
+    starts = np.searchsorted(sorted_clusters, sorted_clusters, side="left")
+    offsets = np.empty(len(rows), dtype=np.int64)
+    offsets[order] = running - running[starts]
+    return offsets
+
+
 def rank_within_clusters(ids: Sequence[str], clusters: np.ndarray, seed: int) -> np.ndarray:
     """Each row's rank inside its cluster in a seeded shuffle of the cluster: (N,) -> (N,) int64.
 
@@ -61,8 +100,7 @@ def rank_within_clusters(ids: Sequence[str], clusters: np.ndarray, seed: int) ->
     """
     ids = [str(i) for i in ids]
     clusters = np.asarray(clusters, dtype=np.int64)
-    keys = np.array([id_rank_key(seed, "compose", i) for i in ids], dtype=np.int64)
-    order = np.lexsort((np.asarray(ids, dtype=str), keys, clusters))
+    order = np.lexsort((np.asarray(ids, dtype=str), compose_keys(ids, seed), clusters))
     ranks = np.empty(len(ids), dtype=np.int64)
     sorted_clusters = clusters[order]
     starts = np.searchsorted(sorted_clusters, sorted_clusters, side="left")

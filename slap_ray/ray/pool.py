@@ -19,13 +19,21 @@ from ray.data import Dataset
 from ray.data.aggregate import Count, Min
 
 from slap_ray.core.seeds import id_rank_key
-from slap_ray.core.strata import rank_within_clusters, stratified_positions
+from slap_ray.core.strata import (
+    bucket_bits,
+    bucket_offsets,
+    rank_buckets,
+    rank_within_clusters,
+    stratified_positions,
+)
 
 HISTOGRAM_BITS = 12  # rank keys are 63-bit; the top 12 bits pick a histogram bucket
 # Python sha256 per row: keep the pandas work of these steps in plain tasks, one CPU each.
 PANDAS = {"batch_format": "pandas"}
 # Rows per Parquet row group in the tables select writes: large enough that footers stay small.
 ROW_GROUP_ROWS = 8192
+# Rows ranked in one compose task: larger strata are ranked in key buckets of about this size.
+COMPOSE_GROUP_ROWS = 50_000
 
 
 def origin_key(paths: pd.Series, lines: pd.Series) -> pd.Series:
@@ -200,29 +208,54 @@ def column_clusters(ds: Dataset, column: str) -> tuple[Dataset, list]:
     return ds.map_batches(assign, **PANDAS), values
 
 
-def compose(ds: Dataset, batch_size: int, seed: int, partitions: int) -> tuple[Dataset, int]:
+def compose(
+    ds: Dataset, batch_size: int, seed: int, partitions: int, group_rows: int = COMPOSE_GROUP_ROWS
+) -> tuple[Dataset, int]:
     """Add ``batch_id`` to every row (core.strata: rank inside the cluster, Webster interleave,
-    cut into ``batch_size``). Only (id, path, line, cluster) are grouped by cluster; the batch
-    ids join back on (path, line). Returns the dataset and the number of batches."""
-    sizes = counts_by(ds, ["cluster"])
-    counts = np.zeros(int(sizes["cluster"].max()) + 1 if len(sizes) else 0, dtype=np.int64)
-    counts[sizes["cluster"].astype(int).to_numpy()] = sizes["rows"].to_numpy()
+    cut into ``batch_size``). Only (id, path, line, cluster) are grouped, by (cluster, key
+    bucket): a cluster of more than ``group_rows`` rows is ranked in buckets of about that size,
+    offset by the bucket counts, so no task holds a whole stratum. The batch ids join back on
+    (path, line). Returns the dataset and the number of batches."""
+    counts = _cluster_counts(counts_by(ds, ["cluster"]))
+    bits = bucket_bits(int(counts.max(initial=0)), group_rows)
+
+    def bucket(batch: pd.DataFrame) -> pd.DataFrame:
+        return batch.assign(bucket=rank_buckets(batch["id"].tolist(), seed, bits))
+
+    keyed = ds.select_columns(["id", "path", "line", "cluster"]).map_batches(bucket, **PANDAS)
+    offsets = _bucket_offsets(keyed) if bits else {}
 
     def place(group: pd.DataFrame) -> pd.DataFrame:
         clusters = group["cluster"].to_numpy(np.int64)
-        ranks = rank_within_clusters(group["id"].tolist(), clusters, seed)
+        start = offsets.get((int(clusters[0]), int(group["bucket"].iat[0])), 0)
+        ranks = start + rank_within_clusters(group["id"].tolist(), clusters, seed)
         positions = stratified_positions(ranks, clusters, counts)
         return pd.DataFrame(
             {"path": group["path"], "line": group["line"], "batch_id": positions // batch_size}
         )
 
-    placed = (
-        ds.select_columns(["id", "path", "line", "cluster"])
-        .groupby("cluster", num_partitions=partitions)
-        .map_groups(place, **PANDAS)
+    placed = keyed.groupby(["cluster", "bucket"], num_partitions=partitions).map_groups(
+        place, **PANDAS
     )
     joined = ds.join(placed, join_type="inner", num_partitions=partitions, on=("path", "line"))
     return joined, -(-int(counts.sum()) // batch_size)
+
+
+def _cluster_counts(sizes: pd.DataFrame) -> np.ndarray:
+    """Rows per cluster id, (C,) int64, from ``counts_by(ds, ["cluster"])``."""
+    counts = np.zeros(int(sizes["cluster"].max()) + 1 if len(sizes) else 0, dtype=np.int64)
+    counts[sizes["cluster"].astype(int).to_numpy()] = sizes["rows"].to_numpy()
+    return counts
+
+
+def _bucket_offsets(keyed: Dataset) -> dict[tuple[int, int], int]:
+    """Rows of the same cluster in lower buckets, per (cluster, bucket): a small table."""
+    table = counts_by(keyed, ["cluster", "bucket"])
+    clusters = table["cluster"].astype(int).to_numpy()
+    buckets = table["bucket"].astype(int).to_numpy()
+    offsets = bucket_offsets(clusters, buckets, table["rows"].to_numpy())
+    pairs = zip(clusters.tolist(), buckets.tolist(), strict=True)
+    return dict(zip(pairs, offsets.tolist(), strict=True))
 
 
 def pack_batches(ds: Dataset, columns: list[str], partitions: int) -> Dataset:

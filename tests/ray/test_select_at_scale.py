@@ -233,3 +233,22 @@ def test_export_round_trip_reselects_the_same_rows(ray_cluster, tmp_path, pool_s
     assert sorted(load_from_disk(str(tmp_path / "hf"))["id"]) == kept
     assert main_export([str(first), "--alpha", "0.5", "--output", str(again)]) == 2
     assert "--alpha 0.5" in capsys.readouterr().err
+
+
+def test_compose_in_key_buckets_places_rows_as_whole_strata_do(ray_cluster):
+    """Strata larger than ``group_rows`` are ranked in key buckets on several tasks; the batch
+    of every row is the one the pure ``compose_batches`` gives over the whole pool."""
+    from slap_ray.core.strata import compose_batches
+    from slap_ray.ray.pool import compose
+
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"id": [f"row-{i}" for i in range(700)], "path": "pool.jsonl"})
+    frame["line"] = np.arange(1, 701)
+    frame["cluster"] = rng.choice(3, size=700, p=[0.6, 0.3, 0.1])
+    expected = compose_batches(frame["id"].tolist(), frame["cluster"].to_numpy(), 16, seed=11)
+    dataset = ray.data.from_pandas(frame).repartition(7).materialize()
+    for group_rows in (10**9, 32):  # one group per stratum; 16 key buckets per stratum
+        composed, batches = compose(dataset, 16, seed=11, partitions=3, group_rows=group_rows)
+        placed = composed.to_pandas().sort_values("line")
+        assert batches == -(-700 // 16)
+        np.testing.assert_array_equal(placed["batch_id"].to_numpy(), expected)

@@ -10,8 +10,12 @@ import pytest
 from slap_ray.core.seeds import derive_seed
 from slap_ray.core.strata import (
     assign_clusters,
+    bucket_bits,
+    bucket_offsets,
     compose_batches,
     kmeans_fit,
+    rank_buckets,
+    rank_within_clusters,
     stratified_positions,
 )
 
@@ -105,3 +109,44 @@ def test_kmeans_with_duplicated_points_fills_every_cluster_with_a_real_point():
     assert np.isfinite(centroids).all()
     labels = assign_clusters(points, centroids)
     assert sorted(np.bincount(labels).tolist()) == [2, 3, 40]
+
+
+@pytest.mark.parametrize("bits", [0, 1, 3, 6])
+def test_ranks_by_key_bucket_equal_ranks_over_the_whole_cluster(bits):
+    """The streaming compose ranks each (cluster, key bucket) apart and offsets it by the
+    bucket counts: the same ranks as sorting each whole cluster."""
+    rng = np.random.default_rng(4)
+    ids = np.array([f"r{i}" for i in range(600)])
+    clusters = rng.choice(3, size=600, p=[0.6, 0.3, 0.1])
+    buckets = rank_buckets(ids.tolist(), 7, bits)
+    assert buckets.min() >= 0 and buckets.max() < 2**bits
+    pairs, rows = np.unique(np.stack([clusters, buckets], axis=1), axis=0, return_counts=True)
+    assert len(pairs) >= min(2**bits, 8)  # the buckets really split the clusters
+    offsets = bucket_offsets(pairs[:, 0], pairs[:, 1], rows)
+    got = np.full(600, -1)
+    for (cluster, bucket), offset in zip(pairs.tolist(), offsets.tolist(), strict=True):
+        mask = (clusters == cluster) & (buckets == bucket)
+        got[mask] = offset + rank_within_clusters(ids[mask].tolist(), clusters[mask], 7)
+    np.testing.assert_array_equal(got, rank_within_clusters(ids.tolist(), clusters, 7))
+
+
+def test_bucket_offsets_count_lower_buckets_of_the_same_cluster_in_any_order():
+    clusters, buckets, rows = [1, 0, 1, 0, 1], [2, 0, 0, 1, 1], [5, 3, 4, 2, 7]
+    assert bucket_offsets(clusters, buckets, rows).tolist() == [11, 0, 0, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("largest", "bits"),
+    [
+        (0, 0),
+        (1, 0),
+        (50_000, 0),
+        (50_001, 1),
+        (100_000, 1),
+        (100_001, 2),
+        (125_000, 2),
+        (10**12, 16),
+    ],
+)
+def test_bucket_bits_give_buckets_of_at_most_the_group_size(largest, bits):
+    assert bucket_bits(largest, 50_000) == bits
