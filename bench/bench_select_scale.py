@@ -16,14 +16,18 @@ A size in progress (the largest take hours here) keeps its run directory under `
 and its progress in ``progress.json`` there (every 10 s): killed, ``--resume`` continues it with
 ``slap select --resume``. Its wall time is then the sum of the pieces (each piece pays Ray's
 start-up again; a killed piece counts until its last progress record) and its peaks the
-largest of any piece.
+largest of any piece. ``--stop-after-s S`` stops a size's run after S seconds (a session's
+budget) and saves what it did under ``partial`` in the output, scored rows and finished stages
+included; ``--resume`` later continues it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,9 +140,10 @@ class PeakRss:
         self._thread.join()
 
 
-def run_size(rows: int | None, work: Path, extra: dict) -> dict:
+def run_size(rows: int | None, work: Path, extra: dict, stop_after_s: float | None = None) -> dict:
     """One ``slap select`` run in ``work``. Pieces of a killed earlier run there (its
-    ``progress.json``) make this one resume; this piece is recorded there every 10 s."""
+    ``progress.json``) make this one resume; this piece is recorded there every 10 s. Past
+    ``stop_after_s`` the run is killed and a partial record (``complete: false``) returned."""
     progress = work / "progress.json"
     paths = write_pool(work / f"pool{rows}", rows)
     out = work / f"run{rows}"
@@ -151,9 +156,15 @@ def run_size(rows: int | None, work: Path, extra: dict) -> dict:
         command + (["--resume"] if pieces else []),
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    stages: dict[str, float] = {}
+    threading.Thread(target=_echo_stages, args=(process.stdout, stages), daemon=True).start()
     peak = PeakRss(process.pid)
     pieces.append({})
+    stopped = False
     while True:
         try:
             code = process.wait(timeout=10)
@@ -164,21 +175,24 @@ def run_size(rows: int | None, work: Path, extra: dict) -> dict:
             "driver_peak_rss_gib": round(peak.driver / 2**30, 3),
             "total_peak_rss_gib": round(peak.total / 2**30, 3),
             "largest_worker_private_gib": round(peak.worker / 2**30, 3),
+            "stages_s": dict(stages),
         }
         progress.write_text(json.dumps(pieces, indent=2))
         if code is not None:
             break
+        if stop_after_s is not None and time.perf_counter() - start > stop_after_s:
+            kill_tree(process.pid)
+            code, stopped = process.wait(), True
+            break
     peak.stop()
+    if stopped:
+        return {"rows": rows, "complete": False, **_totals(pieces), "scored_rows": scored_rows(out)}
     if code != 0:
         raise SystemExit(f"select failed at {rows} rows (exit {code})")
     manifest = json.loads((out / "manifest.json").read_text())
     return {
         "rows": manifest["counts"]["read"]["rows"],
-        "wall_s": round(sum(p["wall_s"] for p in pieces), 1),
-        "driver_peak_rss_gib": max(p["driver_peak_rss_gib"] for p in pieces),
-        "total_peak_rss_gib": max(p["total_peak_rss_gib"] for p in pieces),
-        "largest_worker_private_gib": max(p.get("largest_worker_private_gib", 0) for p in pieces),
-        "pieces": len(pieces),
+        **_totals(pieces),
         "timings_s": manifest["timings_s"],
         # The driver's own running peak at the end of each stage (of the last piece).
         "driver_peak_rss_gib_by_stage": manifest.get("driver_peak_rss_gib"),
@@ -186,11 +200,69 @@ def run_size(rows: int | None, work: Path, extra: dict) -> dict:
     }
 
 
+def _totals(pieces: list[dict]) -> dict:
+    """Wall time summed over the pieces of a run, peaks the largest of any piece."""
+    return {
+        "wall_s": round(sum(p["wall_s"] for p in pieces), 1),
+        "driver_peak_rss_gib": max(p["driver_peak_rss_gib"] for p in pieces),
+        "total_peak_rss_gib": max(p["total_peak_rss_gib"] for p in pieces),
+        "largest_worker_private_gib": max(p.get("largest_worker_private_gib", 0) for p in pieces),
+        "pieces": len(pieces),
+        "stages_s_by_piece": [p.get("stages_s", {}) for p in pieces],
+        "git": _git_head(),
+    }
+
+
+STAGE_DONE = re.compile(r"slap select: (\w+) done \(([\d.]+) s\)")
+
+
+def _echo_stages(stream, stages: dict[str, float]) -> None:
+    """Print the select's output as it comes and keep each finished stage's seconds."""
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if match := STAGE_DONE.search(line):
+            stages[match.group(1)] = float(match.group(2))
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything under it (Ray workers sit in their own groups)."""
+    root = psutil.Process(pid)
+    doomed = [root, *root.children(recursive=True)]
+    for process in doomed:
+        with contextlib.suppress(psutil.Error):
+            process.suspend()
+    doomed += [p for p in root.children(recursive=True) if p not in doomed]
+    for process in doomed:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(doomed, timeout=30)
+
+
+def scored_rows(out: Path) -> int:
+    """Rows in the scored files that finished scorer calls wrote."""
+    import pyarrow.parquet as pq
+
+    from slap_ray.jobs.scoring import scored_files
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in scored_files(out / "scored"))
+
+
+def _git_head() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True)
+    return head.stdout.decode().strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000, 1_000_000])
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--stop-after-s",
+        type=float,
+        help="kill a size's run after this many seconds and save it as `partial` (resumable)",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra section.key=value settings")
     parser.add_argument(
         "--chitchat", action="store_true", help="every chitchat pair, MiniLM strata"
@@ -207,7 +279,14 @@ def main() -> None:
         if rows in done:
             continue
         work = work_dir(f"size{rows}", args.resume)
-        results["sizes"].append(run_size(rows, work, extra))
+        result = run_size(rows, work, extra, args.stop_after_s)
+        if not result.get("complete", True):  # kept in work/ for --resume
+            results["partial"] = result
+            out.write_text(json.dumps(results, indent=2))
+            print(json.dumps(result))
+            return
+        results.pop("partial", None)
+        results["sizes"].append(result)
         results["sizes"].sort(key=lambda r: r["rows"])
         out.write_text(json.dumps(results, indent=2))
         shutil.rmtree(work)

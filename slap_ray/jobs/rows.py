@@ -106,8 +106,8 @@ def shuffle_partitions(config: SlapConfig, rows: int) -> int:
 
 def partitions_for(rows: int, cpus: int) -> int:
     """One partition per CPU, and more where the pool is large: a reduce task holds its whole
-    partition, so with partitions fixed at the CPU count each task's memory grew with the pool
-    (1.5-1.9 GiB per worker at 1M rows on 2 CPUs)."""
+    partition, so with partitions fixed at the CPU count each task's memory would grow with the
+    pool (at 1M rows on 2 CPUs, Ray workers held up to 1.9 GiB each with 2 partitions)."""
     return max(1, cpus, -(-rows // ROWS_PER_SHUFFLE_PARTITION))
 
 
