@@ -115,6 +115,7 @@ class PeakRss:
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
         self.driver = self.total = self.worker = 0
+        self.worker_name = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -127,7 +128,9 @@ class PeakRss:
                 for child in self.process.children(recursive=True):
                     try:
                         total += child.memory_info().rss
-                        self.worker = max(self.worker, private_bytes(child))
+                        private = private_bytes(child)
+                        if private > self.worker:  # Ray's process title names the task
+                            self.worker, self.worker_name = private, " ".join(child.cmdline())[:80]
                     except (psutil.Error, OSError):
                         pass
             except psutil.Error:
@@ -175,6 +178,7 @@ def run_size(rows: int | None, work: Path, extra: dict, stop_after_s: float | No
             "driver_peak_rss_gib": round(peak.driver / 2**30, 3),
             "total_peak_rss_gib": round(peak.total / 2**30, 3),
             "largest_worker_private_gib": round(peak.worker / 2**30, 3),
+            "largest_worker": peak.worker_name,
             "stages_s": dict(stages),
         }
         progress.write_text(json.dumps(pieces, indent=2))
@@ -207,6 +211,9 @@ def _totals(pieces: list[dict]) -> dict:
         "driver_peak_rss_gib": max(p["driver_peak_rss_gib"] for p in pieces),
         "total_peak_rss_gib": max(p["total_peak_rss_gib"] for p in pieces),
         "largest_worker_private_gib": max(p.get("largest_worker_private_gib", 0) for p in pieces),
+        "largest_worker": max(pieces, key=lambda p: p.get("largest_worker_private_gib", 0)).get(
+            "largest_worker", ""
+        ),
         "pieces": len(pieces),
         "stages_s_by_piece": [p.get("stages_s", {}) for p in pieces],
         "git": _git_head(),
