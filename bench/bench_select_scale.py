@@ -130,7 +130,10 @@ class PeakRss:
                         total += child.memory_info().rss
                         private = private_bytes(child)
                         if private > self.worker:  # Ray's process title names the task
-                            self.worker, self.worker_name = private, " ".join(child.cmdline())[:80]
+                            self.worker, self.worker_name = (
+                                private,
+                                " ".join(child.cmdline())[:80].strip(),
+                            )
                     except (psutil.Error, OSError):
                         pass
             except psutil.Error:
