@@ -99,16 +99,38 @@ def run_log(run_dir: Path, kind: str) -> Iterator[_RunLogHandler]:
 
 @contextmanager
 def worker_output_to(handler: _RunLogHandler) -> Iterator[None]:
-    """Ray workers' stdout/stderr (what ``log_to_driver`` prints) into the run log instead."""
+    """Ray workers' stdout/stderr (what ``log_to_driver`` prints) into the run log instead, and
+    the raylet's pushed warnings too; the raylet's other messages (errors) stay on the console.
+
+    The raylet warns when a node has 4x its CPU count in Python workers, which warm idle workers
+    (``resources.warm_workers``) reach on a 2-CPU node; Ray prints its pushed messages from
+    ``listen_error_messages`` through ``worker.print_to_stdstream``, not through the dispatcher.
+    """
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     saved = list(dispatcher.handlers)
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("slap_run_log", handler.worker_lines)
+    print_to_console = ray_worker.print_to_stdstream
+
+    def print_or_log(data: dict, ignore_prefix: bool) -> None:
+        if _is_raylet_warning(data):
+            handler.worker_lines(data)
+        else:
+            print_to_console(data, ignore_prefix)
+
+    ray_worker.print_to_stdstream = print_or_log
     try:
         yield
     finally:
         dispatcher.handlers = saved
+        ray_worker.print_to_stdstream = print_to_console
+
+
+def _is_raylet_warning(data: dict) -> bool:
+    lines = data.get("lines") or []
+    return data.get("pid") == "raylet" and all(line.startswith("WARNING") for line in lines)
 
 
 def _quiet_console(handler: logging.Handler) -> list:
