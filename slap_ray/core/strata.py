@@ -66,9 +66,15 @@ def rank_buckets(ids: Sequence[str], seed: int, bits: int) -> np.ndarray:
     [0, 2**bits). Buckets are key ranges in key order, and equal keys share a bucket, so a row's
     rank in its cluster is the count of its cluster's rows in lower buckets plus its rank inside
     its (cluster, bucket): each bucket can be ranked apart from the others."""
+    return key_buckets(compose_keys(ids, seed), bits)
+
+
+def key_buckets(keys: np.ndarray, bits: int) -> np.ndarray:
+    """``rank_buckets`` from compose keys already computed: (N,) int64 -> (N,) int64."""
     if not 0 <= bits <= 16:
         raise ValueError(f"bits must be in [0, 16], got {bits}")
-    return compose_keys(ids, seed) >> (KEY_BITS - bits) if bits else np.zeros(len(ids), np.int64)
+    keys = np.asarray(keys, dtype=np.int64)
+    return keys >> (KEY_BITS - bits) if bits else np.zeros(len(keys), np.int64)
 
 
 def bucket_bits(largest_cluster: int, group_rows: int) -> int:
@@ -92,15 +98,19 @@ def bucket_offsets(clusters: np.ndarray, buckets: np.ndarray, rows: np.ndarray) 
     return offsets
 
 
-def rank_within_clusters(ids: Sequence[str], clusters: np.ndarray, seed: int) -> np.ndarray:
+def rank_within_clusters(
+    ids: Sequence[str], clusters: np.ndarray, seed: int, keys: np.ndarray | None = None
+) -> np.ndarray:
     """Each row's rank inside its cluster in a seeded shuffle of the cluster: (N,) -> (N,) int64.
 
     The shuffle sorts by ``id_rank_key(seed, "compose", id)`` (ties by id), so a row's rank
-    depends only on the set of ids in its cluster, not on their order or sharding.
+    depends only on the set of ids in its cluster, not on their order or sharding. ``keys``
+    (N,) int64, when given, are those ``compose_keys(ids, seed)`` computed earlier.
     """
     ids = [str(i) for i in ids]
     clusters = np.asarray(clusters, dtype=np.int64)
-    order = np.lexsort((np.asarray(ids, dtype=str), compose_keys(ids, seed), clusters))
+    keys = compose_keys(ids, seed) if keys is None else np.asarray(keys, dtype=np.int64)
+    order = np.lexsort((np.asarray(ids, dtype=str), keys, clusters))
     ranks = np.empty(len(ids), dtype=np.int64)
     sorted_clusters = clusters[order]
     starts = np.searchsorted(sorted_clusters, sorted_clusters, side="left")

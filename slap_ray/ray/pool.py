@@ -22,7 +22,8 @@ from slap_ray.core.seeds import id_rank_key
 from slap_ray.core.strata import (
     bucket_bits,
     bucket_offsets,
-    rank_buckets,
+    compose_keys,
+    key_buckets,
     rank_within_clusters,
     stratified_positions,
 )
@@ -220,15 +221,20 @@ def compose(
     bits = bucket_bits(int(counts.max(initial=0)), group_rows)
 
     def bucket(batch: pd.DataFrame) -> pd.DataFrame:
-        return batch.assign(bucket=rank_buckets(batch["id"].tolist(), seed, bits))
+        keys = compose_keys(batch["id"].tolist(), seed)
+        return batch.assign(key=keys, bucket=key_buckets(keys, bits))
 
     keyed = ds.select_columns(["id", "path", "line", "cluster"]).map_batches(bucket, **PANDAS)
-    offsets = _bucket_offsets(keyed) if bits else {}
+    offsets = {}
+    if bits:  # counted, then grouped: materialised so that each id is hashed once
+        keyed = keyed.materialize()
+        offsets = _bucket_offsets(keyed)
 
     def place(group: pd.DataFrame) -> pd.DataFrame:
         clusters = group["cluster"].to_numpy(np.int64)
         start = offsets.get((int(clusters[0]), int(group["bucket"].iat[0])), 0)
-        ranks = start + rank_within_clusters(group["id"].tolist(), clusters, seed)
+        keys = group["key"].to_numpy(np.int64)
+        ranks = start + rank_within_clusters(group["id"].tolist(), clusters, seed, keys)
         positions = stratified_positions(ranks, clusters, counts)
         return pd.DataFrame(
             {"path": group["path"], "line": group["line"], "batch_id": positions // batch_size}

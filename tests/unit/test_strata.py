@@ -13,6 +13,8 @@ from slap_ray.core.strata import (
     bucket_bits,
     bucket_offsets,
     compose_batches,
+    compose_keys,
+    key_buckets,
     kmeans_fit,
     rank_buckets,
     rank_within_clusters,
@@ -118,7 +120,9 @@ def test_ranks_by_key_bucket_equal_ranks_over_the_whole_cluster(bits):
     rng = np.random.default_rng(4)
     ids = np.array([f"r{i}" for i in range(600)])
     clusters = rng.choice(3, size=600, p=[0.6, 0.3, 0.1])
-    buckets = rank_buckets(ids.tolist(), 7, bits)
+    keys = compose_keys(ids.tolist(), 7)
+    buckets = key_buckets(keys, bits)
+    np.testing.assert_array_equal(buckets, rank_buckets(ids.tolist(), 7, bits))
     assert buckets.min() >= 0 and buckets.max() < 2**bits
     pairs, rows = np.unique(np.stack([clusters, buckets], axis=1), axis=0, return_counts=True)
     assert len(pairs) >= min(2**bits, 8)  # the buckets really split the clusters
@@ -126,7 +130,8 @@ def test_ranks_by_key_bucket_equal_ranks_over_the_whole_cluster(bits):
     got = np.full(600, -1)
     for (cluster, bucket), offset in zip(pairs.tolist(), offsets.tolist(), strict=True):
         mask = (clusters == cluster) & (buckets == bucket)
-        got[mask] = offset + rank_within_clusters(ids[mask].tolist(), clusters[mask], 7)
+        ranks = rank_within_clusters(ids[mask].tolist(), clusters[mask], 7, keys[mask])
+        got[mask] = offset + ranks
     np.testing.assert_array_equal(got, rank_within_clusters(ids.tolist(), clusters, 7))
 
 
