@@ -92,6 +92,20 @@ def check_fits(config: SlapConfig, command: str, total: dict[str, float]) -> Non
 IDLE_WORKER_KEEP_MS = 600_000
 
 
+# Arrow's default pool (mimalloc in pyarrow's wheels) gives freed pages back only on a later
+# allocation, so an idle Ray worker kept the peak of its last Arrow-heavy task: at 200k rows one
+# held 1.32 GiB idle after a Parquet read and a shuffle; purged at once, 0.67 GiB at most
+# (docs/performance.md). glibc's own knobs (MALLOC_TRIM_/MMAP_THRESHOLD_) also gave memory back
+# but slowed a SmolLM2 training step by 25%, so torch's allocator is left as it is.
+WORKER_ENV = {"MIMALLOC_PURGE_DELAY": "0"}
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for every Ray worker process: the embedded instance passes it as the job's
+    runtime env, the cluster image (cluster/Dockerfile) sets it as ENV (checked by a test)."""
+    return dict(WORKER_ENV)
+
+
 def warm_workers(num_cpus: int | None) -> dict:
     """Ray system config that keeps idle workers for reuse (``num_cpus`` per node); a KubeRay
     worker container sets the same keys as ``RAY_<key>`` env (checked by the manifest tests)."""

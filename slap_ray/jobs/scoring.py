@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
@@ -102,6 +104,18 @@ def finished_batches(scored_dir: Path, selections: list[Selection]) -> set[int]:
     }
 
 
+def _unfinished(done: set[int]) -> Callable[[pa.Table], pa.Table]:
+    """A filter of packed batches that drops the ``done`` batch ids, in Arrow: through pandas,
+    every token list became a Python object (a 1 GiB task at 200k rows)."""
+    finished = pa.array(sorted(done), pa.int64())
+
+    def keep(batch: pa.Table) -> pa.Table:
+        ids = batch["batch_id"]
+        return batch.filter(pc.invert(pc.is_in(ids, value_set=finished.cast(ids.type))))
+
+    return keep
+
+
 def _packed(run_dir: Path) -> ray.data.Dataset:
     return ray.data.read_parquet(str(run_dir / "stages" / "batches"))
 
@@ -146,16 +160,13 @@ def score(
     rows_now = 0
     with manifest.stage("score"):
         if todo:
-            finished = np.array(sorted(done), dtype=np.int64)
             # Read before the scorers start: they may hold every CPU a read task would need.
             # One block per call, so every scorer gets work and is kept busy.
             per_call = batches_per_call(todo, config.select.batch_size, config.score.num_scorers)
-            pending = (
-                _packed(run_dir)
-                .map_batches(lambda b: b[~b["batch_id"].isin(finished)], batch_format="pandas")
-                .repartition(target_num_rows_per_block=per_call)
-                .materialize()
-            )
+            pending = _packed(run_dir)
+            if done:
+                pending = pending.map_batches(_unfinished(done), batch_format="pyarrow")
+            pending = pending.repartition(target_num_rows_per_block=per_call).materialize()
             results = pending.map_batches(
                 BatchScorer,
                 fn_constructor_args=(

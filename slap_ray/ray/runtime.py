@@ -17,7 +17,7 @@ import ray
 from tqdm import tqdm
 
 from slap_ray.config import ConfigError, RayConfig, SlapConfig
-from slap_ray.resources import check_fits, warm_workers
+from slap_ray.resources import check_fits, warm_workers, worker_env
 
 # Keep Ray's own traffic on the loopback address unless a cluster address is given.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -33,9 +33,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def ensure_ray(config: RayConfig) -> bool:
     """Initialise Ray if needed; returns True when this call started it (so it should stop it).
 
-    Inside ``ray job submit`` RAY_ADDRESS is set and ``ray.init()`` joins that cluster. The
-    embedded instance runs the dashboard too: Ray Train's placement-group cleaner polls the
-    state API it serves, and fails with a traceback without it.
+    Inside ``ray job submit`` RAY_ADDRESS is set and ``ray.init()`` joins that cluster, whose
+    nodes set ``worker_env()`` themselves (the cluster image does). The embedded instance runs
+    the dashboard too: Ray Train's placement-group cleaner polls the state API it serves, and
+    fails with a traceback without it.
     """
     if ray.is_initialized():
         return False
@@ -53,6 +54,7 @@ def ensure_ray(config: RayConfig) -> bool:
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             _system_config=warm_workers(config.num_cpus),
+            runtime_env={"env_vars": worker_env()},
             **kwargs,
         )
     return True

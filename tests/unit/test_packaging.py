@@ -215,6 +215,15 @@ def test_dockerfile_offline_assets_equal_the_makefile():
     assert sorted(assets) == sorted(_makefile_offline_assets())
 
 
+def test_dockerfile_sets_the_ray_worker_env():
+    """Cluster workers get ``worker_env()`` from the image, as the embedded instance's do from
+    its runtime env."""
+    from slap_ray.resources import worker_env
+
+    env = dict(t.split("=", 1) for k, a in INSTRUCTIONS if k == "ENV" for t in a.split())
+    assert {k: env.get(k) for k in worker_env()} == worker_env()
+
+
 def test_dockerfile_ends_as_the_non_root_user():
     users = [a for k, a in INSTRUCTIONS if k == "USER"]
     assert users, "no USER: the image would run as root"
