@@ -105,8 +105,8 @@ def finished_batches(scored_dir: Path, selections: list[Selection]) -> set[int]:
 
 
 def _unfinished(done: set[int]) -> Callable[[pa.Table], pa.Table]:
-    """A filter of packed batches that drops the ``done`` batch ids, in Arrow: through pandas,
-    every token list became a Python object (a 1 GiB task at 200k rows)."""
+    """A filter of packed batches that drops the ``done`` batch ids, in Arrow, so that no
+    token list becomes a Python object (as it did through pandas)."""
     finished = pa.array(sorted(done), pa.int64())
 
     def keep(batch: pa.Table) -> pa.Table:
