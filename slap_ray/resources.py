@@ -101,8 +101,8 @@ WORKER_ENV = {"MIMALLOC_PURGE_DELAY": "0"}
 
 
 def worker_env() -> dict[str, str]:
-    """Environment for every Ray worker process: the embedded instance passes it as the job's
-    runtime env, the cluster image (cluster/Dockerfile) sets it as ENV (checked by a test)."""
+    """Environment for every Ray worker process: the embedded instance's workers inherit it from
+    the driver's environment (``runtime.ensure_ray``), the cluster image (cluster/Dockerfile) sets it as ENV (checked by a test)."""
     return dict(WORKER_ENV)
 
 

@@ -61,16 +61,12 @@ def compose_keys(ids: Sequence[str], seed: int) -> np.ndarray:
     return np.array([id_rank_key(seed, "compose", str(i)) for i in ids], dtype=np.int64)
 
 
-def rank_buckets(ids: Sequence[str], seed: int, bits: int) -> np.ndarray:
-    """Each row's bucket, the top ``bits`` bits of its compose key: (N,) -> (N,) int64 in
-    [0, 2**bits). Buckets are key ranges in key order, and equal keys share a bucket, so a row's
-    rank in its cluster is the count of its cluster's rows in lower buckets plus its rank inside
-    its (cluster, bucket): each bucket can be ranked apart from the others."""
-    return key_buckets(compose_keys(ids, seed), bits)
-
-
 def key_buckets(keys: np.ndarray, bits: int) -> np.ndarray:
-    """``rank_buckets`` from compose keys already computed: (N,) int64 -> (N,) int64."""
+    """Each row's bucket, the top ``bits`` bits of its compose key (``compose_keys``): (N,)
+    int64 -> (N,) int64 in [0, 2**bits). Buckets are key ranges in key order, and equal keys
+    share a bucket, so a row's rank in its cluster is the count of its cluster's rows in lower
+    buckets plus its rank inside its (cluster, bucket): each bucket can be ranked apart from the
+    others."""
     if not 0 <= bits <= 16:
         raise ValueError(f"bits must be in [0, 16], got {bits}")
     keys = np.asarray(keys, dtype=np.int64)

@@ -22,7 +22,7 @@ from slap_ray.core.training import MODEL_DIR, STATE_FILE, flops_estimate, total_
 from slap_ray.jobs.rows import input_files, marked_rows, read_rows
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
-from slap_ray.ray import stages
+from slap_ray.ray import pool, stages
 from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
 from slap_ray.reporting.training import write_train_report
@@ -107,24 +107,22 @@ def _tokenized_table(config: SlapConfig, rows: ray.data.Dataset) -> tuple[dict, 
 def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
     """Training rows (the selection's kept ids, or all sampled rows) and eval rows, tokenised."""
     with manifest.stage("prepare"):
-        rows = marked_rows(config, manifest, "train_read").filter(lambda r: bool(r["sampled"]))
+        rows = pool.sampled(marked_rows(config, manifest, "train_read"))
         sampled = sorted(rows.select_columns(["id"]).to_pandas()["id"])  # unique once sampled
         weights, origin = selected_ids(config, sampled)
         wanted = set(weights)
-        train, train_rejected = _tokenized_table(config, rows.filter(lambda r: r["id"] in wanted))
+        train, train_rejected = _tokenized_table(config, pool.where_in(rows, "id", wanted))
         if any(weights[i] != 1.0 for i in train["id"]):
             train["weight"] = [weights[i] for i in train["id"]]  # offline InfoBatch
         missing = len(wanted - set(train["id"])) - train_rejected
         evals = read_rows(config, config.eval.paths, "eval.paths", manifest, "eval_read")
-        evals = evals.filter(lambda r: r["reject_reason"] is None and r["id"] not in wanted)
+        evals = pool.where_in(pool.accepted(evals), "id", wanted, inside=False)
         eval_meta = evals.select_columns(["id"]).to_pandas()
         eval_ids = sorted(
             set(eval_meta["id"]), key=lambda i: (id_rank_key(config.seed, "eval-rows", i), i)
         )[: config.eval.max_rows]
         chosen = set(eval_ids)
-        evaluation, eval_rejected = _tokenized_table(
-            config, evals.filter(lambda r: r["id"] in chosen)
-        )
+        evaluation, eval_rejected = _tokenized_table(config, pool.where_in(evals, "id", chosen))
     if not train["id"]:
         raise ConfigError(f"no training rows: {origin} selects none of data.paths")
     if not evaluation["id"]:

@@ -167,12 +167,12 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
         rows = _read(config, manifest)
     partitions = _partitions(config, manifest)
     with manifest.stage("tokenize"):
-        usable = rows.filter(lambda r: bool(r["sampled"])).drop_columns(["raw"])
+        usable = pool.sampled(rows).drop_columns(["raw"])
         tokenized = stages.tokenize_stage(
             usable, config.scoring_model, config.data.max_length, config.data.truncation,
             config.data.num_tokenizers,
         ).materialize()  # fmt: skip
-        token_rejects = tokenized.filter(lambda r: r["reject_reason"] is not None)
+        token_rejects = pool.rejected(tokenized)
         rejected_now = token_rejects.count()
     if config.data.on_bad_rows == "error":
         raise_first_reject(token_rejects)  # e.g. truncation removed every response token
@@ -183,7 +183,7 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
             f"data.paths: no usable rows: all {read} rows read were rejected "
             "(data.on_bad_rows=skip writes them to rejected.jsonl)"
         )
-    tokens = tokenized.filter(lambda r: r["reject_reason"] is None)
+    tokens = pool.accepted(tokenized)
     clustered = _strata(config, tokens, stages_dir, manifest)
     with manifest.stage("compose"):
         seed = derive_seed(config.seed, "compose")
@@ -195,7 +195,7 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
         pool.write_table(
             packed, str(stages_dir / "batches"), _batches_table, BATCH_SCHEMA, batches_per_group
         )
-        unscored = rows.filter(lambda r: not r["sampled"]).union(
+        unscored = pool.sampled(rows, False).union(
             token_rejects.select_columns(
                 ["id", "source", "task", "path", "line", "reject_reason"]
             ).map_batches(lambda b: b.assign(sampled=True), batch_format="pandas")

@@ -89,7 +89,7 @@ def marked_rows(
     if rows.count() == 0:
         raise ConfigError(f"data.paths: no rows in {config.data.paths} (every input is empty)")
     if config.data.on_bad_rows == "error":
-        raise_first_reject(rows.filter(lambda r: r["reject_reason"] is not None))
+        raise_first_reject(pool.rejected(rows))
     threshold = None
     if config.data.max_rows is not None:
         threshold = pool.sample_threshold(rows, config.data.max_rows)

@@ -19,6 +19,7 @@ from ray.data import ActorPoolStrategy
 from slap_ray.config import ConfigError, SlapConfig
 from slap_ray.core.scoring import Selection, selections_for
 from slap_ray.core.seeds import derive_seed
+from slap_ray.ray import pool
 from slap_ray.ray.runtime import progress_bar
 from slap_ray.ray.scorer import SCORED_BATCHES_KEY, SCORED_GLOB, BatchScorer, calibrate_task
 from slap_ray.reporting.manifest import Manifest
@@ -129,7 +130,7 @@ def _calibrate(config: SlapConfig, run_dir: Path, num_batches: int, manifest: Ma
     chosen = set(chosen[: s.calibration_batches])
     with manifest.stage("calibrate"):
         if chosen and not path.exists():
-            picked = _packed(run_dir).filter(lambda r: r["batch_id"] in chosen)
+            picked = pool.where_in(_packed(run_dir), "batch_id", chosen)
             refs = picked.select_columns(["batch_id", "input_ids", "labels"]).to_arrow_refs()
             task = calibrate_task.options(**_resources(config))
             ray.get(

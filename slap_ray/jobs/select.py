@@ -181,7 +181,7 @@ def write_outputs(
         folder = str(run_dir / "selected" / f"alpha-{alpha:g}")
         normalised = partial(_normalised, keep=keep_column(alpha))
         pool.write_table(scored, folder, normalised, SELECTED_SCHEMA)
-    rejects = unscored.filter(lambda r: r["reject_reason"] is not None)
+    rejects = pool.rejected(unscored)
     rejected = pool.on_cluster(
         _write_rejected, rejects, config.data.format, str(run_dir / "rejected.jsonl")
     )

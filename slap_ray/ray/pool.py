@@ -7,7 +7,7 @@ per group, a 4096-bucket histogram, the rows of one histogram bucket, and object
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import Dataset
 from ray.data.aggregate import Count, Min
+from ray.data.expressions import col
 
 from slap_ray.core.seeds import id_rank_key
 from slap_ray.core.strata import (
@@ -81,9 +82,7 @@ def mark_duplicates(rows: Dataset, partitions: int) -> Dataset:
     An exact distributed groupby finds ids held by more than one accepted row and the first
     origin of each; that table (duplicated ids only) travels to the workers by reference.
     """
-    narrow = rows.filter(lambda r: r["reject_reason"] is None).select_columns(
-        ["id", "path", "line"]
-    )
+    narrow = accepted(rows).select_columns(["id", "path", "line"])
     keyed = narrow.map_batches(
         lambda b: pd.DataFrame({"id": b["id"], "origin": origin_key(b["path"], b["line"])}),
         **PANDAS,
@@ -91,7 +90,7 @@ def mark_duplicates(rows: Dataset, partitions: int) -> Dataset:
     firsts = (
         keyed.groupby("id", num_partitions=partitions)
         .aggregate(Count(alias_name="copies"), Min("origin", alias_name="first"))
-        .filter(lambda r: r["copies"] > 1)
+        .filter(expr=col("copies") > 1)
         .select_columns(["id", "first"])
         .materialize()
     )
@@ -138,6 +137,30 @@ def with_rank_key(rows: Dataset, seed: int, stage: str) -> Dataset:
     return rows.map_batches(add, **PANDAS)
 
 
+# Row filters are Arrow expressions: a Python filter (``filter(fn)``) rebuilds each block
+# from Python row objects, token lists included (at 1M rows strata took 40.9 s with them and
+# 14.7 s with expressions).
+def accepted(rows: Dataset) -> Dataset:
+    """The rows no step rejected."""
+    return rows.filter(expr=col("reject_reason").is_null())
+
+
+def rejected(rows: Dataset) -> Dataset:
+    """The rows some step rejected (``reject_reason`` set)."""
+    return rows.filter(expr=col("reject_reason").is_not_null())
+
+
+def sampled(rows: Dataset, wanted: bool = True) -> Dataset:
+    """The rows ``mark_sampled`` kept (or, with ``wanted=False``, left out)."""
+    return rows.filter(expr=col("sampled") if wanted else ~col("sampled"))
+
+
+def where_in(rows: Dataset, column: str, values: Iterable, inside: bool = True) -> Dataset:
+    """The rows whose ``column`` holds one of ``values`` (or, with ``inside=False``, none)."""
+    values = sorted(values)
+    return rows.filter(expr=col(column).is_in(values) if inside else col(column).not_in(values))
+
+
 def sample_threshold(rows: Dataset, keep: int) -> tuple[int, str] | None:
     """The exact ``keep``-th smallest (rank_key, id) of the accepted rows, or None when there
     are no more than ``keep`` of them. Two passes: a histogram of the keys' top bits, then
@@ -161,9 +184,10 @@ def sample_threshold(rows: Dataset, keep: int) -> tuple[int, str] | None:
     index = int(np.searchsorted(cumulative, keep))  # first bucket reaching `keep` rows
     bucket = int(hist["bucket"].iat[index])
     before = int(cumulative[index - 1]) if index else 0
+    last_key = ((bucket + 1) << shift) - 1  # the bucket's key range; fits in int64
     inside = (
         rows.select_columns(["rank_key", "id"])
-        .filter(lambda r: r["rank_key"] >= 0 and r["rank_key"] >> shift == bucket)
+        .filter(expr=(col("rank_key") >= bucket << shift) & (col("rank_key") <= last_key))
         .to_pandas()
         .sort_values(["rank_key", "id"], kind="stable")
     )
@@ -194,7 +218,7 @@ def first_by_origin(rows: Dataset) -> dict | None:
     if keyed.count() == 0:
         return None
     smallest = keyed.min("origin")
-    return keyed.filter(lambda r: r["origin"] == smallest).take(1)[0]
+    return keyed.filter(expr=col("origin") == smallest).take(1)[0]
 
 
 def column_clusters(ds: Dataset, column: str) -> tuple[Dataset, list]:

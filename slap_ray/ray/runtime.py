@@ -34,7 +34,9 @@ def ensure_ray(config: RayConfig) -> bool:
     """Initialise Ray if needed; returns True when this call started it (so it should stop it).
 
     Inside ``ray job submit`` RAY_ADDRESS is set and ``ray.init()`` joins that cluster, whose
-    nodes set ``worker_env()`` themselves (the cluster image does). The embedded instance runs
+    nodes set ``worker_env()`` themselves (the cluster image does). The embedded instance's
+    raylet and workers inherit it from this process's environment (a job runtime env would do
+    the same through Ray's runtime-env agent, which made worker starts slower). It runs
     the dashboard too: Ray Train's placement-group cleaner polls the state API it serves, and
     fails with a traceback without it.
     """
@@ -46,6 +48,8 @@ def ensure_ray(config: RayConfig) -> bool:
     if config.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=config.address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
+        for key, value in worker_env().items():
+            os.environ.setdefault(key, value)
         # "local" always starts a fresh instance, never a leftover cluster found on the machine.
         ray.init(
             address="local",
@@ -54,7 +58,6 @@ def ensure_ray(config: RayConfig) -> bool:
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             _system_config=warm_workers(config.num_cpus),
-            runtime_env={"env_vars": worker_env()},
             **kwargs,
         )
     return True
