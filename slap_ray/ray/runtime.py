@@ -17,7 +17,7 @@ import ray
 from tqdm import tqdm
 
 from slap_ray.config import ConfigError, RayConfig, SlapConfig
-from slap_ray.resources import check_fits, warm_workers, worker_env
+from slap_ray.resources import check_fits, shuffle_input_batch_bytes, warm_workers, worker_env
 
 # Keep Ray's own traffic on the loopback address unless a cluster address is given.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -169,7 +169,9 @@ def _restore_console(saved: list, handler: logging.Handler) -> None:
 @contextmanager
 def ray_session(config: RayConfig, run_dir: Path, kind: str) -> Iterator[None]:
     """Ray for one job: joined or started (and then stopped), its detail in the run's log file,
-    Ray Data showing one progress bar per dataset (no per-operator bars)."""
+    Ray Data showing one progress bar per dataset (no per-operator bars) and shuffle map tasks
+    of bounded input. A dataset keeps the context it was created in, so this is set before the
+    job makes any."""
     started = ensure_ray(config)
     try:
         from ray.data import DataContext
@@ -177,6 +179,7 @@ def ray_session(config: RayConfig, run_dir: Path, kind: str) -> Iterator[None]:
         context = DataContext.get_current()
         context.enable_operator_progress_bars = False
         context.enable_progress_bars = sys.stderr.isatty()
+        context.shuffle_input_batch_bytes = shuffle_input_batch_bytes()
         with run_log(run_dir, kind) as handler, worker_output_to(handler):
             yield
     finally:
