@@ -13,6 +13,7 @@ bound otherwise). Nothing else should run on the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -56,7 +57,8 @@ def private_gib(pid: int) -> float:
 
 
 class Peaks:
-    """The largest private memory of each kind of Ray process (by its task or actor name)."""
+    """The largest private memory of each kind of this run's Ray processes (by task or actor
+    name)."""
 
     def __init__(self) -> None:
         self.by_name: dict[str, float] = defaultdict(float)
@@ -66,11 +68,12 @@ class Peaks:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            for process in psutil.process_iter(["pid", "cmdline"]):
-                command = " ".join(process.info["cmdline"] or [])
-                if command.startswith("ray::"):
-                    name = command.split(" ")[0][:60]
-                    self.by_name[name] = max(self.by_name[name], private_gib(process.pid))
+            for process in psutil.Process().children(recursive=True):  # this run's Ray only
+                with contextlib.suppress(psutil.Error):
+                    command = " ".join(process.cmdline())
+                    if command.startswith("ray::"):
+                        name = command.split(" ")[0][:60]
+                        self.by_name[name] = max(self.by_name[name], private_gib(process.pid))
             time.sleep(0.2)
 
     def stop(self) -> dict[str, float]:
