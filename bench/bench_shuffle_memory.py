@@ -31,6 +31,8 @@ import ray  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_select_scale import private_bytes  # noqa: E402  (this script's own folder)
+
 from slap_ray.jobs.prepare import BATCH_COLUMNS  # noqa: E402
 from slap_ray.ray import pool  # noqa: E402
 
@@ -43,17 +45,6 @@ def unpack(batch: pa.Table) -> pa.Table:
     columns = {"batch_id": pc.take(batch["batch_id"], parents)}
     columns.update({c: pc.list_flatten(batch[c]) for c in BATCH_COLUMNS})
     return pa.table(columns)
-
-
-def private_gib(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Anonymous:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return 0.0
 
 
 class Peaks:
@@ -69,11 +60,12 @@ class Peaks:
     def _poll(self) -> None:
         while not self._stop.is_set():
             for process in psutil.Process().children(recursive=True):  # this run's Ray only
-                with contextlib.suppress(psutil.Error):
+                with contextlib.suppress(psutil.Error, OSError):
                     command = " ".join(process.cmdline())
                     if command.startswith("ray::"):
                         name = command.split(" ")[0][:60]
-                        self.by_name[name] = max(self.by_name[name], private_gib(process.pid))
+                        private = private_bytes(process) / 2**30
+                        self.by_name[name] = max(self.by_name[name], private)
             time.sleep(0.2)
 
     def stop(self) -> dict[str, float]:

@@ -104,18 +104,16 @@ WORKER_ENV = {"MIMALLOC_PURGE_DELAY": "0"}
 # map task, which holds them, their partitions and the encoded shards at once. Ray's default,
 # 1 GiB, made one worker peak at 1.40 GiB packing 1M rows (0.51 GiB at 200k: the whole input
 # was below it); at 128 MiB it peaked at 0.35 GiB, and the shuffle was no slower
-# (docs/performance.md). Ray's own RAY_DATA_SHUFFLE_INPUT_BATCH_BYTES, when set, wins.
+# (docs/performance.md). Ray's own variable, when set, wins: Ray parses it (a bad value gets
+# Ray's one-line warning and its default, not a traceback from us).
 SHUFFLE_INPUT_BATCH_BYTES = 128 * 2**20
-
-
-def shuffle_input_batch_bytes() -> int:
-    """Bytes of input blocks per shuffle map task for the datasets of a job."""
-    return int(os.environ.get("RAY_DATA_SHUFFLE_INPUT_BATCH_BYTES", SHUFFLE_INPUT_BATCH_BYTES))
+SHUFFLE_INPUT_BATCH_BYTES_ENV = "RAY_DATA_SHUFFLE_INPUT_BATCH_BYTES"
 
 
 def worker_env() -> dict[str, str]:
     """Environment for every Ray worker process: the embedded instance's workers inherit it from
-    the driver's environment (``runtime.ensure_ray``), the cluster image (cluster/Dockerfile) sets it as ENV (checked by a test)."""
+    the driver's environment (``runtime.ensure_ray``), the cluster image (cluster/Dockerfile)
+    sets it as ENV (checked by a test)."""
     return dict(WORKER_ENV)
 
 

@@ -17,7 +17,13 @@ import ray
 from tqdm import tqdm
 
 from slap_ray.config import ConfigError, RayConfig, SlapConfig
-from slap_ray.resources import check_fits, shuffle_input_batch_bytes, warm_workers, worker_env
+from slap_ray.resources import (
+    SHUFFLE_INPUT_BATCH_BYTES,
+    SHUFFLE_INPUT_BATCH_BYTES_ENV,
+    check_fits,
+    warm_workers,
+    worker_env,
+)
 
 # Keep Ray's own traffic on the loopback address unless a cluster address is given.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -179,7 +185,8 @@ def ray_session(config: RayConfig, run_dir: Path, kind: str) -> Iterator[None]:
         context = DataContext.get_current()
         context.enable_operator_progress_bars = False
         context.enable_progress_bars = sys.stderr.isatty()
-        context.shuffle_input_batch_bytes = shuffle_input_batch_bytes()
+        if SHUFFLE_INPUT_BATCH_BYTES_ENV not in os.environ:  # else Ray's own value stands
+            context.shuffle_input_batch_bytes = SHUFFLE_INPUT_BATCH_BYTES
         with run_log(run_dir, kind) as handler, worker_output_to(handler):
             yield
     finally:
