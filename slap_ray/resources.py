@@ -37,6 +37,9 @@ def _pool(setting: str, count: int, section: str, unit: str, values) -> Demand:
 def demands(config: SlapConfig, command: str) -> list[Demand]:
     """The actor groups a command runs (each group runs on its own, one after another)."""
     out: list[Demand] = []
+    tokenizers = config.data.num_tokenizers
+    if command in ("select", "finetune") and tokenizers is not None:
+        out.append(Demand(f"data.num_tokenizers={tokenizers}", tokenizers, {"CPU": 1.0}))
     if command == "select":
         e, s = config.embed, config.score
         if config.strata.by == "embedding":

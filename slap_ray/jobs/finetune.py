@@ -91,8 +91,9 @@ def selected_ids(config: SlapConfig, sampled: list[str]) -> tuple[dict[str, floa
 def _tokenized_table(config: SlapConfig, rows: ray.data.Dataset) -> tuple[dict, int]:
     """Tokenise with the training model's tokenizer; returns columns sorted by id, rejects."""
     tokenized = stages.tokenize_stage(
-        rows, config.model.name, config.data.max_length, config.data.truncation
-    ).materialize()
+        rows, config.model.name, config.data.max_length, config.data.truncation,
+        config.data.num_tokenizers,
+    ).materialize()  # fmt: skip
     frame = tokenized.drop_columns(["messages", "raw"]).to_pandas()
     rejected = int(frame["reject_reason"].notna().sum())
     frame = frame[frame["reject_reason"].isna()].sort_values("id", kind="stable")

@@ -119,12 +119,20 @@ class Tokenizer:
 
 
 def tokenize_stage(
-    ds: Dataset, model_name: str, max_length: int, truncation: str, num_actors: int = 1
+    ds: Dataset, model_name: str, max_length: int, truncation: str, num_actors: int | None = None
 ) -> Dataset:
+    """Tokenise on ``num_actors`` actors of one CPU each; None: an autoscaling pool of one up
+    to one actor per CPU of the cluster (a single-threaded tokenizer left the second CPU of a
+    2-CPU machine idle: docs/performance.md)."""
+    if num_actors is None:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        compute = ActorPoolStrategy(min_size=1, max_size=cpus)
+    else:
+        compute = ActorPoolStrategy(size=num_actors)
     return ds.map_batches(
         Tokenizer,
         fn_constructor_args=(model_name, max_length, truncation),
-        compute=ActorPoolStrategy(size=num_actors),
+        compute=compute,
         batch_size=256,
         num_cpus=1,
     )

@@ -366,9 +366,9 @@ def _groups(config, command: str) -> list[list[tuple[str, int, dict[str, float]]
     if command in ("select", "run", "sweep"):
         phases += [[(d.settings, d.count, d.per_actor)] for d in demands(config, "select")]
     if command in ("finetune", "run"):
-        phases += [[(d.settings, d.count, d.per_actor) for d in demands(config, "finetune")]]
+        phases += [[(d.settings, d.count, d.per_actor)] for d in demands(config, "finetune")]
     if command == "sweep":  # concurrent trials, each a Train worker group
-        (train,) = demands(config, "finetune")
+        train = demands(config, "finetune")[-1]
         trials = config.sweep.max_concurrent_trials
         phases.append(
             [

@@ -39,6 +39,17 @@ def test_gpu_on_a_cpu_cluster_is_a_config_error_naming_the_setting():
     check_fits(build_config({}, ["score.num_scorers=2"]), "select", {"CPU": 2.0})
 
 
+# A fixed tokenizer pool larger than the cluster waited for its actors forever (found by hand:
+# `data.num_tokenizers=4` on 2 CPUs hung in tokenize); the default autoscales and asks nothing.
+@pytest.mark.parametrize("command", ["select", "finetune"])
+def test_a_tokenizer_pool_that_cannot_fit_is_a_config_error(command):
+    with pytest.raises(ConfigError, match=r"data\.num_tokenizers=4: needs CPU 4.*CPU 2"):
+        check_fits(build_config({}, ["data.num_tokenizers=4"]), command, {"CPU": 2.0})
+    check_fits(build_config({}, ["data.num_tokenizers=2"]), command, {"CPU": 2.0})
+    assert build_config({}, []).data.num_tokenizers is None
+    check_fits(build_config({}, []), command, {"CPU": 2.0})
+
+
 def test_granted_gpu_that_torch_cannot_see_is_an_error(monkeypatch):
     import torch
 
