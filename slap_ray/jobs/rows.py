@@ -101,7 +101,7 @@ def shuffle_partitions(config: SlapConfig, rows: int) -> int:
     ``partitions_for`` the cluster's CPUs."""
     if config.ray.shuffle_partitions:
         return config.ray.shuffle_partitions
-    return partitions_for(rows, int(ray.cluster_resources().get("CPU", 1)))
+    return partitions_for(rows, stages.cluster_cpus())
 
 
 def partitions_for(rows: int, cpus: int) -> int:

@@ -118,6 +118,11 @@ class Tokenizer:
         return out
 
 
+def cluster_cpus() -> int:
+    """CPUs of the whole Ray cluster (at least 1): sizes pools and shuffles to the cluster."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def tokenize_stage(
     ds: Dataset, model_name: str, max_length: int, truncation: str, num_actors: int | None = None
 ) -> Dataset:
@@ -125,8 +130,7 @@ def tokenize_stage(
     to one actor per CPU of the cluster (a single-threaded tokenizer left the second CPU of a
     2-CPU machine idle: docs/performance.md)."""
     if num_actors is None:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        compute = ActorPoolStrategy(min_size=1, max_size=cpus)
+        compute = ActorPoolStrategy(min_size=1, max_size=cluster_cpus())
     else:
         compute = ActorPoolStrategy(size=num_actors)
     return ds.map_batches(

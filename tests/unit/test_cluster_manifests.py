@@ -368,7 +368,7 @@ def _groups(config, command: str) -> list[list[tuple[str, int, dict[str, float]]
     if command in ("finetune", "run"):
         phases += [[(d.settings, d.count, d.per_actor)] for d in demands(config, "finetune")]
     if command == "sweep":  # concurrent trials, each a Train worker group
-        train = demands(config, "finetune")[-1]
+        train = next(d for d in demands(config, "finetune") if d.settings.startswith("train."))
         trials = config.sweep.max_concurrent_trials
         phases.append(
             [
