@@ -43,6 +43,7 @@ __all__ = [
     "lm_head_features",
     "project_features",
     "response_token_losses",
+    "response_softmax_",
     "response_token_losses_packed",
     "shift_labels",
 ]
@@ -78,35 +79,56 @@ def _log_normalizer(h: torch.Tensor, weight: torch.Tensor, vocab_chunk: int) -> 
 class _ExampleResidual:
     """softmax(W h_t) - onehot(y_t) of one example's response tokens, served in vocab chunks.
 
-    Uses the forward pass's logits (T, V) when given, else recomputes W h per chunk after one
-    chunked log-normaliser pass, so memory stays O(T x chunk).
+    ``source`` is the forward pass's logits (T, V), or its softmax (T, V) when ``normalised``
+    (``response_softmax_``); without it W h is recomputed per chunk after one chunked
+    log-normaliser pass, so memory stays O(T x chunk).
     """
 
-    def __init__(self, h, y, weight, logits, vocab_chunk):
-        self.h, self.y, self.weight, self.logits = h, y, weight, logits
-        self.lse = (
-            torch.logsumexp(logits, -1)
-            if logits is not None
-            else _log_normalizer(h, weight, vocab_chunk)
-        )
+    def __init__(self, h, y, weight, source, vocab_chunk, normalised=False):
+        self.h, self.y, self.weight = h, y, weight
+        self.logits = None if normalised else source
+        self.probabilities = source if normalised else None
+        if normalised:
+            self.lse = None
+        elif source is not None:
+            self.lse = torch.logsumexp(source, -1)
+        else:
+            self.lse = _log_normalizer(h, weight, vocab_chunk)
+
+    def _targets_in(self, start: int, stop: int) -> torch.Tensor:
+        return torch.nonzero((self.y >= start) & (self.y < stop)).squeeze(-1)
 
     def chunk(self, start: int, stop: int) -> torch.Tensor:
         """(T, stop - start) residual block."""
-        z = (
-            self.logits[:, start:stop]
-            if self.logits is not None
-            else self.h @ self.weight[start:stop].T
-        )
-        residual = torch.exp(z - self.lse.unsqueeze(-1))
-        rows = torch.nonzero((self.y >= start) & (self.y < stop)).squeeze(-1)
+        if self.probabilities is not None:
+            residual = self.probabilities[:, start:stop].clone()
+        else:
+            z = (
+                self.logits[:, start:stop]
+                if self.logits is not None
+                else self.h @ self.weight[start:stop].T
+            )
+            residual = torch.exp(z - self.lse.unsqueeze(-1))
+        rows = self._targets_in(start, stop)
         residual[rows, self.y[rows] - start] -= 1.0
         return residual
 
+    def gradient(self, start: int, stop: int, h: torch.Tensor) -> torch.Tensor:
+        """(stop - start, H) block of sum_t residual_t outer h_t; from the softmax it needs no
+        residual copy: the one-hot part is subtracted from the product's target rows."""
+        if self.probabilities is None:
+            return self.chunk(start, stop).T @ h
+        grad = self.probabilities[:, start:stop].T @ h
+        rows = self._targets_in(start, stop)
+        return grad.index_add_(0, self.y[rows] - start, h[rows], alpha=-1.0)
 
-def _examples(hidden, labels, logits):
-    """Yield (j, h (T_j, H), y (T_j,), logits (T_j, V) or None) for examples with response tokens.
 
-    ``logits`` is (B, T, V), or (N, V) for the N labelled positions in row-major order.
+def _examples(hidden, labels, per_token):
+    """Yield (j, h (T_j, H), y (T_j,), rows (T_j, V) of ``per_token`` or None) for examples with
+    response tokens.
+
+    ``per_token`` (logits or their softmax) is (B, T, V), or (N, V) for the N labelled positions
+    in row-major order.
     """
     offset = 0
     for j in range(hidden.shape[0]):
@@ -114,12 +136,12 @@ def _examples(hidden, labels, logits):
         count = positions.numel()
         if count == 0:
             continue
-        if logits is None:
+        if per_token is None:
             z = None
-        elif logits.dim() == 2:
-            z = logits[offset : offset + count].float()
+        elif per_token.dim() == 2:
+            z = per_token[offset : offset + count].float()
         else:
-            z = logits[j, positions].float()
+            z = per_token[j, positions].float()
         offset += count
         yield j, hidden[j, positions].float(), labels[j, positions], z
 
@@ -131,15 +153,53 @@ def response_token_losses_packed(
 
     aligned_labels (B, T) -> (B,) float32; NaN for rows without response tokens.
     """
-    mask = aligned_labels != IGNORE_INDEX
     token_loss = torch.nn.functional.cross_entropy(
-        response_logits.float(), aligned_labels[mask], reduction="none"
+        response_logits.float(), aligned_labels[aligned_labels != IGNORE_INDEX], reduction="none"
     )
+    return _packed_losses(token_loss, aligned_labels)
+
+
+# Rows of (N, V) logits normalised at a time: a block of 2**21 float32 (8 MiB) stays in cache
+# through max, exp and sum (one logsumexp over all N x V runs about 2x slower here).
+def _row_block(vocab: int) -> int:
+    return max(1, DEFAULT_BLOCK_ELEMENTS // max(vocab, 1))
+
+
+def _packed_losses(token_loss: torch.Tensor, aligned_labels: torch.Tensor) -> torch.Tensor:
+    """Per-example means (B,) of packed per-token losses (N,); NaN where a row has none."""
+    mask = aligned_labels != IGNORE_INDEX
     rows = torch.nonzero(mask)[:, 0]
     sums = torch.zeros(
         aligned_labels.shape[0], dtype=torch.float32, device=token_loss.device
     ).index_add_(0, rows, token_loss)
     return sums / mask.sum(dim=1).float()
+
+
+def response_softmax_(
+    response_logits: torch.Tensor, aligned_labels: torch.Tensor, probabilities: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Losses and softmax of packed response logits in one pass, in place (no autograd).
+
+    response_logits (N, V) float32 at the N labelled positions (row-major), aligned_labels
+    (B, T) -> losses (B,) float32, the mean response-token cross-entropy lse - z[y] (NaN for
+    rows without response tokens: ``response_token_losses_packed``'s, whose cross-entropy stays
+    the autograd path of training), and the logits turned into their softmax in place, for
+    ``lm_head_features(probabilities=...)``. ``probabilities=False``: losses only, logits kept.
+    Works in row blocks that stay in cache; one log-normaliser serves losses and features.
+    """
+    targets = aligned_labels[aligned_labels != IGNORE_INDEX]
+    token_loss = -response_logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    step = _row_block(response_logits.shape[1])
+    for start in range(0, response_logits.shape[0], step):
+        block = response_logits[start : start + step]
+        if not probabilities:
+            token_loss[start : start + step] += torch.logsumexp(block, -1)
+            continue
+        peak = block.amax(dim=-1, keepdim=True)
+        total = block.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+        block.div_(total)
+        token_loss[start : start + step] += (peak + total.log()).squeeze(1)
+    return _packed_losses(token_loss, aligned_labels), response_logits
 
 
 def _chunk_size(vocab_chunk: int | None, tokens: int, width: int, vocab: int) -> int:
@@ -209,6 +269,7 @@ def lm_head_features(
     vocab_chunk: int | None = None,
     logits: torch.Tensor | None = None,
     preconditioner: torch.Tensor | FactoredPreconditioner | None = None,
+    probabilities: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-example row norms of the preconditioned LM-head gradient of the mean response loss.
 
@@ -219,6 +280,8 @@ def lm_head_features(
     (N, V) for only the N labelled positions in row-major order (the cheap forward computes the
     LM head only there). preconditioner, optional: ``inverse_root(second_moment, eps)`` built
     once by the caller (then ``second_moment`` may be omitted), or a ``FactoredPreconditioner``.
+    probabilities, optional, instead of logits: their softmax (N, V) from ``response_softmax_``
+    (the log-normaliser is then not computed again).
     Returns (B, V) float32; an example without response tokens gets all zeros.
 
     Work goes example by example (no padding waste) and vocabulary chunk by chunk: at most
@@ -241,23 +304,26 @@ def lm_head_features(
     dense = None if factored else preconditioner
     col_scale = preconditioner.col if factored else None
     features = torch.zeros(hidden.shape[0], vocab, dtype=torch.float32, device=hidden.device)
+    if probabilities is not None and logits is not None:
+        raise ValueError("pass logits or their probabilities, not both")
+    source = probabilities if probabilities is not None else logits
     with torch.no_grad():
         for j, h, y, z in _examples(
-            hidden.detach(), labels, None if logits is None else logits.detach()
+            hidden.detach(), labels, None if source is None else source.detach()
         ):
             tokens = h.shape[0]
             chunk = _chunk_size(vocab_chunk, tokens, width, vocab)
-            residual = _ExampleResidual(h, y, weight, z, chunk)
+            residual = _ExampleResidual(h, y, weight, z, chunk, probabilities is not None)
             scaled = h if col_scale is None else h * col_scale
             # Gram form: ||sum_t e_t h_t||^2 = e^T (H H^T) e, cheaper than V x H when T < H.
             gram = scaled @ scaled.T if dense is None and tokens < width else None
             for start in range(0, vocab, chunk):
                 stop = min(start + chunk, vocab)
-                e = residual.chunk(start, stop)  # (T, Vc)
                 if gram is not None:
+                    e = residual.chunk(start, stop)  # (T, Vc)
                     rows = (e * (gram @ e)).sum(0).clamp(min=0).sqrt()
                 else:
-                    grad = e.T @ scaled  # (Vc, H)
+                    grad = residual.gradient(start, stop, scaled)  # (Vc, H)
                     if dense is not None:
                         grad.mul_(dense[start:stop])
                     rows = torch.linalg.vector_norm(grad, dim=-1)
@@ -298,7 +364,7 @@ def lm_head_example_gradient_sum(
             residual = _ExampleResidual(h, y, weight, z, chunk)
             for start in range(0, vocab, chunk):
                 stop = min(start + chunk, vocab)
-                grad[start:stop] += (residual.chunk(start, stop).T @ h) * scale
+                grad[start:stop] += residual.gradient(start, stop, h) * scale
     return grad
 
 

@@ -18,7 +18,7 @@ from slap_ray.core.features import (
     lm_head_features,
     make_preconditioner,
     project_features,
-    response_token_losses_packed,
+    response_softmax_,
 )
 from slap_ray.core.model import forward_micro_batches, lm_head_of
 from slap_ray.core.seeds import derive_rng
@@ -49,10 +49,13 @@ def losses_and_features(
     vocab_chunk: int | None = None,
     with_features: bool = True,
     preconditioner: str = "adam",
+    preconditioners: dict | None = None,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """Forward a batch in micro-batches: losses (B,) float64 and features (B, V) float32
     (None without ``with_features``: methods other than SLAP need the losses only).
     ``preconditioner``: ``adam`` | ``factored`` | ``none`` (see ``make_preconditioner``).
+    ``preconditioners``: a cache of the built preconditioners, valid while ``second_moment`` is
+    unchanged (a scorer's, across its batches: building the exact one reads all of V x H).
 
     Rows are grouped into micro-batches by length (ties by position) so little padding is
     forwarded; results come back in the input order.
@@ -60,19 +63,30 @@ def losses_and_features(
     losses = np.empty(len(input_ids), dtype=np.float64)
     weight = lm_head_of(model)
     features = torch.empty(len(input_ids), weight.shape[0]) if with_features else None
-    built = make_preconditioner(second_moment, preconditioner, eps)
+    if with_features:
+        built = _preconditioner(second_moment, preconditioner, eps, preconditioners)
     for micro in forward_micro_batches(model, input_ids, labels, pad_token_id, micro_batch_size):
         rows = micro.rows
-        losses[rows] = (
-            response_token_losses_packed(micro.logits, micro.aligned).double().cpu().numpy()
-        )
         if features is None:
+            micro_losses, _ = response_softmax_(micro.logits, micro.aligned, probabilities=False)
+            losses[rows] = micro_losses.double().cpu().numpy()
             continue
+        micro_losses, probabilities = response_softmax_(micro.logits, micro.aligned)
+        losses[rows] = micro_losses.double().cpu().numpy()
         features[rows] = lm_head_features(
             micro.hidden, weight, micro.aligned, eps=eps, vocab_chunk=vocab_chunk,
-            logits=micro.logits, preconditioner=built,
+            probabilities=probabilities, preconditioner=built,
         ).cpu()  # fmt: skip
     return losses, features
+
+
+def _preconditioner(second_moment, kind: str, eps: float, cache: dict | None):
+    """``make_preconditioner``, built once per (kind, eps) where the caller keeps a cache."""
+    if cache is None:
+        return make_preconditioner(second_moment, kind, eps)
+    if (kind, eps) not in cache:
+        cache[kind, eps] = make_preconditioner(second_moment, kind, eps)
+    return cache[kind, eps]
 
 
 @dataclass(frozen=True)
@@ -108,7 +122,7 @@ def selections_for(method: str, alphas: Sequence[float], seed: int, **options) -
     return [Selection(alpha_key(a), method, a, seed, **options) for a in alphas]
 
 
-def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk):
+def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk, cache):
     """Losses (B,) and the feature matrices the selections need: {preconditioner: (B, V)};
     none when no selection is SLAP (the other methods rank by loss alone)."""
     wanted = {s.preconditioner for s in selections if s.method == "slap"}
@@ -123,8 +137,9 @@ def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, 
             features[kind] = next(iter(features.values()))
             continue
         losses, features[kind] = losses_and_features(
-            model, input_ids, labels, pad, second_moment, mb, eps, chunk, preconditioner=kind
-        )
+            model, input_ids, labels, pad, second_moment, mb, eps, chunk,
+            preconditioner=kind, preconditioners=cache,
+        )  # fmt: skip
     return losses, features
 
 
@@ -143,16 +158,18 @@ def score_batch(
     eps: float = 1e-6,
     vocab_chunk: int | None = None,
     projection_seed: int = 0,
+    preconditioners: dict | None = None,
 ) -> BatchScores:
     """Score one composed batch and run every selection on it (SLAP_METHOD.md section 3, step 4).
 
     Losses and features do not depend on the selection, so one forward pass serves a whole grid
     of methods, alphas and seeds (a sweep scores each batch once). Each (seed, method, alpha,
     batch) gets its own derived RNG: results do not depend on which scorer ran it.
+    ``preconditioners``: the caller's cache of built preconditioners (``losses_and_features``).
     """
     losses, features = _features_for(
         model, input_ids, labels, pad_token_id, second_moment, selections,
-        micro_batch_size, eps, vocab_chunk,
+        micro_batch_size, eps, vocab_chunk, preconditioners,
     )  # fmt: skip
     scores = BatchScores(
         losses=losses,

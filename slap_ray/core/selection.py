@@ -86,11 +86,13 @@ def farthest_point_fill(
     # Squared distance to the nearest selected point; monotone in the distance, so argmax agrees.
     nearest = np.full(batch, np.inf)
     taken = np.zeros(batch, dtype=bool)
+    difference = np.empty_like(features)  # reused: B x D temporaries cost more than the math
 
     def add(index: int) -> None:
         selected.append(index)
         taken[index] = True
-        np.minimum(nearest, ((features - features[index]) ** 2).sum(axis=1), out=nearest)
+        np.subtract(features, features[index], out=difference)
+        np.minimum(nearest, np.square(difference, out=difference).sum(axis=1), out=nearest)
 
     for stratum, budget in enumerate(budgets):
         members = np.flatnonzero(strata == stratum)

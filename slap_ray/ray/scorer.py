@@ -39,12 +39,14 @@ class Scorer:
         self.pad_token_id = load_tokenizer(model_name).pad_token_id
         self.settings = settings
         self.second_moment: torch.Tensor | None = None
+        self.preconditioners: dict = {}  # built from second_moment once, for every batch
 
     def ready(self) -> bool:
         return True
 
     def set_second_moment(self, value: torch.Tensor | None) -> None:
         self.second_moment = None if value is None else value.to(self.device)
+        self.preconditioners = {}
 
     def calibrate(self, batches: list[tuple[list, list]], beta2: float) -> torch.Tensor | None:
         ema = calibrate_second_moment(
@@ -60,6 +62,7 @@ class Scorer:
             batch_key=batch_id,
             pad_token_id=self.pad_token_id,
             second_moment=self.second_moment,
+            preconditioners=self.preconditioners,
             **self.settings,
         )
         return {

@@ -12,6 +12,7 @@ from slap_ray.core.features import (
     factored_inverse_root,
     lm_head_features,
     make_preconditioner,
+    response_softmax_,
     response_token_losses,
     response_token_losses_packed,
     shift_labels,
@@ -179,6 +180,52 @@ def test_packed_response_logits_give_the_same_losses_and_features(model_outputs)
             rtol=1e-5,
             atol=1e-7,
         )
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 3, None], ids=["1-row", "3-rows", "one-block"])
+def test_softmax_in_place_gives_the_losses_and_features_of_the_logits(
+    model_outputs, monkeypatch, rows_per_block
+):
+    """One in-place pass (losses + softmax, in row blocks) serves the scorer: the same losses
+    as cross-entropy and, from the probabilities, the same features as from the logits, for
+    every preconditioner, vocabulary chunking (targets in every chunk) and the Gram path."""
+    from slap_ray.core import features as module
+
+    if rows_per_block is not None:
+        monkeypatch.setattr(module, "DEFAULT_BLOCK_ELEMENTS", VOCAB * rows_per_block)
+    model, hidden, aligned = model_outputs
+    aligned = aligned.clone()
+    aligned[0, 6:9] = 5  # one target three times in an example: its one-hot rows add up
+    weight = model.lm_head.weight
+    with torch.no_grad():
+        packed = model.lm_head(hidden[aligned != IGNORE_INDEX])
+    expected_losses = response_token_losses_packed(packed, aligned)
+    moment = torch.rand(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(5)) + 0.1
+
+    def features(kind, chunk, **source):
+        pre = make_preconditioner(moment, kind)
+        return lm_head_features(
+            hidden, weight, aligned, vocab_chunk=chunk, preconditioner=pre, **source
+        )
+
+    grid = [(kind, chunk) for kind in ("none", "adam", "factored") for chunk in (1, 10, VOCAB)]
+    expected = {key: features(*key, logits=packed) for key in grid}
+    losses, probabilities = response_softmax_(packed.clone(), aligned)
+    torch.testing.assert_close(losses, expected_losses)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(len(probabilities)))
+    for key in grid:
+        ours = features(*key, probabilities=probabilities)
+        torch.testing.assert_close(ours, expected[key], rtol=1e-5, atol=1e-7)
+    only_losses, kept = response_softmax_(packed.clone(), aligned, probabilities=False)
+    torch.testing.assert_close(only_losses, expected_losses)
+    torch.testing.assert_close(kept, packed)
+
+
+def test_features_take_logits_or_probabilities_not_both(model_outputs):
+    model, hidden, aligned = model_outputs
+    logits = model.lm_head(hidden).detach()
+    with pytest.raises(ValueError, match="not both"):
+        lm_head_features(hidden, model.lm_head.weight, aligned, logits=logits, probabilities=logits)
 
 
 def test_precomputed_preconditioner_equals_second_moment_path():

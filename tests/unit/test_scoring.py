@@ -91,3 +91,34 @@ def test_one_scoring_pass_serves_a_grid_of_selections():
     )  # fmt: skip
     assert raw.keep["x"].tolist() == together.keep["raw__a0.25__s0"].tolist()
     assert (together.weight["infobatch__a0.25__s0"] > 1).any()
+
+
+def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_resets():
+    """The scorer builds 1 / (sqrt(s_hat) + eps) once for all its batches, not per batch; a new
+    second moment empties the cache, so no batch is scored with a stale one."""
+    from slap_ray.ray.scorer import Scorer
+
+    model = load_causal_lm("tiny-random")
+    ids, labels = rows(12, seed=4)
+    moment = calibrate_second_moment(model, [(ids[:6], labels[:6])], 0).value()
+    common = dict(selections=selections_for("slap", [0.5], 0), pad_token_id=0)
+    cache: dict = {}
+    for key in (1, 2):
+        cached = score_batch(
+            model, ids, labels, batch_key=key, second_moment=moment, preconditioners=cache,
+            **common,
+        )  # fmt: skip
+        fresh = score_batch(model, ids, labels, batch_key=key, second_moment=moment, **common)
+        assert cached.keep["a0.5"].tolist() == fresh.keep["a0.5"].tolist()
+        np.testing.assert_array_equal(cached.losses, fresh.losses)
+    assert list(cache) == [("adam", 1e-6)]
+    settings = {"micro_batch_size": 8, "selections": common["selections"]}
+    scorer = Scorer("tiny-random", "float32", settings)
+    scorer.set_second_moment(moment)
+    scorer.score(1, ids, labels)
+    assert list(scorer.preconditioners) == [("adam", 1e-6)]
+    scorer.set_second_moment(moment * 4)
+    assert scorer.preconditioners == {}
+    again = scorer.score(1, ids, labels)
+    expected = score_batch(model, ids, labels, batch_key=1, second_moment=moment * 4, **common)
+    assert again["keep"]["a0.5"].tolist() == expected.keep["a0.5"].tolist()
