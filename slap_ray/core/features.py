@@ -35,6 +35,7 @@ from slap_ray.vocabulary import PRECONDITIONERS
 __all__ = [
     "IGNORE_INDEX",
     "FactoredPreconditioner",
+    "PreconditionerCache",
     "SecondMomentEMA",
     "factored_inverse_root",
     "inverse_root",
@@ -258,6 +259,32 @@ def make_preconditioner(
     if kind == "factored":
         return factored_inverse_root(second_moment, eps)
     return inverse_root(second_moment, eps)
+
+
+class PreconditionerCache:
+    """``make_preconditioner`` built once per (second moment, kind, eps), for callers that
+    featurise many batches under one second moment (a scorer: building the exact one reads all
+    of V x H). Keyed on the moment tensor itself: passing another tensor rebuilds, so a replaced
+    moment can never serve a stale preconditioner. (Changing a moment in place is not seen.)
+    """
+
+    def __init__(self) -> None:
+        self._moment: torch.Tensor | None = None
+        self._built: dict[tuple[str, float], torch.Tensor | FactoredPreconditioner | None] = {}
+
+    def get(
+        self, second_moment: torch.Tensor | None, kind: str, eps: float = 1e-6
+    ) -> torch.Tensor | FactoredPreconditioner | None:
+        if second_moment is not self._moment:
+            self._moment, self._built = second_moment, {}
+        if (kind, eps) not in self._built:
+            self._built[kind, eps] = make_preconditioner(second_moment, kind, eps)
+        return self._built[kind, eps]
+
+    @property
+    def built(self) -> list[tuple[str, float]]:
+        """The (kind, eps) pairs built for the current moment."""
+        return list(self._built)
 
 
 def lm_head_features(

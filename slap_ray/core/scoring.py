@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from slap_ray.core.features import (
+    PreconditionerCache,
     SecondMomentEMA,
     lm_head_example_gradient_sum,
     lm_head_features,
-    make_preconditioner,
     project_features,
     response_softmax_,
 )
@@ -49,13 +49,13 @@ def losses_and_features(
     vocab_chunk: int | None = None,
     with_features: bool = True,
     preconditioner: str = "adam",
-    preconditioners: dict | None = None,
+    preconditioners: PreconditionerCache | None = None,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """Forward a batch in micro-batches: losses (B,) float64 and features (B, V) float32
     (None without ``with_features``: methods other than SLAP need the losses only).
     ``preconditioner``: ``adam`` | ``factored`` | ``none`` (see ``make_preconditioner``).
-    ``preconditioners``: a cache of the built preconditioners, valid while ``second_moment`` is
-    unchanged (a scorer's, across its batches: building the exact one reads all of V x H).
+    ``preconditioners``: a cache of the built preconditioners (a scorer's, across its batches:
+    building the exact one reads all of V x H).
 
     Rows are grouped into micro-batches by length (ties by position) so little padding is
     forwarded; results come back in the input order.
@@ -64,7 +64,8 @@ def losses_and_features(
     weight = lm_head_of(model)
     features = torch.empty(len(input_ids), weight.shape[0]) if with_features else None
     if with_features:
-        built = _preconditioner(second_moment, preconditioner, eps, preconditioners)
+        cache = preconditioners if preconditioners is not None else PreconditionerCache()
+        built = cache.get(second_moment, preconditioner, eps)
     for micro in forward_micro_batches(model, input_ids, labels, pad_token_id, micro_batch_size):
         rows = micro.rows
         if features is None:
@@ -78,15 +79,6 @@ def losses_and_features(
             probabilities=probabilities, preconditioner=built,
         ).cpu()  # fmt: skip
     return losses, features
-
-
-def _preconditioner(second_moment, kind: str, eps: float, cache: dict | None):
-    """``make_preconditioner``, built once per (kind, eps) where the caller keeps a cache."""
-    if cache is None:
-        return make_preconditioner(second_moment, kind, eps)
-    if (kind, eps) not in cache:
-        cache[kind, eps] = make_preconditioner(second_moment, kind, eps)
-    return cache[kind, eps]
 
 
 @dataclass(frozen=True)
@@ -158,7 +150,7 @@ def score_batch(
     eps: float = 1e-6,
     vocab_chunk: int | None = None,
     projection_seed: int = 0,
-    preconditioners: dict | None = None,
+    preconditioners: PreconditionerCache | None = None,
 ) -> BatchScores:
     """Score one composed batch and run every selection on it (SLAP_METHOD.md section 3, step 4).
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from slap_ray.core.features import PreconditionerCache
 from slap_ray.core.model import device_for
 from slap_ray.core.scoring import calibrate_second_moment, score_batch
 from slap_ray.ray.pool import fetch_table
@@ -39,14 +40,13 @@ class Scorer:
         self.pad_token_id = load_tokenizer(model_name).pad_token_id
         self.settings = settings
         self.second_moment: torch.Tensor | None = None
-        self.preconditioners: dict = {}  # built from second_moment once, for every batch
+        self.preconditioners = PreconditionerCache()  # built once per second moment
 
     def ready(self) -> bool:
         return True
 
     def set_second_moment(self, value: torch.Tensor | None) -> None:
         self.second_moment = None if value is None else value.to(self.device)
-        self.preconditioners = {}
 
     def calibrate(self, batches: list[tuple[list, list]], beta2: float) -> torch.Tensor | None:
         ema = calibrate_second_moment(

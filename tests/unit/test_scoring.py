@@ -6,7 +6,11 @@ import numpy as np
 import torch
 
 from slap_ray.assets import load_causal_lm
-from slap_ray.core.features import lm_head_features, response_token_losses
+from slap_ray.core.features import (
+    PreconditionerCache,
+    lm_head_features,
+    response_token_losses,
+)
 from slap_ray.core.model import pad_batch, shift_labels
 from slap_ray.core.scoring import (
     Selection,
@@ -93,16 +97,17 @@ def test_one_scoring_pass_serves_a_grid_of_selections():
     assert (together.weight["infobatch__a0.25__s0"] > 1).any()
 
 
-def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_resets():
-    """The scorer builds 1 / (sqrt(s_hat) + eps) once for all its batches, not per batch; a new
-    second moment empties the cache, so no batch is scored with a stale one."""
+def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_follows_the_moment():
+    """The scorer builds 1 / (sqrt(s_hat) + eps) once for all its batches, not per batch; the
+    cache is keyed on the moment tensor, so a new second moment is never served a stale one,
+    whoever replaces it."""
     from slap_ray.ray.scorer import Scorer
 
     model = load_causal_lm("tiny-random")
     ids, labels = rows(12, seed=4)
     moment = calibrate_second_moment(model, [(ids[:6], labels[:6])], 0).value()
     common = dict(selections=selections_for("slap", [0.5], 0), pad_token_id=0)
-    cache: dict = {}
+    cache = PreconditionerCache()
     for key in (1, 2):
         cached = score_batch(
             model, ids, labels, batch_key=key, second_moment=moment, preconditioners=cache,
@@ -111,14 +116,19 @@ def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_resets():
         fresh = score_batch(model, ids, labels, batch_key=key, second_moment=moment, **common)
         assert cached.keep["a0.5"].tolist() == fresh.keep["a0.5"].tolist()
         np.testing.assert_array_equal(cached.losses, fresh.losses)
-    assert list(cache) == [("adam", 1e-6)]
+    assert cache.built == [("adam", 1e-6)]
+    before = losses_and_features(model, ids, labels, 0, moment, 8, preconditioners=cache)[1]
+    reshaped = moment * torch.rand(moment.shape, generator=torch.Generator().manual_seed(0))
+    after = losses_and_features(model, ids, labels, 0, reshaped, 8, preconditioners=cache)[1]
+    torch.testing.assert_close(after, losses_and_features(model, ids, labels, 0, reshaped, 8)[1])
+    assert not torch.allclose(after, before)  # the new moment mattered
     settings = {"micro_batch_size": 8, "selections": common["selections"]}
     scorer = Scorer("tiny-random", "float32", settings)
     scorer.set_second_moment(moment)
     scorer.score(1, ids, labels)
-    assert list(scorer.preconditioners) == [("adam", 1e-6)]
-    scorer.set_second_moment(moment * 4)
-    assert scorer.preconditioners == {}
+    assert scorer.preconditioners.built == [("adam", 1e-6)]
+    scorer.set_second_moment(reshaped)
     again = scorer.score(1, ids, labels)
-    expected = score_batch(model, ids, labels, batch_key=1, second_moment=moment * 4, **common)
+    expected = score_batch(model, ids, labels, batch_key=1, second_moment=reshaped, **common)
     assert again["keep"]["a0.5"].tolist() == expected.keep["a0.5"].tolist()
+    assert scorer.preconditioners.built == [("adam", 1e-6)]
