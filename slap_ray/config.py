@@ -45,8 +45,8 @@ class DataConfig(_Section):
     max_length: int = Field(512, ge=8)
     truncation: Literal["keep_response", "right"] = "keep_response"
     chitchat_mode: Literal["pairs", "multiturn"] = "pairs"
-    # Tokeniser actors (one CPU each) of the tokenise step. None: an autoscaling pool of one
-    # up to one actor per CPU of the cluster, so tokenising grows with the nodes.
+    # Tokenise tasks (one CPU each) running at once. None: one per CPU of the cluster, so
+    # tokenising grows with the nodes.
     num_tokenizers: int | None = Field(None, ge=1)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)

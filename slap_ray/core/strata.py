@@ -7,7 +7,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
 
 from slap_ray.core.seeds import derive_seed, id_rank_key
 
@@ -27,7 +26,9 @@ def kmeans_fit(
     Deterministic for a given seed and row order; callers pass rows in a canonical (id) order.
     scikit-learn relocates clusters that empty out, also with duplicated points.
     """
+    # Imported here: scikit-learn costs about a second in every worker that imports this module.
     from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
 
     data = np.asarray(points, dtype=np.float64)
     count = len(data)

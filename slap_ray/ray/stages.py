@@ -6,12 +6,13 @@ carry ``path``/``line`` so rejects point at their origin.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
 import numpy as np
 import ray
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
 
 from slap_ray.core.seeds import id_rank_key
 from slap_ray.core.strata import assign_clusters
@@ -87,35 +88,39 @@ def chitchat_stage(mode: str, split: str = "train") -> Dataset:
     return ray.data.from_items([{"mode": mode, "split": split}]).flat_map(rows_of)
 
 
-class Tokenizer:
-    """Chat-template tokenisation (slap_ray.data.tokenize.tokenize_rows) for ``map_batches``."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_name: str):
+    """One tokenizer per worker process and model: Ray reuses task workers, so a stage's tasks
+    load it once per process, not once per block."""
+    from slap_ray.assets import load_tokenizer
 
-    def __init__(self, model_name: str, max_length: int, truncation: str) -> None:
-        from slap_ray.assets import load_tokenizer
+    return load_tokenizer(model_name)
 
-        self.tokenizer = load_tokenizer(model_name)
-        self.max_length, self.truncation = max_length, truncation
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from slap_ray.data.tokenize import tokenize_rows
+def tokenize_batch(
+    batch: dict[str, np.ndarray], model_name: str, max_length: int, truncation: str
+) -> dict[str, list]:
+    """Chat-template tokenisation (slap_ray.data.tokenize.tokenize_rows) of one block; rows
+    it rejects keep empty token columns and their ``reject_reason``."""
+    from slap_ray.data.tokenize import tokenize_rows
 
-        rows = [
-            {"id": i, "messages": json.loads(m)}
-            for i, m in zip(batch["id"], batch["messages"], strict=True)
-        ]
-        kept, rejected = tokenize_rows(rows, self.tokenizer, self.max_length, self.truncation)
-        by_id = {r["id"]: r for r in kept}
-        reasons = {r["id"]: r["reason"] for r in rejected}
-        out = {k: list(batch[k]) for k in batch}
-        out["input_ids"] = [
-            np.asarray(by_id[i]["input_ids"] if i in by_id else [], np.int32) for i in batch["id"]
-        ]
-        out["labels"] = [
-            np.asarray(by_id[i]["labels"] if i in by_id else [], np.int32) for i in batch["id"]
-        ]
-        out["num_tokens"] = [len(x) for x in out["input_ids"]]
-        out["reject_reason"] = [reasons.get(i) for i in batch["id"]]
-        return out
+    rows = [
+        {"id": i, "messages": json.loads(m)}
+        for i, m in zip(batch["id"], batch["messages"], strict=True)
+    ]
+    kept, rejected = tokenize_rows(rows, _tokenizer(model_name), max_length, truncation)
+    by_id = {r["id"]: r for r in kept}
+    reasons = {r["id"]: r["reason"] for r in rejected}
+    out = {k: list(batch[k]) for k in batch}
+    out["input_ids"] = [
+        np.asarray(by_id[i]["input_ids"] if i in by_id else [], np.int32) for i in batch["id"]
+    ]
+    out["labels"] = [
+        np.asarray(by_id[i]["labels"] if i in by_id else [], np.int32) for i in batch["id"]
+    ]
+    out["num_tokens"] = [len(x) for x in out["input_ids"]]
+    out["reject_reason"] = [reasons.get(i) for i in batch["id"]]
+    return out
 
 
 def cluster_cpus() -> int:
@@ -124,19 +129,17 @@ def cluster_cpus() -> int:
 
 
 def tokenize_stage(
-    ds: Dataset, model_name: str, max_length: int, truncation: str, num_actors: int | None = None
+    ds: Dataset, model_name: str, max_length: int, truncation: str, num_tasks: int | None = None
 ) -> Dataset:
-    """Tokenise on ``num_actors`` actors of one CPU each; None: an autoscaling pool of one up
-    to one actor per CPU of the cluster (a single-threaded tokenizer left the second CPU of a
-    2-CPU machine idle: docs/performance.md)."""
-    if num_actors is None:
-        compute = ActorPoolStrategy(min_size=1, max_size=cluster_cpus())
-    else:
-        compute = ActorPoolStrategy(size=num_actors)
+    """Tokenise in tasks of one CPU each, at most ``num_tasks`` at once (None: as many as the
+    cluster has CPUs). Tasks, not an actor pool: an actor holds its CPU between blocks, so two
+    datasets tokenising at once (a sweep's concurrent trials) each held one actor of a 2-CPU
+    cluster while their read tasks waited for a CPU forever. A task gives its CPU back after
+    every block and fuses with the map before it."""
     return ds.map_batches(
-        Tokenizer,
-        fn_constructor_args=(model_name, max_length, truncation),
-        compute=compute,
+        tokenize_batch,
+        fn_kwargs={"model_name": model_name, "max_length": max_length, "truncation": truncation},
+        compute=TaskPoolStrategy(size=num_tasks),
         batch_size=256,
         num_cpus=1,
     )

@@ -45,8 +45,11 @@ def sweep_config(pool: Path, shared: Path, out: Path, **sweep):
 
 @pytest.fixture(scope="module")
 def sweep_run(ray_cluster, pool_subset, shared_data, tmp_path_factory) -> Path:
+    """Two trials at once on the 2-CPU cluster: each tokenises its rows in Ray Data, then trains
+    on one CPU. (With tokenizer actors each trial held one CPU while its read tasks waited for
+    another: this sweep never finished.) Trials are seeded, so the table does not depend on it."""
     out = tmp_path_factory.mktemp("sweep")
-    run_sweep(sweep_config(pool_subset, shared_data, out))
+    run_sweep(sweep_config(pool_subset, shared_data, out, max_concurrent_trials=2))
     return out
 
 
