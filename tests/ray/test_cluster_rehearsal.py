@@ -73,13 +73,18 @@ def _start(args: list[str], env: dict) -> subprocess.Popen:
     )
 
 
-def _stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM every node at once and wait for them together (not one grace period after the
+    other); SIGKILL what is left after 30 s."""
+    for process in processes:
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.time() + 30
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def _wait_for(check, what: str, deadline_s: float = 120) -> None:
@@ -149,9 +154,7 @@ def rehearsal_cluster():
         _wait_for(lambda: _worker_joined(env), "the worker joining with 2 CPUs")
         yield env, spec
     finally:
-        for process in (worker, head):
-            if process is not None:
-                _stop(process)
+        _stop([p for p in (worker, head) if p is not None])
         if had_local:  # the same settings as the suite's session fixture
             ensure_ray(RayConfig(num_cpus=2, object_store_memory=400 * 1024 * 1024))
 
