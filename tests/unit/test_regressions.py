@@ -40,7 +40,8 @@ def test_gpu_on_a_cpu_cluster_is_a_config_error_naming_the_setting():
 
 
 # A fixed tokenizer pool larger than the cluster waited for its actors forever (found by hand:
-# `data.num_tokenizers=4` on 2 CPUs hung in tokenize); the default autoscales and asks nothing.
+# `data.num_tokenizers=4` on 2 CPUs hung in tokenize). Tokenising now runs in tasks, which would
+# only run 2 at once, but a setting the cluster cannot meet stays an error; unset asks nothing.
 @pytest.mark.parametrize("command", ["select", "finetune"])
 def test_a_tokenizer_pool_that_cannot_fit_is_a_config_error(command):
     with pytest.raises(ConfigError, match=r"data\.num_tokenizers=4: needs CPU 4.*CPU 2"):
