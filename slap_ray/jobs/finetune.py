@@ -19,6 +19,7 @@ import yaml
 from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.seeds import id_rank_key
 from slap_ray.core.training import MODEL_DIR, STATE_FILE, flops_estimate, total_steps
+from slap_ray.files import write_text_atomic
 from slap_ray.jobs.rows import input_files, marked_rows, read_rows
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
@@ -189,7 +190,7 @@ def _finish(
         "history": state["history"],
         "eval_ids": list(eval_ids),
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

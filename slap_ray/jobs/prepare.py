@@ -22,6 +22,7 @@ from ray.data import Dataset
 from slap_ray.config import ConfigError, SlapConfig, config_to_dict
 from slap_ray.core.seeds import derive_seed
 from slap_ray.core.strata import kmeans_fit
+from slap_ray.files import write_text_atomic
 from slap_ray.jobs.rows import ORIGIN, marked_rows, raise_first_reject, shuffle_partitions
 from slap_ray.ray import pool, stages
 from slap_ray.reporting.manifest import Manifest
@@ -221,7 +222,7 @@ def load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> in
         # Whole folder: files of any older layout, and killed calls' temp files.
         shutil.rmtree(run_dir / "scored", ignore_errors=True)
         shutil.rmtree(stages_dir / "embedded", ignore_errors=True)
-        stamp.write_text(wanted)
+        write_text_atomic(stamp, wanted)
     if done_path.exists():
         done = json.loads(done_path.read_text())
         manifest.count("resume", prepared_reused=True)
@@ -229,5 +230,5 @@ def load_or_prepare(config: SlapConfig, run_dir: Path, manifest: Manifest) -> in
             manifest.count(stage, **counts)
         return int(done["batches"])
     result = prepare(config, stages_dir, manifest)
-    done_path.write_text(json.dumps(result, default=str))
+    write_text_atomic(done_path, json.dumps(result, default=str))
     return int(result["batches"])

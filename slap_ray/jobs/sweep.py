@@ -17,6 +17,7 @@ import pandas as pd
 from slap_ray.config import SlapConfig, build_config, config_to_dict
 from slap_ray.core.scoring import Selection
 from slap_ray.errors import JobFailed
+from slap_ray.files import write_text_atomic
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
 from slap_ray.reporting.manifest import Manifest
@@ -161,9 +162,7 @@ def _train_trial(config: SlapConfig, spec: dict, done: Path) -> None:
         finetune_into(config, run_dir)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(trial_row(spec, metrics, manifest)), encoding="utf-8")
-        tmp.rename(done)
+        write_text_atomic(done, json.dumps(trial_row(spec, metrics, manifest)))
 
 
 def run_trial(params: dict) -> None:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import torch
 
 from slap_ray.core.model import device_for
+from slap_ray.files import atomic_path
 
 
 def conversation_text(messages: list[dict], max_chars: int) -> str:
@@ -68,6 +69,5 @@ class Embedder:
         # Named by its rows: a batch retried after an actor failure overwrites its own file.
         origins = "\n".join(f"{p}:{ln}" for p, ln in zip(batch["path"], batch["line"], strict=True))
         name = f"part-{hashlib.sha1(origins.encode()).hexdigest()[:20]}"
-        tmp = self.persist_dir / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        tmp.rename(self.persist_dir / f"{name}.parquet")
+        with atomic_path(self.persist_dir / f"{name}.parquet") as tmp:
+            pq.write_table(table, tmp)

@@ -21,6 +21,7 @@ import torch
 from slap_ray.core.features import PreconditionerCache
 from slap_ray.core.model import device_for
 from slap_ray.core.scoring import calibrate_second_moment, score_batch
+from slap_ray.files import atomic_path
 from slap_ray.ray.pool import fetch_table
 
 SCORED_GLOB = "scored-*.parquet"
@@ -156,12 +157,11 @@ class BatchScorer:
         return frame
 
     def _write(self, frame: pd.DataFrame, batch_ids: list[int]) -> None:
-        """Atomically (a hidden temporary file, then a rename): a killed call leaves nothing."""
+        """Atomically: a killed call leaves no scored file."""
         table = pa.Table.from_pandas(frame, preserve_index=False)
         table = table.replace_schema_metadata(
             {**(table.schema.metadata or {}), SCORED_BATCHES_KEY: json.dumps(batch_ids)}
         )
         first = min(batch_ids)  # unique: a call's batches are scored nowhere else
-        tmp = self.scored_dir / f".scored-{first:06d}.{self.node[:8]}.tmp"
-        pq.write_table(table, tmp)
-        tmp.rename(self.scored_dir / f"scored-{first:06d}.parquet")
+        with atomic_path(self.scored_dir / f"scored-{first:06d}.parquet") as tmp:
+            pq.write_table(table, tmp)

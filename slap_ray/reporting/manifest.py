@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from slap_ray.files import write_text_atomic
+
 log = logging.getLogger("slap_ray.stages")
 PACKAGES = (
     "slap-ray",
@@ -104,5 +106,4 @@ class Manifest:
 
     def write(self, path: Path) -> Path:
         self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        path.write_text(json.dumps(self.data, indent=2, default=str), encoding="utf-8")
-        return path
+        return write_text_atomic(path, json.dumps(self.data, indent=2, default=str))

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from slap_ray.config import SlapConfig  # noqa: E402
+from slap_ray.files import atomic_path, write_text_atomic  # noqa: E402
 
 KEYS = ["arm", "method", "mode", "alpha", "seed"]
 OPTIONS = ["num_strata", "tau", "strata", "preconditioner"]
@@ -185,7 +186,8 @@ def write_results(
     frame = frame.sort_values(KEYS, kind="stable").reset_index(drop=True)
     keep = KEYS + OPTIONS + [c for c in frame.columns if c not in KEYS + OPTIONS]
     frame = frame[[c for c in keep if c in frame.columns]]
-    frame.to_csv(sweep_dir / "results.csv", index=False)
+    with atomic_path(sweep_dir / "results.csv") as tmp:  # read while the sweep runs
+        frame.to_csv(tmp, index=False)
     summary = summary_table(frame, config.sweep.bootstrap_samples)
     plots = sweep_dir / "plots"
     plots.mkdir(exist_ok=True)
@@ -207,6 +209,4 @@ def write_results(
     ]
     for title, image in images:
         lines += [f"## {title}", "", f"![{title}]({image})", ""]
-    path = sweep_dir / "results.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return write_text_atomic(sweep_dir / "results.md", "\n".join(lines))
