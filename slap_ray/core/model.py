@@ -87,22 +87,61 @@ def lm_head_of(model: torch.nn.Module) -> torch.Tensor:
     return unwrap(model).get_output_embeddings().weight
 
 
+class LogitsBuffer:
+    """Reusable storage for the LM head's response logits (N, V), grown to the largest N seen.
+
+    Without it every micro-batch allocates a fresh N x V tensor (189 MB at N = 960,
+    V = 49,152): above glibc's mmap threshold, so the kernel maps and zero-fills new pages on
+    first touch, which took as long as the LM-head GEMM itself on a CPU scorer. A scorer keeps
+    one across its batches. Whatever a ``take`` returned is overwritten by the next ``take``.
+    """
+
+    def __init__(self) -> None:
+        self._flat: torch.Tensor | None = None
+
+    def take(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A (rows, cols) contiguous view of the buffer, reallocated only when too small."""
+        flat = self._flat
+        if (
+            flat is None
+            or flat.numel() < rows * cols
+            or flat.dtype != dtype
+            or flat.device != device
+        ):
+            self._flat = flat = None  # free the old one before allocating the larger one
+            self._flat = flat = torch.empty(rows * cols, dtype=dtype, device=device)
+        return flat[: rows * cols].view(rows, cols)
+
+
 def forward_response_logits(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     aligned_labels: torch.Tensor,
+    logits_buffer: LogitsBuffer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states (B, T, H) and LM-head logits (N, V) at the N response positions only.
 
     Prompt and padding positions need no logits for losses or features, so the LM head (and
     the softmax over V) runs only where labels are, in row-major order. Grad follows the
-    caller's mode (``torch.no_grad`` or not).
+    caller's mode (``torch.no_grad`` or not). ``logits_buffer``: where the logits go when no
+    autograd or autocast is active and the head is a plain bias-free ``nn.Linear`` (the same
+    GEMM, so the same values); otherwise a fresh tensor.
     """
     base = unwrap(model)
     hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
     hidden = hidden.last_hidden_state
-    return hidden, base.get_output_embeddings()(hidden[aligned_labels != IGNORE_INDEX])
+    head, response = base.get_output_embeddings(), hidden[aligned_labels != IGNORE_INDEX]
+    plain = type(head) is torch.nn.Linear and head.bias is None
+    if (
+        logits_buffer is None
+        or not plain
+        or torch.is_grad_enabled()
+        or torch.is_autocast_enabled(response.device.type)
+    ):
+        return hidden, head(response)
+    out = logits_buffer.take(len(response), head.weight.shape[0], response.dtype, response.device)
+    return hidden, torch.mm(response, head.weight.T, out=out)
 
 
 def length_sorted_micro_batches(lengths: Sequence[int], size: int) -> list[list[int]]:
@@ -142,9 +181,12 @@ def forward_micro_batches(
     *,
     grad: bool = False,
     autocast: Callable[[], Any] = nullcontext,
+    logits_buffer: LogitsBuffer | None = None,
 ) -> Iterator[MicroBatch]:
     """Forward token lists in length-sorted micro-batches (little padding), LM head at response
-    positions only; ``grad=False`` runs without autograd (scoring, calibration, evaluation)."""
+    positions only; ``grad=False`` runs without autograd (scoring, calibration, evaluation).
+    ``logits_buffer``: see ``forward_response_logits``; a micro-batch's logits are then valid
+    until the next one is forwarded."""
     device = lm_head_of(model).device
     for rows in length_sorted_micro_batches([len(x) for x in input_ids], micro_batch_size):
         ids, mask, targets = pad_batch(
@@ -152,5 +194,5 @@ def forward_micro_batches(
         )
         aligned = shift_labels(targets)
         with torch.set_grad_enabled(grad), autocast():
-            hidden, logits = forward_response_logits(model, ids, mask, aligned)
+            hidden, logits = forward_response_logits(model, ids, mask, aligned, logits_buffer)
         yield MicroBatch(rows, mask, aligned, hidden, logits.float())

@@ -20,7 +20,7 @@ from slap_ray.core.features import (
     project_features,
     response_softmax_,
 )
-from slap_ray.core.model import forward_micro_batches, lm_head_of
+from slap_ray.core.model import LogitsBuffer, forward_micro_batches, lm_head_of
 from slap_ray.core.seeds import derive_rng
 from slap_ray.core.selection import loss_strata, n_keep_for, select_weighted
 
@@ -50,12 +50,14 @@ def losses_and_features(
     with_features: bool = True,
     preconditioner: str = "adam",
     preconditioners: PreconditionerCache | None = None,
+    logits_buffer: LogitsBuffer | None = None,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """Forward a batch in micro-batches: losses (B,) float64 and features (B, V) float32
     (None without ``with_features``: methods other than SLAP need the losses only).
     ``preconditioner``: ``adam`` | ``factored`` | ``none`` (see ``make_preconditioner``).
     ``preconditioners``: a cache of the built preconditioners (a scorer's, across its batches:
-    building the exact one reads all of V x H).
+    building the exact one reads all of V x H). ``logits_buffer``: a scorer's, reused across
+    its batches (``core.model.LogitsBuffer``).
 
     Rows are grouped into micro-batches by length (ties by position) so little padding is
     forwarded; results come back in the input order.
@@ -66,7 +68,10 @@ def losses_and_features(
     if with_features:
         cache = preconditioners if preconditioners is not None else PreconditionerCache()
         built = cache.get(second_moment, preconditioner, eps)
-    for micro in forward_micro_batches(model, input_ids, labels, pad_token_id, micro_batch_size):
+    micro_batches = forward_micro_batches(
+        model, input_ids, labels, pad_token_id, micro_batch_size, logits_buffer=logits_buffer
+    )
+    for micro in micro_batches:
         rows = micro.rows
         if features is None:
             micro_losses, _ = response_softmax_(micro.logits, micro.aligned, probabilities=False)
@@ -114,14 +119,17 @@ def selections_for(method: str, alphas: Sequence[float], seed: int, **options) -
     return [Selection(alpha_key(a), method, a, seed, **options) for a in alphas]
 
 
-def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk, cache):
+def _features_for(
+    model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk, cache, buffer
+):
     """Losses (B,) and the feature matrices the selections need: {preconditioner: (B, V)};
     none when no selection is SLAP (the other methods rank by loss alone)."""
     wanted = {s.preconditioner for s in selections if s.method == "slap"}
     if not wanted:
         losses, _ = losses_and_features(
-            model, input_ids, labels, pad, None, mb, eps, chunk, with_features=False
-        )
+            model, input_ids, labels, pad, None, mb, eps, chunk, with_features=False,
+            logits_buffer=buffer,
+        )  # fmt: skip
         return losses, {}
     features = {}
     for kind in sorted(wanted):
@@ -130,7 +138,7 @@ def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, 
             continue
         losses, features[kind] = losses_and_features(
             model, input_ids, labels, pad, second_moment, mb, eps, chunk,
-            preconditioner=kind, preconditioners=cache,
+            preconditioner=kind, preconditioners=cache, logits_buffer=buffer,
         )  # fmt: skip
     return losses, features
 
@@ -151,17 +159,19 @@ def score_batch(
     vocab_chunk: int | None = None,
     projection_seed: int = 0,
     preconditioners: PreconditionerCache | None = None,
+    logits_buffer: LogitsBuffer | None = None,
 ) -> BatchScores:
     """Score one composed batch and run every selection on it (SLAP_METHOD.md section 3, step 4).
 
     Losses and features do not depend on the selection, so one forward pass serves a whole grid
     of methods, alphas and seeds (a sweep scores each batch once). Each (seed, method, alpha,
     batch) gets its own derived RNG: results do not depend on which scorer ran it.
-    ``preconditioners``: the caller's cache of built preconditioners (``losses_and_features``).
+    ``preconditioners``, ``logits_buffer``: the caller's, kept across batches
+    (``losses_and_features``).
     """
     losses, features = _features_for(
         model, input_ids, labels, pad_token_id, second_moment, selections,
-        micro_batch_size, eps, vocab_chunk, preconditioners,
+        micro_batch_size, eps, vocab_chunk, preconditioners, logits_buffer,
     )  # fmt: skip
     scores = BatchScores(
         losses=losses,
@@ -188,6 +198,7 @@ def calibrate_second_moment(
     pad_token_id: int,
     beta2: float = 0.999,
     micro_batch_size: int = 8,
+    logits_buffer: LogitsBuffer | None = None,
 ) -> SecondMomentEMA:
     """EMA of squared LM-head gradients over calibration batches with the frozen model.
 
@@ -200,7 +211,7 @@ def calibrate_second_moment(
     for input_ids, labels in batches:
         total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for micro in forward_micro_batches(
-            model, input_ids, labels, pad_token_id, micro_batch_size
+            model, input_ids, labels, pad_token_id, micro_batch_size, logits_buffer=logits_buffer
         ):
             scale = torch.full((len(micro.rows),), 1.0 / len(input_ids), device=weight.device)
             total += lm_head_example_gradient_sum(

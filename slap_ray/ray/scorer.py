@@ -19,7 +19,7 @@ import ray
 import torch
 
 from slap_ray.core.features import PreconditionerCache
-from slap_ray.core.model import device_for
+from slap_ray.core.model import LogitsBuffer, device_for
 from slap_ray.core.scoring import calibrate_second_moment, score_batch
 from slap_ray.files import atomic_path
 from slap_ray.ray.pool import fetch_table
@@ -42,6 +42,7 @@ class Scorer:
         self.settings = settings
         self.second_moment: torch.Tensor | None = None
         self.preconditioners = PreconditionerCache()  # built once per second moment
+        self.logits_buffer = LogitsBuffer()  # one N x V allocation for all batches
 
     def ready(self) -> bool:
         return True
@@ -51,8 +52,9 @@ class Scorer:
 
     def calibrate(self, batches: list[tuple[list, list]], beta2: float) -> torch.Tensor | None:
         ema = calibrate_second_moment(
-            self.model, batches, self.pad_token_id, beta2, self.settings["micro_batch_size"]
-        )
+            self.model, batches, self.pad_token_id, beta2, self.settings["micro_batch_size"],
+            logits_buffer=self.logits_buffer,
+        )  # fmt: skip
         return None if ema.value() is None else ema.value().cpu()
 
     def score(self, batch_id: int, input_ids: list, labels: list) -> dict[str, Any]:
@@ -64,6 +66,7 @@ class Scorer:
             pad_token_id=self.pad_token_id,
             second_moment=self.second_moment,
             preconditioners=self.preconditioners,
+            logits_buffer=self.logits_buffer,
             **self.settings,
         )
         return {

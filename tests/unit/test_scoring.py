@@ -11,7 +11,7 @@ from slap_ray.core.features import (
     lm_head_features,
     response_token_losses,
 )
-from slap_ray.core.model import pad_batch, shift_labels
+from slap_ray.core.model import LogitsBuffer, forward_micro_batches, pad_batch, shift_labels
 from slap_ray.core.scoring import (
     Selection,
     calibrate_second_moment,
@@ -132,3 +132,38 @@ def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_follows_th
     expected = score_batch(model, ids, labels, batch_key=1, second_moment=reshaped, **common)
     assert again["keep"]["a0.5"].tolist() == expected.keep["a0.5"].tolist()
     assert scorer.preconditioners.built == [("adam", 1e-6)]
+
+
+def test_a_reused_logits_buffer_gives_bitwise_the_scores_of_fresh_logits():
+    """A scorer keeps one N x V logits buffer across batches (fresh ones cost a page-zeroing
+    mmap each); the same GEMM writes into it, so losses, features and kept rows are identical
+    while batches of more, then fewer, response tokens reuse and grow one allocation."""
+    model = load_causal_lm("tiny-random")
+    buffer = LogitsBuffer()
+    small, large = rows(6, seed=5), rows(12, seed=6)
+    storage = []
+    for ids, labels in (small, large, small):
+        reused = losses_and_features(model, ids, labels, 0, None, 4, logits_buffer=buffer)
+        fresh = losses_and_features(model, ids, labels, 0, None, 4)
+        np.testing.assert_array_equal(reused[0], fresh[0])
+        assert torch.equal(reused[1], fresh[1])
+        storage.append(buffer.take(1, 1, torch.float32, torch.device("cpu")).data_ptr())
+    assert storage[1] == storage[2]  # the smaller batch after the larger: no new allocation
+    moment = calibrate_second_moment(model, [large], 0, logits_buffer=buffer).value()
+    assert torch.equal(moment, calibrate_second_moment(model, [large], 0).value())
+    common = dict(batch_key=3, selections=selections_for("slap", [0.5], 0), pad_token_id=0)
+    with_buffer = score_batch(model, *large, second_moment=moment, logits_buffer=buffer, **common)
+    without = score_batch(model, *large, second_moment=moment, **common)
+    assert with_buffer.keep["a0.5"].tolist() == without.keep["a0.5"].tolist()
+
+
+def test_the_logits_buffer_is_left_alone_where_autograd_needs_the_logits():
+    model = load_causal_lm("tiny-random")
+    ids, labels = rows(4, seed=7)
+    buffer = LogitsBuffer()
+    (micro,) = forward_micro_batches(model, ids, labels, 0, 4, grad=True, logits_buffer=buffer)
+    (plain,) = forward_micro_batches(model, ids, labels, 0, 4, logits_buffer=buffer)
+    taken = buffer.take(*plain.logits.shape, torch.float32, torch.device("cpu"))
+    assert plain.logits.data_ptr() == taken.data_ptr()  # no autograd: written into the buffer
+    assert micro.logits.requires_grad and micro.logits.data_ptr() != taken.data_ptr()
+    assert torch.equal(plain.logits, micro.logits.detach())
