@@ -92,16 +92,19 @@ class LogitsBuffer:
 
     Without it every micro-batch allocates a fresh N x V tensor (189 MB at N = 960,
     V = 49,152): above glibc's mmap threshold, so the kernel maps and zero-fills new pages on
-    first touch, which took as long as the LM-head GEMM itself on a CPU scorer. A scorer keeps
-    one across its batches. Whatever a ``take`` returned is overwritten by the next ``take``.
+    first touch (60k page faults per composed batch of the scale bench), nearly as long as the
+    LM-head GEMM itself on a CPU scorer. A scorer keeps one across its batches. Whatever a
+    ``take`` returned is overwritten by the next ``take``.
     """
 
     def __init__(self) -> None:
         self._flat: torch.Tensor | None = None
 
-    def take(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def take(
+        self, rows: int, cols: int, dtype: torch.dtype, device: torch.device | str
+    ) -> torch.Tensor:
         """A (rows, cols) contiguous view of the buffer, reallocated only when too small."""
-        flat = self._flat
+        flat, device = self._flat, torch.device(device)
         if (
             flat is None
             or flat.numel() < rows * cols
