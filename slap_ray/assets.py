@@ -9,7 +9,11 @@ with ``importlib.util.find_spec`` and never imported.
   therefore converted once into a plain safetensors folder (model + tokenizer + chat template)
   that reloads in well under a second.
 * all-MiniLM-L6-v2 ships as a ready sentence-transformers folder and is used in place.
-* A tiny random Llama (SmolLM2 vocabulary, seeded weights) serves fast plumbing tests.
+* A tiny random Llama (SmolLM2 vocabulary, seeded weights) stands in for SmolLM2 where the
+  tokenizer matters (a proxy scorer of the same vocabulary).
+* A tiny random Llama with its own 512-token byte-level BPE (trained here, offline, on the
+  embedded chitchat conversations) serves the plumbing tests: SmolLM2's 49,152-token head made
+  logits, LM-head features and the second moment ~100x what a test needs.
 
 Generated folders live under ``$SLAP_CACHE_DIR`` (default ``~/.cache/slap_ray``) in a subfolder
 named after ``ASSETS_VERSION``; bump it whenever a builder changes so stale folders are ignored.
@@ -50,6 +54,18 @@ SMOLLM2_LOGIT_ATOL = 1e-4
 SMOLLM2_NAME = "smollm2-135m-instruct"
 TINY_NAME = "tiny-random"
 TINY_UNTIED_NAME = "tiny-random-untied"
+TINY_BPE_NAME = "tiny-bpe"
+TINY_BPE_UNTIED_NAME = "tiny-bpe-untied"
+TINY_BPE_VOCAB = 512
+TINY_BPE_TRAINING_ROWS = 4000  # chitchat pairs: ~1 s to read and train, deterministic
+TINY_BPE_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# ChatML as SmolLM2 writes it, without its default system prompt (shorter test rows).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 MINILM_NAME = "all-minilm-l6-v2"
 
 
@@ -209,32 +225,75 @@ def smollm2_dir() -> Path:
     return Path(resolve_model_path(SMOLLM2_NAME))
 
 
+def _tiny_llama(tokenizer: PreTrainedTokenizerBase, tie_word_embeddings: bool, out: Path) -> dict:
+    """Save a seeded 2-layer, hidden-64 Llama over ``tokenizer``'s vocabulary, and the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    # Seeded inside fork_rng so building never perturbs the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(out)
+    return {"seed": TINY_SEED, "tie_word_embeddings": tie_word_embeddings, **_versions()}
+
+
 def _tiny_builder(tie_word_embeddings: bool) -> Callable[[Path], dict[str, Any]]:
     def build(out: Path) -> dict[str, Any]:
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-        )
-        # Seeded inside fork_rng so building never perturbs the caller's global RNG state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            model = LlamaForCausalLM(config)
-        model.save_pretrained(out)
-        tokenizer.model_max_length = config.max_position_embeddings
-        tokenizer.save_pretrained(out)
-        return {"seed": TINY_SEED, "tie_word_embeddings": tie_word_embeddings, **_versions()}
+        return _tiny_llama(tokenizer, tie_word_embeddings, out)
+
+    return build
+
+
+def train_tiny_bpe_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level BPE of ``TINY_BPE_VOCAB`` tokens (SmolLM2's pre-tokenizer and special
+    tokens, ChatML template) trained on the first chitchat pairs: deterministic, ~1 s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slap_ray.data.chitchat import chitchat_rows
+
+    rows = chitchat_rows("pairs", max_rows=TINY_BPE_TRAINING_ROWS)
+    texts = [message["content"] for row in rows for message in row["messages"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_BPE_VOCAB,
+        special_tokens=list(TINY_BPE_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: nothing is unknown
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    unknown, start, end = TINY_BPE_SPECIAL_TOKENS
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=start, eos_token=end, pad_token=end, unk_token=unknown
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _tiny_bpe_builder(tie_word_embeddings: bool) -> Callable[[Path], dict[str, Any]]:
+    def build(out: Path) -> dict[str, Any]:
+        info = _tiny_llama(train_tiny_bpe_tokenizer(), tie_word_embeddings, out)
+        return {**info, "tokenizer": f"byte-level BPE, {TINY_BPE_VOCAB} tokens, chitchat"}
 
     return build
 
@@ -244,8 +303,14 @@ def _tiny_cache_name(tie_word_embeddings: bool) -> str:
 
 
 def tiny_llama_dir(tie_word_embeddings: bool = True) -> Path:
-    """Cached tiny random Llama (2 layers, hidden 64, SmolLM2 tokenizer) for plumbing tests."""
+    """Cached tiny random Llama (2 layers, hidden 64, SmolLM2 tokenizer)."""
     return Path(resolve_model_path(TINY_NAME if tie_word_embeddings else TINY_UNTIED_NAME))
+
+
+def tiny_bpe_dir(tie_word_embeddings: bool = True) -> Path:
+    """Cached tiny random Llama with the 512-token BPE, for plumbing tests."""
+    name = TINY_BPE_NAME if tie_word_embeddings else TINY_BPE_UNTIED_NAME
+    return Path(resolve_model_path(name))
 
 
 # Each model alias: the cache folder it builds, and how to build it. One table, read both to
@@ -254,6 +319,8 @@ _MODEL_ALIASES: dict[str, tuple[str, Callable[[Path], dict[str, Any]]]] = {
     SMOLLM2_NAME: (SMOLLM2_NAME, _build_smollm2),
     TINY_NAME: (_tiny_cache_name(True), _tiny_builder(True)),
     TINY_UNTIED_NAME: (_tiny_cache_name(False), _tiny_builder(False)),
+    TINY_BPE_NAME: ("tiny-bpe-llama-tied", _tiny_bpe_builder(True)),
+    TINY_BPE_UNTIED_NAME: ("tiny-bpe-llama-untied", _tiny_bpe_builder(False)),
 }
 _EMBEDDER_ALIASES: dict[str, Callable[[], Path]] = {
     MINILM_NAME: minilm_dir,
@@ -283,8 +350,8 @@ def _local_or_hub(name: str) -> str:
 def resolve_model_path(name: str) -> str:
     """Map a model name from the config to something ``from_pretrained`` accepts.
 
-    ``smollm2-135m-instruct``, ``tiny-random`` and ``tiny-random-untied`` (case-insensitive) map
-    to cached local folders (built on first use); an existing local folder maps to itself;
+    ``smollm2-135m-instruct``, ``tiny-random``, ``tiny-bpe`` and their ``-untied`` twins
+    (case-insensitive) map to cached local folders (built on first use); an existing local folder maps to itself;
     anything else is returned unchanged (a Hub id).
     """
     alias = _MODEL_ALIASES.get(name.strip().lower())

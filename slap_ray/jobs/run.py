@@ -19,6 +19,7 @@ SELECT_DIR = "select"
 def run_all(config: SlapConfig) -> Path:
     from slap_ray.jobs.finetune import OWNED, finetune_into
     from slap_ray.jobs.select import select_into
+    from slap_ray.ray.runtime import ray_started
 
     tree = config_to_dict(config)
     selection_report, timings = None, {}
@@ -28,7 +29,10 @@ def run_all(config: SlapConfig) -> Path:
                 f"train.alpha: {config.train.alpha:g} is not in select.alphas "
                 f"{config.select.alphas}; the selection would not produce it"
             )
-    with locked_run_dir(config.output_dir, (*OWNED, SELECT_DIR), config.resume) as run_dir:
+    with (
+        locked_run_dir(config.output_dir, (*OWNED, SELECT_DIR), config.resume) as run_dir,
+        ray_started(config.ray),  # one Ray start serves both jobs
+    ):
         if config.select.mode == "offline":
             select_dir = run_dir / SELECT_DIR
             select_dir.mkdir(exist_ok=True)

@@ -69,6 +69,18 @@ def ensure_ray(config: RayConfig) -> bool:
     return True
 
 
+@contextmanager
+def ray_started(config: RayConfig) -> Iterator[None]:
+    """Ray for a run of several jobs (``slap run``: select, then fine-tune): started once here
+    and stopped at the end, so each job's ``ray_session`` joins it instead of paying a start."""
+    started = ensure_ray(config)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def check_resources(config: SlapConfig, command: str) -> None:
     """Fail before any work when the job's actors can never be placed on this cluster."""
     if not config.ray.check_resources:
@@ -211,4 +223,11 @@ def progress_bar(config: SlapConfig, desc: str, total: int, initial: int = 0) ->
         bar.close()
 
 
-__all__ = ["ConfigError", "check_resources", "ensure_ray", "progress_bar", "ray_session"]
+__all__ = [
+    "ConfigError",
+    "check_resources",
+    "ensure_ray",
+    "progress_bar",
+    "ray_session",
+    "ray_started",
+]

@@ -78,17 +78,25 @@ def test_smollm2_matches_gguf(smollm2_path: Path) -> None:
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_tiny_llama_loads(tied: bool) -> None:
-    name = "tiny-random" if tied else "tiny-random-untied"
-    path = assets.tiny_llama_dir(tie_word_embeddings=tied)
+@pytest.mark.parametrize(
+    ("name", "tied", "vocab"),
+    [
+        ("tiny-random", True, 49152),
+        ("tiny-random-untied", False, 49152),
+        ("tiny-bpe", True, assets.TINY_BPE_VOCAB),
+        ("tiny-bpe-untied", False, assets.TINY_BPE_VOCAB),
+    ],
+)
+def test_tiny_llama_loads(name: str, tied: bool, vocab: int) -> None:
+    folder = assets.tiny_bpe_dir if name.startswith("tiny-bpe") else assets.tiny_llama_dir
+    path = folder(tie_word_embeddings=tied)
     assert assets.resolve_model_path(name) == str(path)
     model = assets.load_causal_lm(name)
     tokenizer = assets.load_tokenizer(name)
     config = model.config
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (64, 2, 128)
     assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
-    assert config.vocab_size == len(tokenizer) == 49152
+    assert config.vocab_size == len(tokenizer) == vocab
     assert config.tie_word_embeddings is tied
     shares = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert shares is tied
@@ -97,7 +105,33 @@ def test_tiny_llama_loads(tied: bool) -> None:
     )
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
-    assert logits.shape == (1, len(ids), 49152) and torch.isfinite(logits).all()
+    assert logits.shape == (1, len(ids), vocab) and torch.isfinite(logits).all()
+
+
+def test_tiny_bpe_tokenizer_is_real_deterministic_and_chatml() -> None:
+    """Trained here on chitchat: the same merges every build, every byte encodable, ChatML turns
+    that the progressive-rendering label split accepts."""
+    from slap_ray.data.tokenize import tokenize_conversation
+
+    first, again = assets.train_tiny_bpe_tokenizer(), assets.train_tiny_bpe_tokenizer()
+    assert first.backend_tokenizer.to_str() == again.backend_tokenizer.to_str()
+    cached = assets.load_tokenizer("tiny-bpe")
+    text = "Hello, world! Ünïcødé and numbers 12345.\n\tTabs 🙂"
+    ids = cached(text, add_special_tokens=False)["input_ids"]
+    assert cached.decode(ids) == text and ids == first(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) < len(text.encode("utf-8"))  # merges were learnt, not bytes alone
+    messages = [
+        {"role": "user", "content": "How was your weekend?"},
+        {"role": "assistant", "content": "Great, I went hiking."},
+    ]
+    rendered = cached.apply_chat_template(messages, tokenize=False)
+    assert rendered == (
+        "<|im_start|>user\nHow was your weekend?<|im_end|>\n"
+        "<|im_start|>assistant\nGreat, I went hiking.<|im_end|>\n"
+    )
+    example = tokenize_conversation(messages, cached, 96)
+    trained = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label >= 0]
+    assert cached.decode(trained) == "Great, I went hiking.<|im_end|>\n"
 
 
 def test_tiny_llama_is_seeded(tmp_path: Path) -> None:

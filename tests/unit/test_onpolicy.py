@@ -15,7 +15,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from slap_ray.assets import load_causal_lm
+from slap_ray.assets import TINY_BPE_VOCAB, load_causal_lm
 from slap_ray.core.features import SecondMomentEMA, lm_head_example_gradient_sum
 from slap_ray.core.model import forward_response_logits, pad_batch, shift_labels
 from slap_ray.core.onpolicy import SelectionSettings, onpolicy_step
@@ -27,7 +27,7 @@ def batch(count: int = 10, seed: int = 0):
     examples = []
     for _ in range(count):
         length, prompt = int(rng.integers(8, 24)), int(rng.integers(2, 6))
-        tokens = rng.integers(1, 49152, size=length).tolist()
+        tokens = rng.integers(1, TINY_BPE_VOCAB, size=length).tolist()
         examples.append((tokens, [-100] * prompt + tokens[prompt:]))
     return examples
 
@@ -58,7 +58,7 @@ def grads(model):
 @pytest.mark.parametrize("method", ["slap", "online_hard", "infobatch"])
 def test_step_backpropagates_kept_rows_and_matches_direct_gradient(mode, method):
     torch.manual_seed(0)
-    model = load_causal_lm("tiny-random-untied").train()
+    model = load_causal_lm("tiny-bpe-untied").train()
     if mode == "lora":
         model = lora(model)
     examples = batch(10)
@@ -84,7 +84,7 @@ def test_step_backpropagates_kept_rows_and_matches_direct_gradient(mode, method)
 
 
 def test_pruned_rows_get_no_gradient_and_frozen_weights_none():
-    model = lora(load_causal_lm("tiny-random-untied").train())
+    model = lora(load_causal_lm("tiny-bpe-untied").train())
     examples = batch(10, seed=3)
     stats = onpolicy_step(
         model, examples, range(10), 10, SelectionSettings(alpha=0.3),
@@ -105,7 +105,7 @@ def test_pruned_rows_get_no_gradient_and_frozen_weights_none():
 
 
 def test_full_batch_streams_and_equals_mean_loss_gradient():
-    model = load_causal_lm("tiny-random").train()
+    model = load_causal_lm("tiny-bpe").train()
     examples = batch(6, seed=2)
     stats = onpolicy_step(
         model, examples, range(6), 6, SelectionSettings(method="full", alpha=0.0),
@@ -119,7 +119,7 @@ def test_full_batch_streams_and_equals_mean_loss_gradient():
 
 
 def test_lm_head_ema_gets_the_objectives_lm_head_gradient():
-    model = load_causal_lm("tiny-random-untied").train()
+    model = load_causal_lm("tiny-bpe-untied").train()
     examples = batch(10, seed=4)
     ema = SecondMomentEMA(beta2=0.5)
     stats = onpolicy_step(
@@ -186,7 +186,7 @@ def steps_on_thread_workers(base, examples, workers: int, settings, seed: int):
 
 def test_two_workers_select_the_same_rows_and_sum_to_the_single_worker_gradient():
     torch.manual_seed(0)
-    base = lora(load_causal_lm("tiny-random-untied").train())
+    base = lora(load_causal_lm("tiny-bpe-untied").train())
     single, expected, replicas, results = steps_on_thread_workers(
         base, batch(10, seed=6), 2, SelectionSettings(alpha=0.3), seed=9
     )
@@ -201,7 +201,7 @@ def test_two_workers_select_the_same_rows_and_sum_to_the_single_worker_gradient(
 
 
 def test_example_gradient_sum_matches_autograd_on_lm_head():
-    model = load_causal_lm("tiny-random-untied")
+    model = load_causal_lm("tiny-bpe-untied")
     examples = batch(4, seed=8)
     ids, mask, targets = pad_batch([e[0] for e in examples], [e[1] for e in examples], 0)
     aligned = shift_labels(targets)
@@ -223,7 +223,7 @@ def test_example_gradient_sum_matches_autograd_on_lm_head():
 def test_bf16_autocast_step_keeps_fp32_gradients():
     from functools import partial
 
-    model = load_causal_lm("tiny-random").train()
+    model = load_causal_lm("tiny-bpe").train()
     stats = onpolicy_step(
         model, batch(10, seed=11), range(10), 10, SelectionSettings(alpha=0.3),
         np.random.default_rng(0), pad_token_id=0,
@@ -236,7 +236,7 @@ def test_bf16_autocast_step_keeps_fp32_gradients():
 
 def test_budget_of_zero_rows_skips_the_step():
     """alpha 0.9 keeps round(0.1 * 4) = 0 of a batch of 4, and 0 of a final batch of 1."""
-    model = load_causal_lm("tiny-random").train()
+    model = load_causal_lm("tiny-bpe").train()
     examples = batch(5, seed=12)
     for rows in (examples[:4], examples[4:]):
         stats = onpolicy_step(
@@ -256,7 +256,7 @@ def test_budget_of_zero_rows_skips_the_step():
 def test_four_workers_on_a_three_row_batch():
     """Worker 3 gets no row of the short final batch; the step still agrees with one worker."""
     torch.manual_seed(0)
-    base = lora(load_causal_lm("tiny-random-untied").train())
+    base = lora(load_causal_lm("tiny-bpe-untied").train())
     settings = SelectionSettings(alpha=0.3)  # keeps round(0.7 * 3) = 2
     single, expected, replicas, results = steps_on_thread_workers(
         base, batch(3, seed=13), 4, settings, seed=4
@@ -271,7 +271,7 @@ def test_four_workers_on_a_three_row_batch():
 
 def test_offline_weighted_objective_equals_autograd():
     """Offline InfoBatch: each kept row trains with its weight, sum_j w_j loss_j / B."""
-    model = load_causal_lm("tiny-random-untied").train()
+    model = load_causal_lm("tiny-bpe-untied").train()
     examples = batch(6, seed=14)
     weights = [1.0, 2.5, 1.0, 0.5, 1.0, 1.25]
     stats = onpolicy_step(
@@ -289,7 +289,7 @@ def test_offline_weighted_objective_equals_autograd():
 def test_offline_calibration_equals_the_online_ema_after_the_same_batches():
     """SLAP_METHOD.md section 1: both paths fold in the LM-head gradient of the mean over
     examples of their mean response loss (not a token-weighted batch loss)."""
-    model = lora(load_causal_lm("tiny-random-untied")).train()
+    model = lora(load_causal_lm("tiny-bpe-untied")).train()
     batches = [batch(6, seed=20), batch(5, seed=21)]
     online = SecondMomentEMA(beta2=0.9)
     for rows in batches:
@@ -316,7 +316,7 @@ def test_recompute_keeps_the_same_rows_and_gradient_as_kept_graphs(mode, method)
     selects the same rows as kept graphs from the same model state, and its gradient is the
     autograd gradient of the kept rows' objective."""
     torch.manual_seed(0)
-    base = load_causal_lm("tiny-random-untied").train()
+    base = load_causal_lm("tiny-bpe-untied").train()
     if mode == "lora":
         base = lora(base)
     examples = batch(12, seed=11)
@@ -360,7 +360,7 @@ def test_recompute_keeps_the_same_rows_and_gradient_as_kept_graphs(mode, method)
 
 def test_recompute_on_two_workers_sums_to_the_single_worker_gradient():
     torch.manual_seed(0)
-    base = lora(load_causal_lm("tiny-random-untied").train())
+    base = lora(load_causal_lm("tiny-bpe-untied").train())
     settings = SelectionSettings(alpha=0.3, onpolicy="recompute")
     single, expected, replicas, results = steps_on_thread_workers(
         base, batch(10, seed=6), 2, settings, seed=9
@@ -383,7 +383,7 @@ def test_unknown_onpolicy_mode_and_preconditioner_are_refused():
 
 def test_factored_preconditioner_selects_on_policy():
     """The factored option runs inside the training step and keeps the step's budget."""
-    model = load_causal_lm("tiny-random-untied").train()
+    model = load_causal_lm("tiny-bpe-untied").train()
     examples = batch(10, seed=8)
     moment = torch.rand_like(model.lm_head.weight, dtype=torch.float32) * 1e-4 + 1e-8
     stats = onpolicy_step(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from slap_ray.assets import load_causal_lm
+from slap_ray.assets import TINY_BPE_VOCAB, load_causal_lm
 from slap_ray.core.features import (
     PreconditionerCache,
     lm_head_features,
@@ -26,14 +26,14 @@ def rows(count: int = 10, seed: int = 0):
     ids, labels = [], []
     for _ in range(count):
         length, prompt = int(rng.integers(6, 30)), int(rng.integers(2, 5))
-        tokens = rng.integers(1, 49152, size=length).tolist()
+        tokens = rng.integers(1, TINY_BPE_VOCAB, size=length).tolist()
         ids.append(tokens)
         labels.append([-100] * prompt + tokens[prompt:])
     return ids, labels
 
 
 def test_micro_batched_scores_equal_one_row_at_a_time():
-    model = load_causal_lm("tiny-random")
+    model = load_causal_lm("tiny-bpe")
     ids, labels = rows()
     losses, features = losses_and_features(model, ids, labels, 0, None, micro_batch_size=4)
     for j in (0, 3, 9):
@@ -52,7 +52,7 @@ def test_micro_batched_scores_equal_one_row_at_a_time():
 
 
 def test_score_batch_keeps_round_fraction_per_alpha_and_is_seeded():
-    model = load_causal_lm("tiny-random")
+    model = load_causal_lm("tiny-bpe")
     ids, labels = rows(12, seed=1)
     moment = calibrate_second_moment(model, [(ids[:6], labels[:6])], 0).value()
     kwargs = dict(
@@ -71,7 +71,7 @@ def test_score_batch_keeps_round_fraction_per_alpha_and_is_seeded():
 
 def test_one_scoring_pass_serves_a_grid_of_selections():
     """A sweep's arms, alphas and seeds come from one forward pass; each equals its own run."""
-    model = load_causal_lm("tiny-random")
+    model = load_causal_lm("tiny-bpe")
     ids, labels = rows(16, seed=2)
     moment = calibrate_second_moment(model, [(ids[:8], labels[:8])], 0).value()
     grid = [
@@ -103,7 +103,7 @@ def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_follows_th
     whoever replaces it."""
     from slap_ray.ray.scorer import Scorer
 
-    model = load_causal_lm("tiny-random")
+    model = load_causal_lm("tiny-bpe")
     ids, labels = rows(12, seed=4)
     moment = calibrate_second_moment(model, [(ids[:6], labels[:6])], 0).value()
     common = dict(selections=selections_for("slap", [0.5], 0), pad_token_id=0)
@@ -123,7 +123,7 @@ def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_follows_th
     torch.testing.assert_close(after, losses_and_features(model, ids, labels, 0, reshaped, 8)[1])
     assert not torch.allclose(after, before)  # the new moment mattered
     settings = {"micro_batch_size": 8, "selections": common["selections"]}
-    scorer = Scorer("tiny-random", "float32", settings)
+    scorer = Scorer("tiny-bpe", "float32", settings)
     scorer.set_second_moment(moment)
     scorer.score(1, ids, labels)
     assert scorer.preconditioners.built == [("adam", 1e-6)]
@@ -138,7 +138,7 @@ def test_a_reused_logits_buffer_gives_bitwise_the_scores_of_fresh_logits():
     """A scorer keeps one N x V logits buffer across batches (fresh ones cost a page-zeroing
     mmap each); the same GEMM writes into it, so losses, features and kept rows are identical
     while batches of more, then fewer, response tokens reuse and grow one allocation."""
-    model = load_causal_lm("tiny-random")
+    model = load_causal_lm("tiny-bpe")
     buffer = LogitsBuffer()
     small, large = rows(6, seed=5), rows(12, seed=6)
     storage = []
@@ -158,7 +158,7 @@ def test_a_reused_logits_buffer_gives_bitwise_the_scores_of_fresh_logits():
 
 
 def test_the_logits_buffer_is_left_alone_where_autograd_needs_the_logits():
-    model = load_causal_lm("tiny-random")
+    model = load_causal_lm("tiny-bpe")
     ids, labels = rows(4, seed=7)
     buffer = LogitsBuffer()
     (micro,) = forward_micro_batches(model, ids, labels, 0, 4, grad=True, logits_buffer=buffer)

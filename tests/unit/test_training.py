@@ -86,7 +86,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(finetuning, 
         return make_adamw(model, train.learning_rate)
 
     torch.manual_seed(0)
-    model = build_model("tiny-random", train)
+    model = build_model("tiny-bpe", train)
     optimizer = make_optimizer(model, train)
     scheduler = warmup_cosine(optimizer, 5, 0.0)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -98,7 +98,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(finetuning, 
         assert not list((tmp_path / "model").glob("model*.safetensors"))  # adapter only
 
     torch.manual_seed(1)
-    fresh = build_model("tiny-random", train)
+    fresh = build_model("tiny-bpe", train)
     fresh_optimizer = make_optimizer(fresh, train)
     fresh_scheduler = warmup_cosine(fresh_optimizer, 5, 0.0)
     state = load_training_state(tmp_path, fresh, fresh_optimizer, fresh_scheduler)
@@ -114,10 +114,10 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(finetuning, 
 
 
 def test_parameter_counts_and_flops_model():
-    lora = add_lora(load_causal_lm("tiny-random"), 2, 16.0, 0.0, ["q_proj", "v_proj"])
+    lora = add_lora(load_causal_lm("tiny-bpe"), 2, 16.0, 0.0, ["q_proj", "v_proj"])
     counts = parameter_counts(lora)
     assert 0 < counts["trainable"] < counts["forward"] == counts["total"]  # tied head
-    untied = load_causal_lm("tiny-random-untied")
+    untied = load_causal_lm("tiny-bpe-untied")
     untied_counts = parameter_counts(untied)
     embedding = untied.get_input_embeddings().weight.numel()
     assert untied_counts["forward"] == untied_counts["total"] - embedding
