@@ -1,48 +1,71 @@
-"""`slap run` with the real SmolLM2-135M-Instruct (offline) on real pool rows: selection, LoRA
-fine-tuning on the kept rows with Ray Train, held-out evaluation, generation, report."""
+"""`slap run` as a newcomer runs it, with the real SmolLM2-135M-Instruct (offline) on real pool
+rows: the CLI in its own process, selection, LoRA fine-tuning on the kept rows with Ray Train,
+held-out evaluation, generation, report; a clean console with the detail in the run's logs, and
+one Ray start for both jobs."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from slap_ray.config import build_config
-from slap_ray.jobs.run import run_all
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("smollm2")]
+REPO = Path(__file__).resolve().parents[2]
+# Console lines that are detail, never a newcomer's business: each must go to the log files.
+NOISE = (
+    "Traceback", "RpcError", " INFO ", "FutureWarning", "Loading weights", "Checkpoint",
+    "Token authentication",
+)  # fmt: skip
 
-pytestmark = pytest.mark.e2e
 
-
-def test_smollm2_select_finetune_evaluate_report(ray_cluster, pool_subset, shared_data, tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_run(pool_subset, shared_data, tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """``slap run --config run.yaml`` in a subprocess; returns (run dir, Ray's temp dir, the
+    console's lines)."""
     sources = ("gsm8k", "dolly", "ntrex")
-    config = build_config(
-        {
-            "output_dir": str(tmp_path),
-            "progress": False,
-            "data": {
-                "paths": [str(pool_subset / f"{s}.jsonl") for s in sources],
-                "max_length": 128,
-            },
-            "model": {"name": "smollm2-135m-instruct"},
-            "embed": {"max_chars": 256},
-            "strata": {"num_clusters": 3},
-            "select": {"batch_size": 20, "alphas": [0.3], "calibration_batches": 1},
-            "score": {"num_scorers": 2, "micro_batch_size": 10},
-            "train": {"alpha": 0.3, "batch_size": 8, "num_workers": 2, "learning_rate": 1e-3},
-            "eval": {
-                "paths": [str(shared_data / "eval" / f"{s}.jsonl") for s in sources],
-                "max_rows": 24,
-                "generate_rows": 2,
-                "max_new_tokens": 16,
-            },
-        }
-    )
-    report = run_all(config)
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    config = {
+        "output_dir": str(out),
+        "data": {"paths": [str(pool_subset / f"{s}.jsonl") for s in sources], "max_length": 128},
+        "model": {"name": "smollm2-135m-instruct"},
+        "embed": {"max_chars": 256},
+        "strata": {"num_clusters": 3},
+        "select": {"batch_size": 20, "alphas": [0.3], "calibration_batches": 1},
+        "score": {"num_scorers": 2, "micro_batch_size": 10},
+        "train": {"alpha": 0.3, "batch_size": 8, "num_workers": 2, "learning_rate": 1e-3},
+        "eval": {
+            "paths": [str(shared_data / "eval" / f"{s}.jsonl") for s in sources],
+            "max_rows": 24,
+            "generate_rows": 2,
+            "max_new_tokens": 16,
+        },
+        "ray": {"num_cpus": 2, "object_store_memory": 200_000_000},
+    }
+    path = out.parent / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # A short folder: Ray's socket paths must fit in 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "slap_ray.cli", "run", "--config", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith("slap run: 6 steps") and "report:" in done.stdout
+    return out, ray_tmp, (done.stdout + done.stderr).splitlines()
 
+
+def test_smollm2_select_finetune_evaluate_report(smollm2_run):
+    run, _, _ = smollm2_run
     # The selection stage, in <run>/select.
-    selection = tmp_path / "select"
+    selection = run / "select"
     scores = pd.read_parquet(selection / "scores.parquet")
     assert len(scores) == 60 and scores["id"].is_unique
     assert scores["keep_a0.3"].sum() == 42
@@ -54,8 +77,8 @@ def test_smollm2_select_finetune_evaluate_report(ray_cluster, pool_subset, share
     assert (selection / "stages" / "second_moment.pt").is_file()
 
     # Fine-tuning on exactly the kept ids, evaluation and compute in the run's report.
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    manifest = json.loads((run / "manifest.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
     assert manifest["counts"]["prepare"]["train_rows"] == 42
     assert {"select", "prepare", "train"} <= set(manifest["timings_s"])
     assert manifest["counts"]["train"]["frozen_weights_unchanged"] is True
@@ -64,7 +87,27 @@ def test_smollm2_select_finetune_evaluate_report(ray_cluster, pool_subset, share
     final, base = metrics["final_eval"]["overall"], metrics["base_eval"]["overall"]
     assert np.isfinite(final["loss"]) and 0.2 < base["loss"] < 6.0
     assert metrics["generation"]["rows"] == 2 and 0.0 <= metrics["generation"]["rouge_l"] <= 1.0
-    text = report.read_text()
-    assert report == tmp_path / "report.md"
+    text = (run / "report.md").read_text()
     assert "source=gsm8k" in text and "estimated total FLOPs" in text and "select/report.md" in text
-    assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
+    assert (run / "model" / "adapter_model.safetensors").is_file()
+    kept = set((selection / "kept" / "alpha-0.3.txt").read_text().splitlines())
+    assert set((run / "train_ids.txt").read_text().splitlines()) == kept
+
+
+def test_console_is_clean_and_the_detail_goes_to_the_logs(smollm2_run):
+    run, _, console = smollm2_run
+    for noise in NOISE:
+        assert not [line for line in console if noise in line], noise
+    # What a newcomer reads: the summary last, and every other line a stage line of ours (no
+    # Ray notices but its one known actor-argument notice, ray#57733).
+    assert console[-1].startswith("slap run: 6 steps")
+    select_log = (run / "select" / "logs" / "select.log").read_text()
+    finetune_log = (run / "logs" / "finetune.log").read_text()
+    assert "MapBatches(Embedder)" in select_log or "Embedder" in select_log
+    assert "worker" in finetune_log and "RpcError" not in finetune_log
+
+
+def test_slap_run_starts_ray_once_for_select_and_finetune(smollm2_run):
+    _, ray_tmp, _ = smollm2_run
+    sessions = [p for p in (ray_tmp / "ray").glob("session_2*") if not p.is_symlink()]
+    assert len(sessions) == 1, sessions

@@ -28,7 +28,8 @@ import pandas as pd
 import pytest
 from manifests import CONFIG_MOUNT, job_command, of_kind, only, rendered, write_configs
 
-pytestmark = pytest.mark.ray
+# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("rehearsal")]
 
 BIN = Path(sys.executable).parent
 GCS_PORT, DASHBOARD_PORT = 6390, 8275
@@ -192,8 +193,8 @@ def _tiny(tmp_path: Path, pool_subset: Path, shared_data: Path, job: str) -> lis
         f"data.paths=[{pool_subset / 'nq_open.jsonl'},{pool_subset / 'mbpp.jsonl'}]",
         "data.max_rows=null", "data.max_length=96",
         f"eval.paths=[{shared_data / 'eval' / 'nq_open.jsonl'}]", "eval.max_rows=8",
-        "model.name=tiny-random", "embed.max_chars=256", "strata.num_clusters=2",
-        "select.batch_size=10", "select.alphas=[0.3]", "select.calibration_batches=1",
+        "model.name=tiny-bpe", "strata.by=source",
+        "select.batch_size=10", "select.alphas=[0.3]", "select.calibration_batches=0",
         "train.batch_size=10", "train.max_steps=2", "train.checkpoint_every=1",
         f"train.selection_dir={tmp_path / 'out' / 'select'}",
         "sweep.arms=[{method: random}]", "sweep.alphas=[0.3]", "sweep.seeds=[0]",

@@ -13,7 +13,8 @@ from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
 from slap_ray.jobs.finetune import run_finetune
 
-pytestmark = pytest.mark.ray
+# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("finetune")]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +25,7 @@ def train_config(pool: Path, shared: Path, out: Path, *overrides: str):
             "output_dir": str(out),
             "progress": False,
             "data": {"paths": [str(pool / "*.jsonl")], "max_length": 96, "max_rows": 60},
-            "model": {"name": "tiny-random"},
+            "model": {"name": "tiny-bpe"},
             "select": {"mode": "online", "method": "slap"},
             "train": {
                 "alpha": 0.3,
@@ -110,7 +111,7 @@ def test_saved_adapter_loads_outside_ray_with_the_same_eval_loss(online_run, sha
     adapter = load_file(online_run / "model" / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-random"))
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-bpe"))
     model = PeftModel.from_pretrained(base, str(online_run / "model")).eval()
     tokenizer = AutoTokenizer.from_pretrained(online_run / "model")
     metrics = load(online_run, "metrics.json")

@@ -4,53 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from selections import ALPHAS, kept_ids, tiny_config
 
 from slap_ray.assets import parameter_count, resolve_model_path
-from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
 from slap_ray.jobs.scoring import finished_batches
 from slap_ray.jobs.select import run_select
 from slap_ray.ray.scorer import SCORED_BATCHES_KEY
 
-pytestmark = pytest.mark.ray
-
-ALPHAS = [0.2, 0.3, 0.4]
-
-
-def tiny_config(paths: list[str], output_dir: Path, **extra: object):
-    overrides = [f"{k}={json.dumps(v)}" for k, v in extra.items()]
-    return build_config(
-        {
-            "output_dir": str(output_dir),
-            "progress": False,
-            "data": {"paths": paths, "max_length": 96},
-            "model": {"name": "tiny-random"},
-            # Embed calls of 64 rows (batch_size x EMBED_CALL_BATCHES): three calls over the
-            # 160-row pool, so a kill after the first leaves a partial embed to resume.
-            "embed": {"max_chars": 256, "batch_size": 1},
-            "strata": {"num_clusters": 4},
-            "select": {"batch_size": 16, "alphas": ALPHAS, "calibration_batches": 2},
-            "score": {"num_scorers": 1, "micro_batch_size": 8},
-        },
-        overrides,
-    )
-
-
-def kept_ids(run_dir: Path) -> dict[float, list[str]]:
-    return {a: (run_dir / "kept" / f"alpha-{a:g}.txt").read_text().split() for a in ALPHAS}
-
-
-@pytest.fixture(scope="module")
-def baseline_run(ray_cluster, pool_subset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("baseline")
-    run_select(tiny_config([str(pool_subset / "*.jsonl")], out))
-    return out
+# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("baseline")]
 
 
 def test_every_row_scored_once_and_kept_fractions_match(baseline_run, pool_subset):
@@ -142,22 +110,19 @@ def test_report_manifest_and_config_written(baseline_run):
     assert "| 0.3 |" in report and "plots/loss_kept_vs_pruned.png" in report
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        {"ray.rows_per_block": 16, "score.num_scorers": 3, "score.num_cpus_per_scorer": 0.5,
-         "ray.shuffle_partitions": 5},
-        # A proxy scorer: the trained model is SmolLM2, the tiny model scores and selects.
-        {"ray.rows_per_block": 1000, "score.num_scorers": 1, "embed.batch_size": 16,
-         "model.name": "smollm2-135m-instruct", "score.model": "tiny-random"},
-    ],
-    ids=["blocks16-scorers3", "blocks1000-scorers1-proxy"],
-)  # fmt: skip
-def test_same_selection_for_any_layout_and_shuffled_files(
-    baseline_run, pool_subset, tmp_path, layout
-):
-    """Block size, file order, row order inside files, shuffle partitions and scorer count
-    change nothing; with ``score.model`` the selection is that model's whatever ``model.name``
+# Every layout knob at once, each away from the baseline's: block size, scorer count and CPUs,
+# shuffle partitions, embedding calls, and a proxy scorer (the trained model is SmolLM2, the
+# tiny model scores and selects).
+LAYOUT = {
+    "ray.rows_per_block": 16, "score.num_scorers": 3, "score.num_cpus_per_scorer": 0.5,
+    "ray.shuffle_partitions": 5, "embed.batch_size": 16,
+    "model.name": "smollm2-135m-instruct", "score.model": "tiny-bpe",
+}  # fmt: skip
+
+
+def test_same_selection_for_any_layout_and_shuffled_files(baseline_run, pool_subset, tmp_path):
+    """Block size, file order, row order inside files, shuffle partitions, embedding calls and
+    scorer count change nothing; with ``score.model`` the selection is that model's whatever ``model.name``
     trains."""
     rng = np.random.default_rng(3)
     folder = tmp_path / "shuffled"
@@ -167,53 +132,16 @@ def test_same_selection_for_any_layout_and_shuffled_files(
         lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
         (folder / source.name).write_text("".join(rng.permutation(lines)), encoding="utf-8")
     shuffled = [str(folder / files[i].name) for i in rng.permutation(len(files))]
-    trained = layout.get("model.name", "tiny-random")
+    trained, scoring = LAYOUT["model.name"], LAYOUT["score.model"]
     resolve_model_path(trained)  # the cost line counts a converted folder, never converts one
-    run_select(tiny_config(shuffled, tmp_path / "run", **layout))
+    run_select(tiny_config(shuffled, tmp_path / "run", **LAYOUT))
     assert kept_ids(tmp_path / "run") == kept_ids(baseline_run)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    scoring = layout.get("score.model", "tiny-random")
     assert manifest["scoring_model"] == scoring
     cost = manifest["scoring_cost"]
     assert cost["scoring_parameters"] == parameter_count(scoring)
     assert cost["trained_parameters"] == parameter_count(trained)
     assert "Scoring cost" in (tmp_path / "run" / "report.md").read_text()
-
-
-def test_bad_rows_skipped_and_written(ray_cluster, pool_subset, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    good = json.loads((pool_subset / "gsm8k.jsonl").open().readline())
-    good["id"] = "bad-file-good-row"
-    duplicate = dict(good)
-    bad.write_text(
-        "\n".join(
-            [
-                json.dumps(good),
-                "{not json",
-                json.dumps({"id": "x1", "messages": [{"role": "wizard", "content": "hi"}]}),
-                json.dumps({"id": "x2", "messages": [{"role": "user", "content": "no answer"}]}),
-                json.dumps(duplicate),
-            ]
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    out = tmp_path / "run"
-    run_select(
-        tiny_config(
-            [str(bad), str(pool_subset / "mbpp.jsonl")], out, **{"data.on_bad_rows": "skip"}
-        )
-    )
-    scores = pd.read_parquet(out / "scores.parquet")
-    rejects = [json.loads(line) for line in (out / "rejected.jsonl").open()]
-    assert len(rejects) == 4
-    reasons = " ".join(r["reason"] for r in rejects)
-    assert "duplicate id 'bad-file-good-row'" in reasons and "wizard" in reasons
-    assert all(r["path"].endswith("bad.jsonl") for r in rejects)
-    assert scores["reject_reason"].notna().sum() == 4
-    assert scores.loc[scores["reject_reason"].isna(), "loss"].notna().all()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["read"]["rows"] == 25 == len(scores)
 
 
 def test_bad_rows_stop_the_run_in_error_mode(ray_cluster, tmp_path):

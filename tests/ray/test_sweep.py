@@ -11,7 +11,8 @@ import pytest
 from slap_ray.config import build_config
 from slap_ray.jobs.sweep import run_sweep
 
-pytestmark = pytest.mark.ray
+# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("sweep")]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -21,10 +22,9 @@ def sweep_config(pool: Path, shared: Path, out: Path, **sweep):
             "output_dir": str(out),
             "progress": False,
             "data": {"paths": [str(pool / "*.jsonl")], "max_rows": 96, "max_length": 96},
-            "model": {"name": "tiny-random"},
-            "embed": {"max_chars": 256, "batch_size": 64},
-            "strata": {"num_clusters": 4},
-            "select": {"batch_size": 16, "alphas": [0.3], "calibration_batches": 1},
+            "model": {"name": "tiny-bpe"},
+            "strata": {"by": "source"},  # strata and calibration are not under test here
+            "select": {"batch_size": 16, "alphas": [0.3], "calibration_batches": 0},
             "train": {
                 "batch_size": 16,
                 "epochs": 1,
@@ -96,9 +96,15 @@ def test_killed_sweep_resumes_only_the_missing_trials(
     sweep_run, pool_subset, shared_data, tmp_path, kill_job
 ):
     """Kill the sweep's process group once the first trial has finished; --resume runs only
-    the rest, and the table equals the uninterrupted sweep's for the same trials."""
+    the rest, and the table equals the uninterrupted sweep's for the same trials. The selection
+    is the uninterrupted sweep's (a finished selection is reused, never run again)."""
+    import shutil
+
     out = tmp_path / "sweep"
-    config = sweep_config(pool_subset, shared_data, out, arms=[{"method": "slap"}], alphas=[0.2])
+    shutil.copytree(sweep_run / "selection", out / "selection")
+    config = sweep_config(
+        pool_subset, shared_data, out, arms=[{"method": "slap"}], alphas=[0.2]
+    ).model_copy(update={"resume": True})
     kill_job(
         "sweep.py", config, tmp_path,
         lambda: list((out / "trials").glob("*/trial_result.json")), "a finished trial",
@@ -109,7 +115,7 @@ def test_killed_sweep_resumes_only_the_missing_trials(
     partial = out / "results.csv"  # rewritten after each finished trial
     assert not partial.exists() or len(pd.read_csv(partial)) == 1
 
-    run_sweep(config.model_copy(update={"resume": True}))
+    run_sweep(config)
     assert first.stat().st_mtime_ns == finished_at  # the finished trial did not run again
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["selection"]["runs_this_session"] == 0
