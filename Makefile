@@ -20,10 +20,8 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(STAMP)
 
-# Two xdist workers, each with its own 2-CPU Ray: the Ray tests wait on process starts and
-# scheduling as much as they compute. A module's runs stay on one worker (xdist_group).
 test: install
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup --durations=15 tests
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pytest -q -rs --durations=15 tests
 
 unit: install
 	$(BIN)/python -m pytest -q -m "not ray and not e2e" tests

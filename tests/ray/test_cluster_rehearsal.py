@@ -28,8 +28,7 @@ import pandas as pd
 import pytest
 from manifests import CONFIG_MOUNT, job_command, of_kind, only, rendered, write_configs
 
-# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("rehearsal")]
+pytestmark = pytest.mark.ray
 
 BIN = Path(sys.executable).parent
 GCS_PORT, DASHBOARD_PORT = 6390, 8275

@@ -13,8 +13,7 @@ from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
 from slap_ray.jobs.finetune import run_finetune
 
-# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("finetune")]
+pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 

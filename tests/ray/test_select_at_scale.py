@@ -22,8 +22,7 @@ from selections import kept_ids, tiny_config
 from slap_ray.jobs.export import main_export
 from slap_ray.jobs.select import run_select
 
-# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("baseline")]
+pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 ROW_COLUMNS = {"id", "path", "messages", "input_ids", "labels", "raw"}

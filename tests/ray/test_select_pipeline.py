@@ -17,8 +17,7 @@ from slap_ray.jobs.scoring import finished_batches
 from slap_ray.jobs.select import run_select
 from slap_ray.ray.scorer import SCORED_BATCHES_KEY
 
-# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("baseline")]
+pytestmark = pytest.mark.ray
 
 
 def test_every_row_scored_once_and_kept_fractions_match(baseline_run, pool_subset):
@@ -42,7 +41,7 @@ def test_every_row_scored_once_and_kept_fractions_match(baseline_run, pool_subse
 
 
 def test_each_scored_file_holds_the_batches_its_footer_names(baseline_run):
-    """Scorer calls write groups of batches (two per call here: 10 batches, one scorer);
+    """Scorer calls write groups of batches (several per file, however the calls are sized);
     resume trusts the footer, so it must name exactly the batches inside."""
     files = sorted((baseline_run / "scored").glob("scored-*.parquet"))
     named = {}
@@ -52,7 +51,8 @@ def test_each_scored_file_holds_the_batches_its_footer_names(baseline_run):
         assert sorted(batches) == inside, path.name
         named.update(dict.fromkeys(batches, path.name))
     assert sorted(named) == list(range(10))
-    assert len(files) == 5
+    per_file = [list(named.values()).count(path.name) for path in files]
+    assert max(per_file) >= 2  # a call writes its group of batches, not a file per batch
 
 
 def test_prepared_batches_are_not_one_row_group_each(baseline_run):
@@ -104,7 +104,9 @@ def test_report_manifest_and_config_written(baseline_run):
     peaks = manifest["driver_peak_rss_gib"]
     assert set(peaks) == set(manifest["timings_s"])
     assert 0 < peaks["read"] <= peaks["score"] < 8  # a running peak, in GiB
-    assert manifest["versions"]["ray"] == "2.60.0"
+    import ray
+
+    assert manifest["versions"]["ray"] == ray.__version__  # the version that ran, recorded
     assert manifest["scorer_throughput_rows_per_s"] > 0
     report = (baseline_run / "report.md").read_text()
     assert "| 0.3 |" in report and "plots/loss_kept_vs_pruned.png" in report
@@ -182,5 +184,10 @@ def test_resume_after_kill_matches_uninterrupted_run(baseline_run, pool_subset, 
     embedded = manifest["counts"]["embed"]
     assert 0 < embedded["resumed_rows"] < 160  # a partial embed was resumed
     assert embedded["resumed_rows"] + embedded["rows_now"] == 160
-    assert manifest["counts"]["score"]["resumed_batches"] >= finished_before
+    score = manifest["counts"]["score"]
+    assert score["resumed_batches"] >= finished_before
+    # only the unfinished batches were scored again: every row once in the outputs
+    assert 0 < score["rows_scored_now"] <= 160 - 16 * finished_before
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert len(scores) == 160 and scores["id"].is_unique
     assert kept_ids(out) == kept_ids(baseline_run)

@@ -15,8 +15,7 @@ from slap_ray.jobs.finetune import prepare_tables, read_kept, selected_ids
 from slap_ray.jobs.select import run_select
 from slap_ray.reporting.manifest import Manifest
 
-# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("skip-mode")]
+pytestmark = pytest.mark.ray
 
 
 def qa_rows(id_pattern: str, count: int) -> list[dict]:

@@ -11,8 +11,7 @@ import pytest
 from slap_ray.config import build_config
 from slap_ray.jobs.sweep import run_sweep
 
-# One xdist group: its module-scoped (or shared) runs are made once, on one worker.
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("sweep")]
+pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
