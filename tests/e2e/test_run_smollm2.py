@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +30,10 @@ NOISE = (
 
 
 @pytest.fixture(scope="module")
-def smollm2_run(pool_subset, shared_data, tmp_path_factory) -> tuple[Path, Path, list, list]:
-    """``slap run --config run.yaml`` in a subprocess; returns (run dir, Ray's temp dir, its
+def smollm2_run(
+    pool_subset, shared_data, tmp_path_factory
+) -> Iterator[tuple[Path, Path, list, list]]:
+    """``slap run --config run.yaml`` in a subprocess; yields (run dir, Ray's temp dir, its
     stdout lines, its stderr lines)."""
     sources = ("gsm8k", "dolly", "ntrex")
     out = tmp_path_factory.mktemp("smollm2") / "run"
@@ -57,9 +61,14 @@ def smollm2_run(pool_subset, shared_data, tmp_path_factory) -> tuple[Path, Path,
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "slap_ray.cli", "run", "--config", str(path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, ray_tmp, done.stdout.splitlines(), done.stderr.splitlines()
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=900, env=env, cwd=REPO
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        yield out, ray_tmp, done.stdout.splitlines(), done.stderr.splitlines()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session logs, outside tmp_path
 
 
 def test_smollm2_select_finetune_evaluate_report(smollm2_run):
