@@ -43,22 +43,16 @@ def _synthetic_pool(folder: Path, rows: int) -> str:
     return str(folder / "*.jsonl")
 
 
-def _config(paths: list[str], out: Path, **extra):
-    from slap_ray.config import build_config
+# The shared tiny config with cheap strata, one alpha and long micro-batches: these tests read
+# what reaches the driver and what goes out, not the strata.
+CHEAP = {
+    "data.max_length": 64, "strata.by": "source", "select.alphas": [0.3],
+    "select.calibration_batches": 1, "score.micro_batch_size": 16,
+}  # fmt: skip
 
-    overrides = [f"{k}={json.dumps(v)}" for k, v in extra.items()]
-    return build_config(
-        {
-            "output_dir": str(out),
-            "progress": False,
-            "data": {"paths": paths, "max_length": 64},
-            "model": {"name": "tiny-bpe"},
-            "strata": {"by": "source"},
-            "select": {"batch_size": 16, "alphas": [0.3], "calibration_batches": 1},
-            "score": {"num_scorers": 1, "micro_batch_size": 16},
-        },
-        overrides,
-    )
+
+def _config(paths: list[str], out: Path, **extra):
+    return tiny_config(paths, out, **{**CHEAP, **extra})
 
 
 class _DriverRows:
