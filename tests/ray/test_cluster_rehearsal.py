@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,12 +218,13 @@ def test_every_rayjob_entrypoint_runs_on_the_rehearsed_cluster(
     docs = rendered("overlays/cpu-small")
     config_dir = write_configs(docs, tmp_path / "configs")
     jobs = {job_command(j)[0]: j["spec"]["entrypoint"] for j in of_kind(docs, "RayJob")}
-    ran = {}
+    ran, out = {}, tmp_path / "out"
     for command in ("select", "finetune", "run", "sweep"):  # finetune reads select's output
         entrypoint = jobs[command].replace(CONFIG_MOUNT + "/", f"{config_dir}/")
+        if command == "run":  # every entrypoint resumes: run's selection continues select's
+            shutil.copytree(out / "select", out / "run" / "select")
         tiny = _tiny(tmp_path, pool_subset, shared_data, command)
         ran[command] = submit_and_succeed(f"{entrypoint} {shlex.join(tiny)}", env)
-    out = tmp_path / "out"
     scores = pd.read_parquet(out / "select" / "scores.parquet")
     assert len(scores) == 40 and scores["id"].is_unique
     assert scores["keep_a0.3"].sum() == sum(
@@ -231,6 +233,8 @@ def test_every_rayjob_entrypoint_runs_on_the_rehearsed_cluster(
     kept = (out / "select" / "kept" / "alpha-0.3.txt").read_text().split()
     trained = (out / "finetune" / "train_ids.txt").read_text().split()
     assert sorted(trained) == sorted(kept)  # finetune trained on the select job's kept rows
+    resumed = json.loads((out / "run" / "select" / "manifest.json").read_text())["counts"]
+    assert resumed["resume"]["prepared_reused"] is True  # the selection was not made again
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert len(metrics["history"]) == 2
     assert (out / "run" / "report.md").is_file()

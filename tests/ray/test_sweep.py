@@ -33,7 +33,8 @@ def sweep_config(pool: Path, shared: Path, out: Path, **sweep):
             },  # fmt: skip
             "eval": {"paths": [str(shared / "eval" / "gsm8k.jsonl")], "max_rows": 8},
             "sweep": {
-                "arms": [{"method": "slap"}, {"method": "random"}],
+                # slap at both alphas, random at one: four trials with the full-data one
+                "arms": [{"method": "slap"}, {"method": "random", "alphas": [0.4]}],
                 "alphas": [0.2, 0.4],
                 "seeds": [0],
                 **sweep,
@@ -58,7 +59,7 @@ def results(run: Path) -> pd.DataFrame:
 
 def test_tiny_sweep_writes_results_and_selects_once(sweep_run):
     frame = results(sweep_run)
-    assert len(frame) == 5
+    assert len(frame) == 4
     assert sorted(set(frame.index.get_level_values("arm"))) == ["full", "random", "slap"]
     assert frame["eval_loss"].notna().all() and (frame["flops_total"] > 0).all()
     # pruning shows in the compute columns: 0.4 back-propagates fewer rows than 0.2 than full
@@ -71,22 +72,30 @@ def test_tiny_sweep_writes_results_and_selects_once(sweep_run):
         assert (sweep_run / "plots" / plot).stat().st_size > 1000, plot
     manifest = json.loads((sweep_run / "manifest.json").read_text())
     assert manifest["counts"]["selection"]["runs_this_session"] == 1
-    assert manifest["counts"]["selection"]["selections"] == 4
-    assert manifest["counts"]["trials"] == {"planned": 5, "finished": 5, "failed": 0}
+    assert manifest["counts"]["selection"]["selections"] == 3
+    assert manifest["counts"]["trials"] == {"planned": 4, "finished": 4, "failed": 0}
     scored = json.loads((sweep_run / "selection" / "manifest.json").read_text())["counts"]
     assert scored["score"]["rows_scored_now"] == scored["output"]["scored"]  # each row once
+
+
+def kept_list(selection: Path, arm: str, alpha: float) -> list[str]:
+    return (
+        (selection / "arms" / arm / "seed-0" / "kept" / f"alpha-{alpha:g}.txt").read_text().split()
+    )
 
 
 def test_each_trial_trains_on_exactly_its_arms_kept_ids(sweep_run):
     selection = sweep_run / "selection"
     scores = pd.read_parquet(selection / "scores.parquet")
-    for arm in ("slap", "random"):
-        for alpha in (0.2, 0.4):
-            kept = selection / "arms" / arm / "seed-0" / "kept" / f"alpha-{alpha:g}.txt"
-            expected = kept.read_text().splitlines()
-            assert expected == sorted(scores.loc[scores[f"keep_{arm}__a{alpha:g}__s0"], "id"])
-            trial = sweep_run / "trials" / f"{arm}-offline-a{alpha:g}-s0"
-            assert (trial / "train_ids.txt").read_text().splitlines() == expected
+    for arm, alpha in (("slap", 0.2), ("slap", 0.4), ("random", 0.4)):
+        kept = selection / "arms" / arm / "seed-0" / "kept" / f"alpha-{alpha:g}.txt"
+        expected = kept.read_text().splitlines()
+        assert expected == sorted(scores.loc[scores[f"keep_{arm}__a{alpha:g}__s0"], "id"])
+        trial = sweep_run / "trials" / f"{arm}-offline-a{alpha:g}-s0"
+        assert (trial / "train_ids.txt").read_text().splitlines() == expected
+    # random keeps the same number of rows per batch as slap, other rows
+    assert len(kept_list(selection, "random", 0.4)) == len(kept_list(selection, "slap", 0.4))
+    assert kept_list(selection, "random", 0.4) != kept_list(selection, "slap", 0.4)
     full = (sweep_run / "trials" / "full-s0" / "train_ids.txt").read_text().splitlines()
     assert full == sorted(scores.loc[scores["loss"].notna(), "id"])
 
