@@ -252,48 +252,105 @@ def onpolicy_step(
             skipped=True,
         )
     step = _Step(model, examples, lm_head_ema)
-    tokens_recomputed = examples_recomputed = 0
     if settings.method == "full" or n_keep == batch_size:
-        weights = (
-            np.ones(len(examples))
-            if example_weights is None
-            else np.asarray(example_weights, float)
-        )
-        local_losses = _streaming_backward(
-            model, step, batch_size, weights, pad_token_id, micro_batch_size, autocast
-        )
-        gathered = _gather(step, collective, positions, local_losses, None)
-        losses, tokens, _ = _assemble(gathered, batch_size, None)
-        kept, kept_weights = np.arange(batch_size), np.ones(batch_size)
-        if example_weights is not None:
-            kept_weights = np.empty(batch_size)
-            kept_weights[
-                np.concatenate([np.asarray(g["positions"], np.int64) for g in gathered])
-            ] = np.concatenate([g["weights"] for g in gathered])
-    else:
-        needs_features = settings.method == "slap"
-        recompute = settings.onpolicy == "recompute"
-        graphs, local_losses, local_features = _forward_scoring(
-            model, step, settings, second_moment if needs_features else None, needs_features,
-            pad_token_id, (settings.score_micro_batch_size or batch_size) if recompute
-            else micro_batch_size, autocast, keep_graphs=not recompute,
+        chosen = _full_step(
+            model, step, collective, positions, batch_size, example_weights, pad_token_id,
+            micro_batch_size, autocast,
         )  # fmt: skip
-        gathered = _gather(step, collective, positions, local_losses, local_features)
-        losses, tokens, features = _assemble(
-            gathered, batch_size, settings if needs_features else None
+    else:
+        chosen = _selecting_step(
+            model, step, collective, positions, batch_size, n_keep, settings, rng,
+            pad_token_id, micro_batch_size, second_moment, autocast,
+        )  # fmt: skip
+    backward_examples, backward_tokens = _reduce(model, step, collective, lm_head_ema)
+    denominator = (
+        len(chosen.kept) if settings.method != "full" and n_keep < batch_size else batch_size
+    )
+    return StepStats(
+        batch_size=batch_size,
+        kept=np.sort(chosen.kept),
+        losses=chosen.losses,
+        objective=float((chosen.losses[chosen.kept] * chosen.weights).sum() / denominator),
+        forward_examples=batch_size + chosen.examples_recomputed,
+        forward_tokens=int(chosen.tokens.sum()) + chosen.tokens_recomputed,
+        backward_examples=backward_examples,
+        backward_tokens=backward_tokens,
+        local_backward_examples=step.backward_examples,
+        seconds=step.seconds,
+    )
+
+
+@dataclass
+class _Chosen:
+    """A step's whole-batch losses (B,) and response tokens (B,), the kept positions (K,) with
+    their objective weights (K,), and what was forwarded a second time (recompute mode)."""
+
+    losses: np.ndarray
+    tokens: np.ndarray
+    kept: np.ndarray
+    weights: np.ndarray
+    tokens_recomputed: int = 0
+    examples_recomputed: int = 0
+
+
+def _full_step(
+    model, step, collective, positions, batch_size, example_weights, pad_token_id,
+    micro_batch_size, autocast,
+) -> _Chosen:  # fmt: skip
+    """Nothing pruned: every row back-propagated, weighted by ``example_weights`` if given."""
+    weights = (
+        np.ones(len(step.examples))
+        if example_weights is None
+        else np.asarray(example_weights, float)
+    )
+    local_losses = _streaming_backward(
+        model, step, batch_size, weights, pad_token_id, micro_batch_size, autocast
+    )
+    gathered = _gather(step, collective, positions, local_losses, None)
+    losses, tokens, _ = _assemble(gathered, batch_size, None)
+    kept, kept_weights = np.arange(batch_size), np.ones(batch_size)
+    if example_weights is not None:
+        kept_weights = np.empty(batch_size)
+        kept_weights[np.concatenate([np.asarray(g["positions"], np.int64) for g in gathered])] = (
+            np.concatenate([g["weights"] for g in gathered])
         )
-        with step.timed("select"):
-            kept, kept_weights = select_weighted(
-                settings.method, losses, features, n_keep, rng, **settings.options()
-            )
-        if recompute:
-            _recompute_kept(
-                model, step, positions, kept, kept_weights, n_keep, pad_token_id,
-                micro_batch_size, autocast,
-            )  # fmt: skip
-            tokens_recomputed, examples_recomputed = int(tokens[kept].sum()), len(kept)
-        else:
-            _backward_kept(step, graphs, positions, kept, kept_weights, n_keep)
+    return _Chosen(losses, tokens, kept, kept_weights)
+
+
+def _selecting_step(
+    model, step, collective, positions, batch_size, n_keep, settings, rng, pad_token_id,
+    micro_batch_size, second_moment, autocast,
+) -> _Chosen:  # fmt: skip
+    """Forward every row, select ``n_keep`` on the whole batch, back-propagate the kept rows
+    (from the kept graphs, or by forwarding them again in recompute mode)."""
+    needs_features = settings.method == "slap"
+    recompute = settings.onpolicy == "recompute"
+    graphs, local_losses, local_features = _forward_scoring(
+        model, step, settings, second_moment if needs_features else None, needs_features,
+        pad_token_id, (settings.score_micro_batch_size or batch_size) if recompute
+        else micro_batch_size, autocast, keep_graphs=not recompute,
+    )  # fmt: skip
+    gathered = _gather(step, collective, positions, local_losses, local_features)
+    losses, tokens, features = _assemble(gathered, batch_size, settings if needs_features else None)
+    with step.timed("select"):
+        kept, kept_weights = select_weighted(
+            settings.method, losses, features, n_keep, rng, **settings.options()
+        )
+    chosen = _Chosen(losses, tokens, kept, kept_weights)
+    if recompute:
+        _recompute_kept(
+            model, step, positions, kept, kept_weights, n_keep, pad_token_id,
+            micro_batch_size, autocast,
+        )  # fmt: skip
+        chosen.tokens_recomputed, chosen.examples_recomputed = int(tokens[kept].sum()), len(kept)
+    else:
+        _backward_kept(step, graphs, positions, kept, kept_weights, n_keep)
+    return chosen
+
+
+def _reduce(model, step, collective, lm_head_ema) -> tuple[int, int]:
+    """Sum gradients, back-propagated counts and the LM-head EMA term over workers; returns
+    the whole batch's (backward examples, backward tokens)."""
     with step.timed("all_reduce"):
         sum_gradients_(model, collective)
         counts = torch.tensor(
@@ -305,19 +362,7 @@ def onpolicy_step(
         if step.ema_grad is not None:
             collective.all_reduce_sum_(step.ema_grad)
             lm_head_ema.update(step.ema_grad)
-    denominator = len(kept) if settings.method != "full" and n_keep < batch_size else batch_size
-    return StepStats(
-        batch_size=batch_size,
-        kept=np.sort(kept),
-        losses=losses,
-        objective=float((losses[kept] * kept_weights).sum() / denominator),
-        forward_examples=batch_size + examples_recomputed,
-        forward_tokens=int(tokens.sum()) + tokens_recomputed,
-        backward_examples=int(counts[0]),
-        backward_tokens=int(counts[1]),
-        local_backward_examples=step.backward_examples,
-        seconds=step.seconds,
-    )
+    return int(counts[0]), int(counts[1])
 
 
 def _streaming_backward(model, step, batch_size, weights, pad_token_id, micro_batch_size, autocast):

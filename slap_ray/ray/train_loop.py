@@ -13,7 +13,7 @@ import hashlib
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -146,129 +146,195 @@ def _history_entry(step: int, stats, scheduler, grad_norm: float | None, elapsed
     }
 
 
-def train_loop_per_worker(settings: dict[str, Any]) -> None:
-    """One data-parallel worker. ``settings``: see ``make_trainer``."""
-    from slap_ray.assets import load_tokenizer
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What every training worker receives from the driver (``make_trainer``): the validated
+    train config, where the tokenised tables are, and the run's resolved numbers."""
 
-    train = TrainConfig.model_validate(settings["train"])
-    torch.set_num_threads(train.torch_threads)
-    context = ray.train.get_context()
-    collective = TorchDistributed() if context.get_world_size() > 1 else SingleProcess()
-    device_for(train.use_gpu, "train.use_gpu")  # a granted GPU torch cannot use is an error
-    device = str(ray.train.torch.get_device()) if train.use_gpu else "cpu"
-    table, eval_table = ray.get(settings["train_ref"]), ray.get(settings["eval_ref"])
-    tokenizer = load_tokenizer(settings["model_name"])
-    pad = tokenizer.pad_token_id
-    # Adapter initialisation is random: seed it, identically on every worker.
-    torch.manual_seed(derive_seed(settings["seed"], "init") % 2**63)
-    model = build_model(settings["model_name"], train, device)
-    optimizer = make_optimizer(
-        model, train.learning_rate, train.adam_betas, train.adam_eps, train.weight_decay
-    )
-    steps = settings["total_steps"]
-    scheduler = warmup_cosine(optimizer, steps, train.warmup_ratio)
-    ema = None if lm_head_is_trained(model) else SecondMomentEMA(settings["beta2"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    frozen_at_load = _digest(frozen)
-    selection = SelectionSettings(**settings["selection"])
-    state: dict[str, Any] = {
-        "step": 0,
-        "history": [],
-        "counters": dict.fromkeys(COUNTERS, 0),
-        "base_eval": None,
-        "ema": None,
-        "resumed_from_step": None,
-        "step_seconds": {},
-        "trainable_digest_start": _digest(trainable),
-    }
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_training_state(Path(folder), model, optimizer, scheduler)
-        state["resumed_from_step"] = state["step"]
-        if ema is not None and state.get("ema"):
-            ema.load_state_dict(state["ema"])
-    if state["base_eval"] is None:
-        state["base_eval"] = _evaluate(
-            model, eval_table, collective, settings["eval_micro_batch"], pad
+    train: TrainConfig
+    model_name: str  # a resolved local folder
+    seed: int
+    beta2: float
+    selection: SelectionSettings
+    micro_batch_size: int
+    total_steps: int
+    train_ref: ray.ObjectRef  # dict of columns: id, input_ids, labels[, weight]
+    eval_ref: ray.ObjectRef
+    eval_micro_batch: int
+    generate_rows: int
+    max_new_tokens: int
+
+
+def train_loop_per_worker(config: dict[str, WorkerSettings]) -> None:
+    """One data-parallel worker (``TorchTrainer`` passes ``{"settings": WorkerSettings}``)."""
+    run = _WorkerRun(config["settings"])
+    run.restore(ray.train.get_checkpoint())
+    while run.state["step"] < run.settings.total_steps:
+        run.step()
+    run.finish()
+
+
+class _WorkerRun:
+    """The model, optimiser and run state of one worker, stepped by ``train_loop_per_worker``."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        from slap_ray.assets import load_tokenizer
+
+        train = settings.train
+        self.settings, self.train = settings, train
+        torch.set_num_threads(train.torch_threads)
+        world_size = ray.train.get_context().get_world_size()
+        self.collective = TorchDistributed() if world_size > 1 else SingleProcess()
+        device_for(train.use_gpu, "train.use_gpu")  # a granted GPU torch cannot use is an error
+        device = str(ray.train.torch.get_device()) if train.use_gpu else "cpu"
+        self.table, self.eval_table = ray.get(settings.train_ref), ray.get(settings.eval_ref)
+        self.tokenizer = load_tokenizer(settings.model_name)
+        # Adapter initialisation is random: seed it, identically on every worker.
+        torch.manual_seed(derive_seed(settings.seed, "init") % 2**63)
+        self.model = build_model(settings.model_name, train, device)
+        self.optimizer = make_optimizer(
+            self.model, train.learning_rate, train.adam_betas, train.adam_eps, train.weight_decay
         )
-    schedule = BatchSchedule(table["id"], train.batch_size, settings["seed"])
-    autocast = _autocast(train.precision, device)
-    micro = settings["micro_batch_size"]
-    head = lm_head_of(model)
+        self.scheduler = warmup_cosine(self.optimizer, settings.total_steps, train.warmup_ratio)
+        self.ema = None if lm_head_is_trained(self.model) else SecondMomentEMA(settings.beta2)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.frozen = [p for p in self.model.parameters() if not p.requires_grad]
+        self.frozen_at_load = _digest(self.frozen)
+        self.schedule = BatchSchedule(self.table["id"], train.batch_size, settings.seed)
+        self.autocast = _autocast(train.precision, device)
+        self.head = lm_head_of(self.model)
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "history": [],
+            "counters": dict.fromkeys(COUNTERS, 0),
+            "base_eval": None,
+            "ema": None,
+            "resumed_from_step": None,
+            "step_seconds": {},
+            "trainable_digest_start": _digest(self.trainable),
+        }
 
-    def moment() -> torch.Tensor | None:
-        if selection.preconditioner == "none":
+    def restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
+        """Continue from Ray Train's latest checkpoint, if any; evaluate the base model once."""
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                self.state = load_training_state(
+                    Path(folder), self.model, self.optimizer, self.scheduler
+                )
+            self.state["resumed_from_step"] = self.state["step"]
+            if self.ema is not None and self.state.get("ema"):
+                self.ema.load_state_dict(self.state["ema"])
+        if self.state["base_eval"] is None:
+            self.state["base_eval"] = self.evaluate()
+
+    def evaluate(self) -> dict:
+        return _evaluate(
+            self.model,
+            self.eval_table,
+            self.collective,
+            self.settings.eval_micro_batch,
+            self.tokenizer.pad_token_id,
+        )
+
+    def second_moment(self) -> torch.Tensor | None:
+        if self.settings.selection.preconditioner == "none":
             return None  # the ablation: raw gradient norms
-        return ema.value() if ema is not None else adam_second_moment(optimizer, head)
+        if self.ema is not None:
+            return self.ema.value()
+        return adam_second_moment(self.optimizer, self.head)
 
-    def report(final_metrics: dict | None = None) -> None:
-        metrics = {"step": state["step"], **(final_metrics or {})}
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if collective.rank == 0:
-                state["ema"] = None if ema is None else ema.state_dict()
-                save_training_state(Path(folder), model, optimizer, scheduler, state)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(
-                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{state['step']:06d}"
-            )
-
-    while state["step"] < steps:
-        step = state["step"]
+    def step(self) -> None:
+        """One optimiser step on the schedule's next batch (this worker's share of its rows)."""
+        step, selection, table = self.state["step"], self.settings.selection, self.table
         start = time.perf_counter()
-        rows = schedule.rows(step)
-        mine = list(range(collective.rank, len(rows), collective.world_size))
+        rows = self.schedule.rows(step)
+        mine = list(range(self.collective.rank, len(rows), self.collective.world_size))
         weights = table.get("weight")
         stats = onpolicy_step(
-            model,
+            self.model,
             [(table["input_ids"][rows[k]], table["labels"][rows[k]]) for k in mine],
             mine,
             len(rows),
             selection,
-            derive_rng(settings["seed"], "online-select", selection.method, selection.alpha, step),
-            pad,
-            micro_batch_size=micro,
-            second_moment=moment(),
-            lm_head_ema=ema,
-            collective=collective,
-            autocast=autocast,
+            derive_rng(
+                self.settings.seed, "online-select", selection.method, selection.alpha, step
+            ),
+            self.tokenizer.pad_token_id,
+            micro_batch_size=self.settings.micro_batch_size,
+            second_moment=self.second_moment(),
+            lm_head_ema=self.ema,
+            collective=self.collective,
+            autocast=self.autocast,
             example_weights=None if weights is None else [weights[rows[k]] for k in mine],
         )
+        grad_norm = self._apply(stats)
+        elapsed = time.perf_counter() - start
+        self._record(step, rows, stats, grad_norm, elapsed)
+        self.state["step"] = step + 1
+        every = self.train.checkpoint_every
+        if self.state["step"] % every == 0 and self.state["step"] < self.settings.total_steps:
+            self.report()
+
+    def _apply(self, stats) -> float | None:
+        """Clip and step the optimiser (a skipped step only advances the schedule)."""
         grad_norm = None
         if stats.skipped:
-            state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+            self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
         else:
-            if train.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm))
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            if self.train.max_grad_norm:
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(self.trainable, self.train.max_grad_norm)
+                )
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _record(self, step: int, rows, stats, grad_norm: float | None, elapsed: float) -> None:
+        state = self.state
         for key in COUNTERS:
             state["counters"][key] += getattr(stats, key)
-        elapsed = time.perf_counter() - start
         for key, value in {**stats.seconds, "step": elapsed}.items():
             state["step_seconds"][key] = state["step_seconds"].get(key, 0.0) + value
-        state["history"].append(_history_entry(step, stats, scheduler, grad_norm, elapsed))
-        if selection.method != "full":
-            state["history"][-1]["kept_ids"] = [table["id"][rows[i]] for i in stats.kept.tolist()]
-        state["step"] = step + 1
-        if state["step"] % train.checkpoint_every == 0 and state["step"] < steps:
-            report()
+        state["history"].append(_history_entry(step, stats, self.scheduler, grad_norm, elapsed))
+        if self.settings.selection.method != "full":
+            kept = [self.table["id"][rows[i]] for i in stats.kept.tolist()]
+            state["history"][-1]["kept_ids"] = kept
 
-    final_eval = _evaluate(model, eval_table, collective, settings["eval_micro_batch"], pad)
-    generation = None
-    if settings["generate_rows"] and collective.rank == 0:
-        generation = _generation_eval(
-            model, eval_table, settings["generate_rows"], settings["max_new_tokens"], tokenizer
-        )
-    state["final_eval"] = final_eval
-    state["generation"] = generation
-    state["parameters"] = parameter_counts(model)
-    state["frozen_weights_unchanged"] = _digest(frozen) == frozen_at_load
-    state["trainable_digest_end"] = _digest(trainable)
-    report({"eval_loss": final_eval["overall"]["loss"], "done": True})
+    def report(self, final_metrics: dict | None = None) -> None:
+        """``ray.train.report`` with a checkpoint of the model and run state (rank 0 saves)."""
+        metrics = {"step": self.state["step"], **(final_metrics or {})}
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.collective.rank == 0:
+                self.state["ema"] = None if self.ema is None else self.ema.state_dict()
+                save_training_state(
+                    Path(folder), self.model, self.optimizer, self.scheduler, self.state
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(
+                metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{self.state['step']:06d}"
+            )
+
+    def finish(self) -> None:
+        """Final evaluation, generation check and weight digests, reported with the last
+        checkpoint."""
+        final_eval = self.evaluate()
+        generation = None
+        if self.settings.generate_rows and self.collective.rank == 0:
+            generation = _generation_eval(
+                self.model,
+                self.eval_table,
+                self.settings.generate_rows,
+                self.settings.max_new_tokens,
+                self.tokenizer,
+            )
+        self.state["final_eval"] = final_eval
+        self.state["generation"] = generation
+        self.state["parameters"] = parameter_counts(self.model)
+        self.state["frozen_weights_unchanged"] = _digest(self.frozen) == self.frozen_at_load
+        self.state["trainable_digest_end"] = _digest(self.trainable)
+        self.report({"eval_loss": final_eval["overall"]["loss"], "done": True})
 
 
 def make_trainer(
@@ -298,23 +364,23 @@ def make_trainer(
     )
     from slap_ray.assets import resolve_model_path
 
-    settings = {
-        "train": train.model_dump(mode="json"),
-        "model_name": resolve_model_path(config.model.name),
-        "seed": derive_seed(config.seed if train.seed is None else train.seed, "train"),
-        "beta2": select.beta2,
-        "selection": asdict(selection),
-        "micro_batch_size": train.resolved_micro_batch_size(select.mode, select.onpolicy),
-        "total_steps": total_steps,
-        "train_ref": ray.put(train_table),
-        "eval_ref": ray.put(eval_table),
-        "eval_micro_batch": config.eval.micro_batch_size,
-        "generate_rows": config.eval.generate_rows,
-        "max_new_tokens": config.eval.max_new_tokens,
-    }
+    settings = WorkerSettings(
+        train=train,
+        model_name=resolve_model_path(config.model.name),
+        seed=derive_seed(config.seed if train.seed is None else train.seed, "train"),
+        beta2=select.beta2,
+        selection=selection,
+        micro_batch_size=train.resolved_micro_batch_size(select.mode, select.onpolicy),
+        total_steps=total_steps,
+        train_ref=ray.put(train_table),
+        eval_ref=ray.put(eval_table),
+        eval_micro_batch=config.eval.micro_batch_size,
+        generate_rows=config.eval.generate_rows,
+        max_new_tokens=config.eval.max_new_tokens,
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=settings,
+        train_loop_config={"settings": settings},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
