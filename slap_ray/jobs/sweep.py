@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -101,14 +102,25 @@ def grid_selections(config: SlapConfig, specs: list[dict]) -> list[Selection]:
     ]
 
 
-def arm_view(selection_dir: Path, spec: dict) -> Path:
+ARMS_DIR = "arms"
+
+
+def arm_view(selection_dir: Path, spec: dict, arms: str = ARMS_DIR) -> Path:
     """Where an (arm, seed) pair's kept lists live, laid out as a `slap select` run."""
-    return selection_dir / "arms" / spec["arm"] / f"seed-{spec['seed']}"
+    return selection_dir / arms / spec["arm"] / f"seed-{spec['seed']}"
+
+
+def selection_finished(selection_dir: Path) -> bool:
+    """A sweep's selection pass is done once its scores and every arm view are written
+    (``arms/`` appears whole, see ``write_arm_views``)."""
+    return (selection_dir / "scores.parquet").exists() and (selection_dir / ARMS_DIR).is_dir()
 
 
 def write_arm_views(selection_dir: Path, specs: list[dict]) -> None:
     """Per (arm, seed): ``kept/alpha-<a>.txt|.parquet`` and a manifest naming its alphas, so
-    `slap finetune` reads them like any selection."""
+    `slap finetune` reads them like any selection. Written into ``arms.partial/`` and renamed
+    to ``arms/`` at the end: a kill between two arms leaves no ``arms/`` that a resumed sweep
+    would take for a finished selection."""
     from slap_ray.jobs.select import write_kept
 
     scores = pd.read_parquet(selection_dir / "scores.parquet")
@@ -116,8 +128,10 @@ def write_arm_views(selection_dir: Path, specs: list[dict]) -> None:
     for spec in specs:
         if spec["mode"] == "offline" and spec["arm"] != FULL:
             groups.setdefault((spec["arm"], spec["seed"]), []).append(spec)
+    staging = f"{ARMS_DIR}.partial"
+    shutil.rmtree(selection_dir / staging, ignore_errors=True)  # a killed run's half
     for members in groups.values():
-        view = arm_view(selection_dir, members[0])
+        view = arm_view(selection_dir, members[0], staging)
         view.mkdir(parents=True, exist_ok=True)
         alphas = sorted({m["alpha"] for m in members})
         frame = scores[["id"]].copy()
@@ -127,6 +141,9 @@ def write_arm_views(selection_dir: Path, specs: list[dict]) -> None:
         kept = write_kept([frame], alphas, view / "kept")
         manifest = {"alphas": alphas, "method": members[0]["method"], "kept_per_alpha": kept}
         (view / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    (selection_dir / staging).mkdir(exist_ok=True)  # a grid of full-data trials has no arms
+    shutil.rmtree(selection_dir / ARMS_DIR, ignore_errors=True)
+    (selection_dir / staging).rename(selection_dir / ARMS_DIR)
 
 
 def trial_config(tree: dict, spec: dict, sweep_dir: Path) -> SlapConfig:
@@ -190,7 +207,7 @@ def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[dict], manifes
     from slap_ray.jobs.select import select_into
 
     folder = sweep_dir / SELECTION_DIR
-    done = (folder / "scores.parquet").exists() and (folder / "arms").is_dir()
+    done = selection_finished(folder)
     if not done:
         folder.mkdir(exist_ok=True)
         tree = config_to_dict(config)
