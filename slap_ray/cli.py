@@ -6,6 +6,8 @@
 - `run`: select -> fine-tune -> evaluate -> report in one run directory.
 - `sweep`: one selection pass, then a Ray Tune grid of fine-tuning trials over arms (methods and
   ablations), alphas, seeds and modes, plus the full-data reference; results table and plots.
+- `config`: every setting with its value, default and description (after `--config` files and
+  overrides).
 - `export RUN_DIR --alpha A --format jsonl|parquet|hf --output PATH`: a selection's kept rows
   for any trainer.
 """
@@ -118,6 +120,21 @@ run_main = _entry("run", _run)
 sweep_main = _entry("sweep", _sweep)
 
 
+def config_main(argv: list[str] | None = None) -> int:
+    """`slap config [--config CFG] [overrides]`: the resolved settings, explained."""
+    from slap_ray.config_help import describe
+
+    args = parse(argv, "config")
+    overrides = args.overrides + (["resume=true"] if args.resume else [])
+    try:
+        config = load_config(args.config, overrides)
+    except (ConfigError, OSError) as error:
+        print(f"slap config: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(describe(config)))
+    return 0
+
+
 def export_main(argv: list[str] | None = None) -> int:
     from slap_ray.jobs.export import main_export
 
@@ -130,6 +147,7 @@ COMMANDS = {
     "run": run_main,
     "sweep": sweep_main,
     "export": export_main,
+    "config": config_main,
 }
 
 

@@ -25,50 +25,86 @@ ARM_PRECONDITIONER_LABELS = {"factored": "factored", "none": "raw"}
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 class DataConfig(_Section):
     """Where rows come from and how they are normalised and tokenised."""
 
     paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat"], min_length=1)
+    """Input files or globs (JSONL, JSON, Parquet, CSV, gzip, `datasets` folders), or
+    `embedded:chitchat` for the bundled sample."""
     format: Format = "auto"
+    """File format; `auto` decides by extension (a folder saved with `datasets` is `hf_disk`)."""
     schema_: Schema = Field("auto", alias="schema")
+    """Row layout: `messages` (chat turns), `alpaca`, `sharegpt`, `prompt_response`, or `auto` to
+    detect it per row."""
     prompt_field: str = "prompt"
+    """Column holding the prompt in `prompt_response` rows."""
     response_field: str = "response"
+    """Column holding the response in `prompt_response` rows."""
     system_field: str | None = None
+    """Column holding an optional system prompt (None: no system turn)."""
     id_field: str = "id"
+    """Column with each row's stable id; rows without one get an id derived from their source and
+    content."""
     source: str | None = None
+    """Source label for rows that carry no `source` field (None: the file's name, e.g. `gsm8k`
+    for gsm8k.jsonl)."""
     task: str | None = None
+    """Task label for rows that carry no `task` field (None: a default task)."""
     on_bad_rows: Literal["error", "skip"] = "error"
+    """`error` stops at the first malformed row with its file and line; `skip` drops it and
+    counts it in rejected/."""
     max_rows: int | None = Field(None, ge=1)
+    """Keep a seeded sample of at most this many rows of the pool (None: every row)."""
     max_length: int = Field(512, ge=8)
+    """Tokens per row after the chat template; longer rows are truncated (see `truncation`)."""
     truncation: Literal["keep_response", "right"] = "keep_response"
+    """How long rows are cut: `keep_response` drops the oldest tokens first (the response
+    survives), `right` cuts the end."""
     chitchat_mode: Literal["pairs", "multiturn"] = "pairs"
-    # Tokenise tasks (one CPU each) running at once. None: one per CPU of the cluster, so
-    # tokenising grows with the nodes.
+    """For `embedded:chitchat`: one row per adjacent turn pair (`pairs`) or whole conversations
+    (`multiturn`)."""
     num_tokenizers: int | None = Field(None, ge=1)
+    """Tokenise tasks (one CPU each) running at once; None: one per CPU of the cluster, so
+    tokenising grows with the nodes."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+    )
 
 
 class ModelConfig(_Section):
     """The causal LM that scores (and later trains): offline alias, local dir or Hub id."""
 
     name: str = "smollm2-135m-instruct"
+    """The causal LM that scores and trains: an offline alias (`smollm2-135m-instruct`, `tiny-
+    bpe`, ...), a local folder, or a Hub id already in the local cache."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights' dtype when loading the model."""
 
 
 class EmbedConfig(_Section):
     """Sentence embeddings for the distribution strata."""
 
     model: str = "all-minilm-l6-v2"
+    """Sentence-embedding model for the distribution strata: an offline alias or a local folder."""
     batch_size: int = Field(128, ge=1)
+    """Texts per embedding call."""
     num_actors: int = Field(1, ge=1)
-    # CPUs each actor holds (ignored with a GPU); it runs that many torch threads.
+    """Embedding actors (model replicas) running at once."""
     num_cpus_per_actor: float = Field(1.0, gt=0)
+    """CPUs each embedding actor holds (ignored with a GPU); it runs that many torch threads."""
     num_gpus_per_actor: float = Field(0.0, ge=0)
+    """GPUs (or a fraction) each embedding actor holds; 0 runs on CPU."""
     max_chars: int = Field(2000, ge=16)
+    """Characters of each conversation that are embedded (its turns as `role: content`)."""
 
 
 class StrataConfig(_Section):
@@ -76,9 +112,14 @@ class StrataConfig(_Section):
     (``by: embedding``), or one stratum per value of a column the rows already carry."""
 
     by: Literal["embedding", "source", "task"] = "embedding"
+    """Distribution strata: k-means clusters of the embeddings (`embedding`), or one stratum per
+    `source` or `task` value."""
     num_clusters: int = Field(8, ge=1)
+    """k of k-means (with `by: embedding`)."""
     fit_sample_size: int = Field(4096, ge=1)
+    """Rows sampled to fit k-means; every row is then assigned to its nearest centroid."""
     max_iter: int = Field(50, ge=1)
+    """k-means iterations at most."""
 
 
 class SelectConfig(_Section):
@@ -89,24 +130,40 @@ class SelectConfig(_Section):
     """
 
     mode: Literal["offline", "online"] = "offline"
+    """`offline` scores the pool once (`slap select`) and fine-tunes on the kept ids; `online`
+    selects every training batch inside the training loop."""
     method: Method = "slap"
+    """Selection method: `slap`, `random`, `full` (keep all), `online_hard` (highest loss),
+    `ccs`, `infobatch`."""
     alphas: list[float] = Field(default_factory=lambda: [0.2, 0.3, 0.4])
+    """Fractions of each batch that are PRUNED (0.3 keeps 70%); one kept list per alpha."""
     batch_size: int = Field(32, ge=1)
+    """Rows per composed batch that selection sees (the B of SLAP_METHOD.md)."""
     num_strata: int = Field(3, ge=1)
+    """Loss strata per batch."""
     tau: float = Field(1.0, gt=0)
+    """Temperature of the loss-weighted budget across loss strata (SLAP_METHOD.md, ours)."""
     strata: StrataKind = "width"
+    """How a batch's losses are cut into strata: equal `width` in loss, or equal-count
+    `quantile`."""
     eps: float = Field(1e-6, gt=0)
+    """Added to the square root of the second moment when preconditioning gradient features."""
     projection_dim: int | None = Field(None, ge=1)
+    """Random projection of the gradient features to this many dimensions before farthest-point
+    selection (None: exact features)."""
     calibration_batches: int = Field(4, ge=0)
+    """Batches back-propagated before scoring to estimate the Adam second moment of the LM head
+    (0: uniform)."""
     beta2: float = Field(0.999, ge=0, lt=1)
-    # How LM-head gradient features are preconditioned: exact elementwise Adam second moment
-    # (``adam``), its Adafactor-style rank-1 factorisation (``factored``, O(T^2 (V + H)) per
-    # example), or raw gradient norms (``none``, s_hat = 1, the ablation).
+    """Decay of the second-moment EMA (as Adam's beta2)."""
     preconditioner: Preconditioner = "adam"
-    # On-policy only: keep every row's graph and back-propagate the kept ones (``kept_graphs``),
-    # or score the batch without grad in micro-batches of ``score.micro_batch_size`` and then
-    # forward + backward only the kept rows in ``train.micro_batch_size`` (``recompute``).
+    """How LM-head gradient features are preconditioned: exact Adam second moment (`adam`), its
+    Adafactor-style rank-1 factorisation (`factored`), or raw gradient norms (`none`, the
+    ablation)."""
     onpolicy: OnPolicyMode = "kept_graphs"
+    """On-policy only: keep every row's graph and back-propagate the kept ones (`kept_graphs`),
+    or score without grad and then forward and back-propagate only the kept rows
+    (`recompute`)."""
 
     @field_validator("alphas")
     @classmethod
@@ -130,14 +187,19 @@ class ScoreConfig(_Section):
     """
 
     model: str | None = None
+    """The causal LM that scores and selects offline (None: `model.name`); a small proxy may
+    select for a larger trained model."""
 
     num_scorers: int = Field(1, ge=1)
-    # CPUs each scorer holds (ignored with a GPU); it runs that many torch threads.
+    """Scorer actors (model replicas) running at once."""
     num_cpus_per_scorer: float = Field(1.0, gt=0)
+    """CPUs each scorer holds (ignored with a GPU); it runs that many torch threads."""
     num_gpus_per_scorer: float = Field(0.0, ge=0)
-    # Rows per no-grad scoring forward (offline scorers, on-policy ``recompute``).
+    """GPUs (or a fraction) each scorer holds; 0 runs on CPU."""
     micro_batch_size: int = Field(8, ge=1)
+    """Rows per no-grad scoring forward (offline scorers, on-policy `recompute`)."""
     vocab_chunk: int | None = Field(None, ge=1)
+    """Vocabulary rows per chunk when computing LM-head features (None: sized to bound memory)."""
 
 
 class TrainConfig(_Section):
@@ -150,36 +212,66 @@ class TrainConfig(_Section):
     """
 
     alpha: float = Field(0.3, ge=0, lt=1)
+    """Pruning ratio trained on: offline, which `kept/alpha-*.txt` of the selection (0 = every
+    scored row); online, pruned per batch."""
     selection_dir: str | None = None
+    """The `slap select` run whose kept ids offline fine-tuning reads (None:
+    `<output_dir>/select` in `slap run`)."""
     finetuning: Literal["lora", "full"] = "lora"
+    """`lora` trains adapters on a frozen base; `full` trains every weight."""
     lora_rank: int = Field(8, ge=1)
+    """LoRA rank r."""
     lora_alpha: float = Field(16.0, gt=0)
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    """Module names that get LoRA adapters."""
     learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate of AdamW."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
     adam_eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
     warmup_ratio: float = Field(0.1, ge=0, le=1)
+    """Fraction of the steps with linear warm-up before the cosine decay."""
     max_grad_norm: float | None = Field(1.0, gt=0)
+    """Gradient-norm clip (None: no clipping)."""
     epochs: int = Field(1, ge=1)
+    """Passes over the training rows."""
     max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (None: `epochs` decide)."""
     batch_size: int = Field(16, ge=1)
+    """Global batch per optimizer step (the B on-policy selection sees), split over workers, then
+    into micro-batches."""
     micro_batch_size: int | None = Field(None, ge=1)
+    """Rows per forward within a worker (None: 1 on-policy with kept graphs, else 4)."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """`fp32`, or `bf16` autocast."""
     num_workers: int = Field(2, ge=1)
+    """Ray Train workers (data-parallel replicas)."""
     use_gpu: bool = False
+    """One GPU per training worker."""
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    """Ray resources each training worker holds."""
     torch_threads: int = Field(1, ge=1)
-    # Seed of batch order, adapter initialisation and on-policy selection (default: ``seed``);
-    # a sweep sets it per trial while the data sample stays that of ``seed``.
+    """torch threads per training worker."""
     seed: int | None = None
+    """Seed of batch order, adapter initialisation and on-policy selection (None: `seed`); a
+    sweep sets it per trial while the data sample stays that of `seed`."""
     checkpoint_every: int = Field(10, ge=1)
+    """Steps between Ray Train checkpoints (a killed run resumes from the last one)."""
     num_checkpoints_to_keep: int = Field(2, ge=1)
+    """Checkpoints kept in storage."""
     max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts Ray Train may make after a failure (-1: unlimited)."""
     log_every: int = Field(1, ge=1)
+    """Kept so that older run configs load; every step is recorded in metrics.json's history
+    whatever its value."""
 
     def resolved_micro_batch_size(self, mode: str, onpolicy: str = "kept_graphs") -> int:
         """On-policy selection with kept graphs saves backward work only per whole micro-batch:
@@ -193,10 +285,15 @@ class EvalConfig(_Section):
     """Held-out evaluation: response-token loss / perplexity, optional generation + ROUGE-L."""
 
     paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat-eval"], min_length=1)
+    """Held-out files or globs (same formats as `data.paths`), or `embedded:chitchat-eval`."""
     max_rows: int | None = Field(256, ge=1)
+    """Held-out rows evaluated at most (None: all)."""
     micro_batch_size: int = Field(8, ge=1)
+    """Rows per evaluation forward."""
     generate_rows: int = Field(0, ge=0)
+    """Held-out rows answered by greedy generation and scored with ROUGE-L (0: no generation)."""
     max_new_tokens: int = Field(64, ge=1)
+    """New tokens per generated answer at most."""
 
 
 Mode = Literal["offline", "online"]
@@ -210,13 +307,21 @@ class ArmConfig(_Section):
     """
 
     method: Method
+    """The arm's selection method (as `select.method`)."""
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The arm's label in results (None: the method plus its non-default options)."""
     num_strata: int | None = Field(None, ge=1)
+    """This arm's `select.num_strata` (None: the select section's)."""
     tau: float | None = Field(None, gt=0)
+    """This arm's `select.tau` (None: the select section's)."""
     strata: StrataKind | None = None
+    """This arm's `select.strata` (None: the select section's)."""
     preconditioner: Preconditioner | None = None
+    """This arm's `select.preconditioner` (None: the select section's)."""
     alphas: list[float] | None = None
+    """This arm's alphas (None: `sweep.alphas`)."""
     modes: list[Mode] | None = None
+    """This arm's modes (None: `sweep.modes`)."""
 
     def label(self) -> str:
         """The arm's name in results: ``name``, else the method plus its non-default options."""
@@ -238,14 +343,21 @@ class SweepConfig(_Section):
         default_factory=lambda: [ArmConfig(method="slap"), ArmConfig(method="random")],
         min_length=1,
     )
+    """Selection arms, each a method with options (ablations are arms too); see `sweep.arms[].*`."""
     alphas: list[float] = Field(default_factory=lambda: [0.2, 0.3, 0.4], min_length=1)
+    """Pruned fractions the grid trains at (0 < alpha < 1)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    """Seeds: each gives one data sample, selection and training run per arm and alpha."""
     modes: list[Mode] = Field(default_factory=lambda: ["offline"], min_length=1)
+    """`offline` (select, then train on the kept ids) and/or `online` (select inside training)."""
     full_data: bool = True
+    """Also train on every row (the reference) once per seed."""
     max_concurrent_trials: int = Field(1, ge=1)
-    # CPUs the trial driver itself holds while its TorchTrainer's workers train: it only waits.
+    """Ray Tune trials running at once."""
     trial_cpus: float = Field(0.0, ge=0)
+    """CPUs the trial driver itself holds while its TorchTrainer's workers train (it only waits)."""
     bootstrap_samples: int = Field(10_000, ge=100)
+    """Bootstrap resamples for the results' intervals."""
 
     @field_validator("alphas")
     @classmethod
@@ -267,39 +379,57 @@ class RayConfig(_Section):
     """How to reach (or start) Ray."""
 
     address: str | None = None
+    """Ray cluster to join (None: RAY_ADDRESS, else start a local instance)."""
     num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local instance (None: the machine's)."""
     object_store_memory: int | None = Field(None, ge=78_643_200)
-    # Fail at once when the job's actors can never fit the cluster (off for autoscaling clusters
-    # whose nodes appear on demand).
+    """Object-store bytes of a local instance (None: Ray's default)."""
     check_resources: bool = True
-    # Execution layout only (never the result): rows per block after reading (None: one block
-    # per file) and partitions per shuffle (None: the cluster's CPUs, or one per 50,000 rows
-    # where that is more).
+    """Fail at once when the job's actors can never fit the cluster (off for autoscaling clusters
+    whose nodes appear on demand)."""
     rows_per_block: int | None = Field(None, ge=1)
+    """Execution layout only (never the result): rows per block after reading (None: one block
+    per file)."""
     shuffle_partitions: int | None = Field(None, ge=1)
-    # Ray Train checkpoints and Ray Tune state: None keeps them in the run directory; a folder
-    # every node mounts or a URI (s3://..., gs://...) puts them there, under a name derived from
-    # output_dir so a restarted job resumes (multi-node Train needs storage all nodes reach).
+    """Execution layout only: partitions per shuffle (None: the cluster's CPUs, or one per 50,000
+    rows where that is more)."""
     storage_path: str | None = None
+    """Ray Train checkpoints and Tune state: None keeps them in the run directory; a shared
+    folder or URI (s3://, gs://) puts them there, under a name derived from output_dir so a
+    restarted job resumes."""
 
 
 class SlapConfig(_Section):
     """A whole run."""
 
     seed: int = 0
+    """The run's seed; every stage and shard derives its own from it."""
     output_dir: str = "runs/default"
+    """The run directory: resolved config, manifest, outputs, report and logs."""
     resume: bool = False
+    """Reuse finished work in output_dir (same as `--resume`)."""
     progress: bool = True
+    """Progress bars on the console."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """Input rows."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The causal LM."""
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    """Sentence embeddings."""
     strata: StrataConfig = Field(default_factory=StrataConfig)
+    """Distribution strata."""
     select: SelectConfig = Field(default_factory=SelectConfig)
+    """Selection."""
     score: ScoreConfig = Field(default_factory=ScoreConfig)
+    """Scorer actors."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """Fine-tuning."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Held-out evaluation."""
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    """Budget sweeps."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """Ray."""
 
     @property
     def scoring_model(self) -> str:

@@ -141,3 +141,33 @@ def test_preconditioner_and_onpolicy_settings():
         [],
     ).sweep.arms  # fmt: skip
     assert [a.label() for a in arms] == ["slap-raw", "slap-factored", "slap", "random"]
+
+
+def test_every_setting_has_a_description():
+    from slap_ray.config import SlapConfig
+    from slap_ray.config_help import settings
+
+    keys = dict(settings(SlapConfig))
+    assert {"data.schema", "select.tau", "sweep.arms[].method", "ray.storage_path"} <= set(keys)
+    undescribed = [key for key, field in keys.items() if len(field.description or "") < 10]
+    assert not undescribed, undescribed
+
+
+def test_slap_config_prints_every_key_with_its_value_default_and_description(tmp_path, capsys):
+    from slap_ray.cli import main
+    from slap_ray.config import SlapConfig
+    from slap_ray.config_help import settings
+
+    layered = tmp_path / "run.yaml"
+    layered.write_text("train:\n  epochs: 3\n")
+    assert main(["config", "--config", str(layered), "select.alphas=[0.5]"]) == 0
+    out = capsys.readouterr().out
+    for key, field in settings(SlapConfig):
+        assert f"\n{key}" in f"\n{out}", key
+        assert field.description.split()[0] in out, key
+    assert "select.alphas: [0.5]  (default [0.2, 0.3, 0.4])" in out
+    assert "train.epochs: 3  (default 1)" in out
+    assert "\nselect.batch_size: 32\n" in out  # a default value shows once
+    assert "PRUNED" in out  # alpha is the fraction pruned, said where it is set
+    assert main(["config", "select.alphass=[0.5]"]) == 2
+    assert "select.alphass: unknown key" in capsys.readouterr().err
