@@ -131,7 +131,12 @@ def config_main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as error:
         print(f"slap config: {error}", file=sys.stderr)
         return 2
-    print("\n".join(describe(config)))
+    try:
+        print("\n".join(describe(config)), flush=True)
+    except BrokenPipeError:  # `slap config | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
