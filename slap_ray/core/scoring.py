@@ -23,6 +23,7 @@ from slap_ray.core.features import (
 from slap_ray.core.model import LogitsBuffer, forward_micro_batches, lm_head_of
 from slap_ray.core.seeds import derive_rng
 from slap_ray.core.selection import loss_strata, n_keep_for, select_weighted
+from slap_ray.names import alpha_key
 
 
 @dataclass
@@ -107,11 +108,6 @@ class Selection:
 
     def options(self) -> dict:
         return {"num_strata": self.num_strata, "tau": self.tau, "strata": self.strata}
-
-
-def alpha_key(alpha: float) -> str:
-    """The output key of a plain `slap select` selection at ``alpha``."""
-    return f"a{alpha:g}"
 
 
 def selections_for(method: str, alphas: Sequence[float], seed: int, **options) -> list[Selection]:

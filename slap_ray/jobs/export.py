@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from slap_ray.config import ConfigError
+from slap_ray.names import ALPHA_PREFIX, alphas_named, selected_rows
 
 FORMATS = ("jsonl", "parquet", "hf")
 
@@ -32,10 +33,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def selected_folder(run_dir: Path, alpha: float) -> Path:
-    folder = run_dir / "selected" / f"alpha-{alpha:g}"
+    folder = selected_rows(run_dir, alpha)
     if folder.is_dir():
         return folder
-    have = sorted(p.name.removeprefix("alpha-") for p in (run_dir / "selected").glob("alpha-*"))
+    have = alphas_named(list(folder.parent.glob(f"{ALPHA_PREFIX}*")))
     if not have:
         raise ConfigError(f"{run_dir}: no selected/ folder (is it a finished `slap select` run?)")
     raise ConfigError(f"--alpha {alpha:g}: {run_dir / 'selected'} has alphas {have}")

@@ -23,6 +23,7 @@ from slap_ray.files import write_text_atomic
 from slap_ray.jobs.rows import input_files, marked_rows, read_rows
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
+from slap_ray.names import alpha_name, kept_list, kept_table
 from slap_ray.ray import pool, stages
 from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
@@ -55,11 +56,11 @@ def selection_alphas(folder: Path) -> list[float]:
 
 def read_kept(folder: Path, alpha: float) -> dict[str, float]:
     """Kept id -> training weight at ``alpha`` (the Parquet companion; the .txt read by lines)."""
-    table = folder / "kept" / f"alpha-{alpha:g}.parquet"
+    table = kept_table(folder / "kept", alpha)
     if table.is_file():
         kept = pd.read_parquet(table)
         return dict(zip(kept["id"], kept["weight"].astype(float), strict=True))
-    lines = (folder / "kept" / f"alpha-{alpha:g}.txt").read_text(encoding="utf-8").splitlines()
+    lines = kept_list(folder / "kept", alpha).read_text(encoding="utf-8").splitlines()
     return dict.fromkeys(lines, 1.0)
 
 
@@ -86,7 +87,7 @@ def selected_ids(config: SlapConfig, sampled: list[str]) -> tuple[dict[str, floa
             f"train.alpha: {alpha:g} is not one of the selection's alphas "
             f"{[f'{a:g}' for a in alphas]} ({folder / 'manifest.json'})"
         )
-    return read_kept(folder, alpha), f"{folder / 'kept'}/alpha-{alpha:g}"
+    return read_kept(folder, alpha), f"{folder / 'kept' / alpha_name(alpha)}"
 
 
 def _tokenized_table(config: SlapConfig, rows: ray.data.Dataset) -> tuple[dict, int]:

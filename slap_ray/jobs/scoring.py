@@ -6,7 +6,6 @@ actor call scores a group of batches and writes them as one file to ``scored/``,
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ray.data import ActorPoolStrategy
 from slap_ray.config import ConfigError, SlapConfig
 from slap_ray.core.scoring import Selection, selections_for
 from slap_ray.core.seeds import derive_seed
+from slap_ray.names import keep_column, keys_of, shown
 from slap_ray.ray import pool
 from slap_ray.ray.runtime import progress_bar
 from slap_ray.ray.scorer import SCORED_BATCHES_KEY, SCORED_GLOB, BatchScorer, calibrate_task
@@ -67,11 +67,6 @@ def _resources(config: SlapConfig) -> dict:
     )
 
 
-def _shown(key: str) -> str:
-    """A plain selection key ``a0.3`` shows as its alpha; a sweep's key as itself."""
-    return key[1:] if re.fullmatch(r"a[0-9.]+", key) else key
-
-
 def batches_per_call(todo: int, batch_size: int, num_scorers: int) -> int:
     """Batches per scorer call (and per scored file): up to ``SCORED_FILE_ROWS`` rows, and few
     enough that every scorer gets several calls, so none waits idle at the end."""
@@ -92,9 +87,9 @@ def finished_batches(scored_dir: Path, selections: list[Selection]) -> set[int]:
         return set()
     schemas = [pq.read_schema(path) for path in files]
     columns = set(schemas[0].names)
-    missing = [_shown(s.key) for s in selections if f"keep_{s.key}" not in columns]
+    missing = [shown(s.key) for s in selections if keep_column(s.key) not in columns]
     if missing:
-        have = sorted(_shown(c.removeprefix("keep_")) for c in columns if c.startswith("keep_"))
+        have = sorted(map(shown, keys_of(list(columns))))
         raise ConfigError(
             f"select.alphas: --resume asks for alphas {missing} that the {len(files)} "
             f"files of finished batches were not scored for (they have {have}); resume with "

@@ -32,16 +32,20 @@ from slap_ray.jobs.prepare import ROW_FIELDS, load_or_prepare
 from slap_ray.jobs.rows import ORIGIN, input_files, raw_text
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.scoring import plain_selections, score, scored_files
+from slap_ray.names import (
+    ALPHA_PREFIX,
+    KEEP_PREFIX,
+    WEIGHT_PREFIX,
+    keep_column,
+    kept_list,
+    kept_table,
+    selected_rows,
+    weight_column,
+)
 from slap_ray.ray import pool
 from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
-from slap_ray.reporting.selection import (
-    SelectionSummary,
-    keep_column,
-    scoring_cost,
-    weight_column,
-    write_selection_report,
-)
+from slap_ray.reporting.selection import SelectionSummary, scoring_cost, write_selection_report
 
 log = logging.getLogger("slap_ray.select")
 # What a fresh run clears in its output_dir (a resumed run keeps stages/ and scored/).
@@ -85,7 +89,7 @@ def scores_schema(keys: list[str]) -> pa.Schema:
     """scores.parquet: one row per input row; a keep and a weight column per selection."""
     fields = list(META)
     for key in keys:
-        fields += [(f"keep_{key}", pa.bool_()), (f"weight_{key}", pa.float64())]
+        fields += [(keep_column(key), pa.bool_()), (weight_column(key), pa.float64())]
     return pa.schema(fields)
 
 
@@ -97,7 +101,7 @@ def _as_scores(frame: pd.DataFrame, schema: pa.Schema, scored: bool) -> pa.Table
     for name in schema.names:
         if name not in frame:
             frame[name] = (
-                False if name.startswith("keep_") else 0.0 if name.startswith("weight_")
+                False if name.startswith(KEEP_PREFIX) else 0.0 if name.startswith(WEIGHT_PREFIX)
                 else defaults.get(name)
             )  # fmt: skip
     for name in ("source", "task", "reject_reason"):
@@ -178,7 +182,7 @@ def write_outputs(
     )
     shutil.rmtree(run_dir / "selected", ignore_errors=True)
     for alpha in alphas:
-        folder = str(run_dir / "selected" / f"alpha-{alpha:g}")
+        folder = str(selected_rows(run_dir, alpha))
         normalised = partial(_normalised, keep=keep_column(alpha))
         pool.write_table(scored, folder, normalised, SELECTED_SCHEMA)
     rejects = pool.rejected(unscored)
@@ -217,16 +221,14 @@ def write_kept(frames: Iterable[pd.DataFrame], alphas: list[float], folder: Path
             part = frame.loc[frame[keep_column(alpha)].astype(bool), ["id", weight_column(alpha)]]
             kept_parts[alpha].append(part.rename(columns={weight_column(alpha): "weight"}))
     folder.mkdir(exist_ok=True)
-    for stale in folder.glob("alpha-*"):
+    for stale in folder.glob(f"{ALPHA_PREFIX}*"):
         stale.unlink()
     summary = {}
     for alpha, parts in kept_parts.items():
         empty = pd.DataFrame({"id": pd.Series(dtype=object), "weight": pd.Series(dtype=float)})
         kept = pd.concat([empty, *parts], ignore_index=True).sort_values("id")
-        (folder / f"alpha-{alpha:g}.txt").write_text(
-            "".join(i + "\n" for i in kept["id"]), encoding="utf-8"
-        )
-        kept.to_parquet(folder / f"alpha-{alpha:g}.parquet", index=False)
+        kept_list(folder, alpha).write_text("".join(i + "\n" for i in kept["id"]), encoding="utf-8")
+        kept.to_parquet(kept_table(folder, alpha), index=False)
         summary[f"{alpha:g}"] = len(kept)
     return summary
 

@@ -21,6 +21,7 @@ from slap_ray.errors import JobFailed
 from slap_ray.files import write_text_atomic
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
+from slap_ray.names import keep_column, sweep_key, weight_column
 from slap_ray.reporting.manifest import Manifest
 
 log = logging.getLogger("slap_ray.sweep")
@@ -80,7 +81,7 @@ def trial_name(spec: dict) -> str:
 
 
 def selection_key(spec: dict) -> str:
-    return f"{spec['arm']}__a{spec['alpha']:g}__s{spec['seed']}"
+    return sweep_key(spec["arm"], spec["alpha"], spec["seed"])
 
 
 def grid_selections(config: SlapConfig, specs: list[dict]) -> list[Selection]:
@@ -136,8 +137,8 @@ def write_arm_views(selection_dir: Path, specs: list[dict]) -> None:
         alphas = sorted({m["alpha"] for m in members})
         frame = scores[["id"]].copy()
         for m in members:
-            frame[f"keep_a{m['alpha']:g}"] = scores[f"keep_{selection_key(m)}"]
-            frame[f"weight_a{m['alpha']:g}"] = scores[f"weight_{selection_key(m)}"]
+            frame[keep_column(m["alpha"])] = scores[keep_column(selection_key(m))]
+            frame[weight_column(m["alpha"])] = scores[weight_column(selection_key(m))]
         kept = write_kept([frame], alphas, view / "kept")
         manifest = {"alphas": alphas, "method": members[0]["method"], "kept_per_alpha": kept}
         (view / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -22,6 +22,7 @@ from slap_ray.core.features import PreconditionerCache
 from slap_ray.core.model import LogitsBuffer, device_for
 from slap_ray.core.scoring import calibrate_second_moment, score_batch
 from slap_ray.files import atomic_path
+from slap_ray.names import keep_column, weight_column
 from slap_ray.ray.pool import fetch_table
 
 SCORED_GLOB = "scored-*.parquet"
@@ -153,8 +154,8 @@ class BatchScorer:
         frame["loss"] = np.asarray(result["loss"], dtype=np.float64)
         frame["loss_stratum"] = np.asarray(result["loss_stratum"], dtype=np.int64)
         for key, mask in result["keep"].items():
-            frame[f"keep_{key}"] = np.asarray(mask, dtype=bool)
-            frame[f"weight_{key}"] = np.asarray(result["weight"][key], dtype=np.float64)
+            frame[keep_column(key)] = np.asarray(mask, dtype=bool)
+            frame[weight_column(key)] = np.asarray(result["weight"][key], dtype=np.float64)
         frame["messages"] = list(row["messages"])
         frame["scorer_node"] = self.node
         return frame

@@ -12,14 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-
-def keep_column(alpha: float) -> str:
-    return f"keep_a{alpha:g}"
-
-
-def weight_column(alpha: float) -> str:
-    """A row's training weight at ``alpha`` (0 where pruned, InfoBatch's 1 / (1 - r), else 1)."""
-    return f"weight_a{alpha:g}"
+from slap_ray.names import keep_column  # noqa: E402
 
 
 def _markdown_table(frame: pd.DataFrame) -> list[str]:
