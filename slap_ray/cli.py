@@ -58,14 +58,22 @@ def _console_logging(command: str) -> None:
     logger.propagate = False
 
 
+def _config_from(argv: list[str] | None, command: str) -> SlapConfig | None:
+    """The config the command line asks for, or None once the reason it cannot load is
+    printed (one line)."""
+    args = parse(argv, command)
+    overrides = args.overrides + (["resume=true"] if args.resume else [])
+    try:
+        return load_config(args.config, overrides)
+    except (ConfigError, OSError) as error:
+        print(f"slap {command}: {error}", file=sys.stderr)
+        return None
+
+
 def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
     def main_for(argv: list[str] | None = None) -> int:
-        args = parse(argv, command)
-        overrides = args.overrides + (["resume=true"] if args.resume else [])
-        try:
-            config = load_config(args.config, overrides)
-        except (ConfigError, OSError) as error:
-            print(f"slap {command}: {error}", file=sys.stderr)
+        config = _config_from(argv, command)
+        if config is None:
             return 2
         _console_logging(command)
         from slap_ray.data.ingest import BadRowError
@@ -124,12 +132,8 @@ def config_main(argv: list[str] | None = None) -> int:
     """`slap config [--config CFG] [overrides]`: the resolved settings, explained."""
     from slap_ray.config_help import describe
 
-    args = parse(argv, "config")
-    overrides = args.overrides + (["resume=true"] if args.resume else [])
-    try:
-        config = load_config(args.config, overrides)
-    except (ConfigError, OSError) as error:
-        print(f"slap config: {error}", file=sys.stderr)
+    config = _config_from(argv, "config")
+    if config is None:
         return 2
     try:
         print("\n".join(describe(config)), flush=True)
