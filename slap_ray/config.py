@@ -495,7 +495,13 @@ def load_config(
     tree: dict = {}
     for path in paths:
         text = Path(path).read_text(encoding="utf-8")
-        loaded = yaml.safe_load(text)
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(error, "problem", None) or "not valid YAML"
+            raise ConfigError(f"{where}: {problem}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         _layer(tree, loaded or {})

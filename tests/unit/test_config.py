@@ -171,3 +171,15 @@ def test_slap_config_prints_every_key_with_its_value_default_and_description(tmp
     assert "PRUNED" in out  # alpha is the fraction pruned, said where it is set
     assert main(["config", "select.alphass=[0.5]"]) == 2
     assert "select.alphass: unknown key" in capsys.readouterr().err
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, capsys):
+    from slap_ray.cli import main
+
+    broken = tmp_path / "run.yaml"
+    broken.write_text("select:\n  alphas: [0.3\n")
+    with pytest.raises(ConfigError, match=rf"^{broken}:3:1: "):
+        load_config(broken)
+    assert main(["config", "--config", str(broken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"slap config: {broken}:3:1: "), err
