@@ -29,6 +29,7 @@ from pool_sample import tokenized_pool_sample  # noqa: E402
 
 from slap_ray.assets import SMOLLM2_NAME, load_causal_lm, load_tokenizer  # noqa: E402
 from slap_ray.core import scoring  # noqa: E402
+from slap_ray.selection_spec import SelectionSpec
 
 REPO = Path(__file__).resolve().parents[1]
 CALIBRATION_BATCHES = 4
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     moment = scoring.calibrate_second_moment(model, batches, pad, 0.999, args.micro_batch).value()
     selections = [
-        scoring.Selection(kind, "slap", args.alpha, args.seed, preconditioner=kind)
+        scoring.Selection(kind, args.alpha, args.seed, SelectionSpec(preconditioner=kind))
         for kind in ("adam", "factored")
     ]
     seconds = {"forward": 0.0, "adam": 0.0, "factored": 0.0}

@@ -31,6 +31,7 @@ from slap_ray.assets import SMOLLM2_NAME, load_causal_lm, load_tokenizer  # noqa
 from slap_ray.core.features import PreconditionerCache  # noqa: E402
 from slap_ray.core.model import LogitsBuffer  # noqa: E402
 from slap_ray.core.scoring import calibrate_second_moment, score_batch, selections_for  # noqa: E402
+from slap_ray.selection_spec import SelectionSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_causal_lm(args.model).eval()
     moment = calibrate_second_moment(model, batches[:1], tokenizer.pad_token_id).value()
     common = dict(
-        selections=selections_for("slap", [0.3], args.seed),
+        selections=selections_for(SelectionSpec(), [0.3], args.seed),
         pad_token_id=tokenizer.pad_token_id,
         second_moment=moment,
         micro_batch_size=args.micro_batch,

@@ -136,7 +136,7 @@ def loop_run(config, prepared_path: Path) -> dict:
             ids,
             labels,
             batch_key=b,
-            selections=selections_for(s.method, s.alphas, config.seed),
+            selections=selections_for(s.spec(), s.alphas, config.seed),
             pad_token_id=pad,
             second_moment=moment,
             micro_batch_size=8,

@@ -32,12 +32,13 @@ ALPHAS = (0.2, 0.3, 0.4, 0.5)
 def scoring_seconds_per_row(name: str, rows, batch: int, micro: int) -> float:
     from slap_ray.assets import load_causal_lm, load_tokenizer
     from slap_ray.core import scoring
+    from slap_ray.selection_spec import SelectionSpec
 
     model, pad = load_causal_lm(name).eval(), load_tokenizer(name).pad_token_id
     batches = [rows[i : i + batch] for i in range(0, len(rows), batch)]
     calibration = [([r[0] for r in batches[0]], [r[1] for r in batches[0]])]
     moment = scoring.calibrate_second_moment(model, calibration, pad, 0.999, micro).value()
-    selections = [scoring.Selection("slap", "slap", 0.3, 0)]
+    selections = [scoring.Selection("slap", 0.3, 0, SelectionSpec())]
     start = time.perf_counter()
     for key, part in enumerate(batches[1:]):
         scoring.score_batch(

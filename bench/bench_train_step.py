@@ -71,6 +71,7 @@ def measure(finetuning: str, args, rows) -> list[dict]:
         parameter_counts,
         warmup_cosine,
     )
+    from slap_ray.selection_spec import SelectionSpec
 
     torch.manual_seed(0)
     model = load_causal_lm(args.model)
@@ -87,8 +88,8 @@ def measure(finetuning: str, args, rows) -> list[dict]:
     for setting in settings_grid(args):
         alpha, method, micro = setting["alpha"], setting["method"], setting["micro"]
         settings = SelectionSettings(
-            method=method, alpha=alpha, onpolicy=setting["onpolicy"],
-            score_micro_batch_size=args.score_micro, preconditioner=args.preconditioner,
+            SelectionSpec(method=method, preconditioner=args.preconditioner), alpha=alpha,
+            onpolicy=setting["onpolicy"], score_micro_batch_size=args.score_micro,
         )  # fmt: skip
         times, parts, tokens = [], {}, {"forward": 0, "backward": 0}
         for step, batch in enumerate(batches):  # batch 0 warms up (and creates Adam's state)

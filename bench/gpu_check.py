@@ -69,6 +69,7 @@ from slap_ray.core.training import (  # noqa: E402
     warmup_cosine,
 )
 from slap_ray.data.tokenize import tokenize_conversation  # noqa: E402
+from slap_ray.selection_spec import SelectionSpec  # noqa: E402
 
 # Tolerances. Errors are "normwise": max |value - reference| / max |reference| over the tensor
 # (elementwise relative errors of near-zero feature entries mean nothing).
@@ -356,10 +357,10 @@ class Setup:
 
 
 SELECTIONS = [
-    *selections_for("slap", [0.25, 0.5], seed=0),
-    Selection("factored-a0.5", "slap", 0.5, 0, preconditioner="factored"),
-    Selection("none-a0.5", "slap", 0.5, 0, preconditioner="none"),
-    Selection("hard-a0.5", "online_hard", 0.5, 0),
+    *selections_for(SelectionSpec(), [0.25, 0.5], seed=0),
+    Selection("factored-a0.5", 0.5, 0, SelectionSpec(preconditioner="factored")),
+    Selection("none-a0.5", 0.5, 0, SelectionSpec(preconditioner="none")),
+    Selection("hard-a0.5", 0.5, 0, SelectionSpec(method="online_hard")),
 ]
 
 
@@ -542,7 +543,7 @@ def _step_sanity(check: Check, label: str, run: dict) -> None:
 
 def check_training_fp32(check: Check, setup: Setup, device: torch.device) -> None:
     """The full-batch LoRA step (offline mode: alpha 0) on the device against the CPU."""
-    full = SelectionSettings(method="full", alpha=0.0)
+    full = SelectionSettings(SelectionSpec(method="full"), alpha=0.0)
     ref = train_once(setup, torch.device("cpu"), full, micro=MICRO)
     dev = setup.cached("train_full", lambda: train_once(setup, device, full, micro=MICRO))
     _step_sanity(check, "device", dev)
@@ -562,8 +563,8 @@ def check_onpolicy_fp32(check: Check, setup: Setup, device: torch.device) -> Non
     """On-policy SLAP at alpha 0.5, both modes, with the calibrated second moment."""
     ref_moment = setup.moment(setup.cpu_model)
     moment = setup.cached("moment", lambda: setup.moment(setup.dev_model))
-    kept = SelectionSettings(method="slap", alpha=0.5, onpolicy="kept_graphs")
-    recompute = SelectionSettings(method="slap", alpha=0.5, onpolicy="recompute")
+    kept = SelectionSettings(SelectionSpec(method="slap"), alpha=0.5, onpolicy="kept_graphs")
+    recompute = SelectionSettings(SelectionSpec(method="slap"), alpha=0.5, onpolicy="recompute")
     ref = train_once(setup, torch.device("cpu"), kept, micro=1, moment=ref_moment)
     dev = setup.cached(
         "train_slap", lambda: train_once(setup, device, kept, micro=1, moment=moment)
@@ -665,7 +666,7 @@ def check_logits_buffer(check: Check, setup: Setup) -> None:
 
 def check_training_bf16(check: Check, setup: Setup, device: torch.device) -> None:
     """The step under ``torch.autocast(bfloat16)`` (train.precision: bf16) against fp32."""
-    full = SelectionSettings(method="full", alpha=0.0)
+    full = SelectionSettings(SelectionSpec(method="full"), alpha=0.0)
     fp32 = setup.cached("train_full", lambda: train_once(setup, device, full, micro=MICRO))
     bf16 = train_once(setup, device, full, micro=MICRO, autocast=setup.autocast)
     _step_sanity(check, "bf16 full", bf16)
@@ -683,7 +684,7 @@ def check_training_bf16(check: Check, setup: Setup, device: torch.device) -> Non
         bf16["after"] - bf16["before"], fp32["after"] - fp32["before"]
     )
     moment = setup.cached("moment", lambda: setup.moment(setup.dev_model))
-    kept = SelectionSettings(method="slap", alpha=0.5, onpolicy="kept_graphs")
+    kept = SelectionSettings(SelectionSpec(method="slap"), alpha=0.5, onpolicy="kept_graphs")
     slap = train_once(setup, device, kept, micro=1, autocast=setup.autocast, moment=moment)
     check.finite("bf16 on-policy SLAP losses, gradients, EMA", slap["losses"], slap["grads"],
                  slap["ema"])  # fmt: skip
@@ -754,7 +755,7 @@ def check_throughput(check: Check, setup: Setup, device: torch.device) -> None:
     moment = calibrate_second_moment(model, batches[:1], setup.pad, micro_batch_size=8).value()
     synchronize(device)
     check.info["calibrate_fp32_seconds"] = round(time.perf_counter() - start, 3)
-    selections = selections_for("slap", [0.2, 0.3, 0.4], setup.seed)
+    selections = selections_for(SelectionSpec(), [0.2, 0.3, 0.4], setup.seed)
     losses = {}
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
     for name, scorer in (("fp32", model), ("bf16", bf16_model)):
@@ -787,9 +788,12 @@ def check_throughput(check: Check, setup: Setup, device: torch.device) -> None:
     train_ids, train_labels = synthetic_rows(rng, args.train_batch, (256, 256), vocab)
     batch = list(zip(train_ids, train_labels, strict=True))
     runs = {
-        "full": (SelectionSettings(method="full", alpha=0.0), 4),
-        "slap_kept_graphs": (SelectionSettings(method="slap", alpha=0.3), 1),
-        "slap_recompute": (SelectionSettings(method="slap", alpha=0.3, onpolicy="recompute"), 4),
+        "full": (SelectionSettings(SelectionSpec(method="full"), alpha=0.0), 4),
+        "slap_kept_graphs": (SelectionSettings(SelectionSpec(method="slap"), alpha=0.3), 1),
+        "slap_recompute": (
+            SelectionSettings(SelectionSpec(method="slap"), alpha=0.3, onpolicy="recompute"),
+            4,
+        ),
     }
     for precision, autocast in (("fp32", nullcontext), ("bf16", setup.autocast)):
         for name, (settings, micro) in runs.items():

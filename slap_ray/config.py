@@ -9,19 +9,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from slap_ray.vocabulary import (
-    Format,
-    Method,
-    OnPolicyMode,
-    Preconditioner,
-    Schema,
-    StrataKind,
-)
+from slap_ray.selection_spec import SelectionSpec, option_label, optional_options
+from slap_ray.vocabulary import Format, Method, OnPolicyMode, Schema
 
-# How an arm's label names a non-default preconditioner ("raw": plain gradient norms).
-ARM_PRECONDITIONER_LABELS = {"factored": "factored", "none": "raw"}
+# Marks a field (or a whole section) that changes where or how a job runs, never which rows
+# are prepared, scored and selected: ``--resume`` reuses finished work across a change of it
+# (``selection_inputs``, the resume fingerprint). Every other field is in the fingerprint.
+RUN_ONLY: dict[str, Any] = {"run_only": True}
+
+
+def _run_only(*default: Any, **kwargs: Any) -> Any:
+    return Field(*default, json_schema_extra=RUN_ONLY, **kwargs)
 
 
 class _Section(BaseModel):
@@ -68,7 +68,7 @@ class DataConfig(_Section):
     chitchat_mode: Literal["pairs", "multiturn"] = "pairs"
     """For `embedded:chitchat`: one row per adjacent turn pair (`pairs`) or whole conversations
     (`multiturn`)."""
-    num_tokenizers: int | None = Field(None, ge=1)
+    num_tokenizers: int | None = _run_only(None, ge=1)
     """Tokenise tasks (one CPU each) running at once; None: one per CPU of the cluster, so
     tokenising grows with the nodes."""
 
@@ -95,13 +95,13 @@ class EmbedConfig(_Section):
 
     model: str = "all-minilm-l6-v2"
     """Sentence-embedding model for the distribution strata: an offline alias or a local folder."""
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = _run_only(128, ge=1)
     """Texts per embedding call."""
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = _run_only(1, ge=1)
     """Embedding actors (model replicas) running at once."""
-    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_cpus_per_actor: float = _run_only(1.0, gt=0)
     """CPUs each embedding actor holds (ignored with a GPU); it runs that many torch threads."""
-    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_gpus_per_actor: float = _run_only(0.0, ge=0)
     """GPUs (or a fraction) each embedding actor holds; 0 runs on CPU."""
     max_chars: int = Field(2000, ge=16)
     """Characters of each conversation that are embedded (its turns as `role: content`)."""
@@ -122,48 +122,42 @@ class StrataConfig(_Section):
     """k-means iterations at most."""
 
 
-class SelectConfig(_Section):
-    """Per-batch selection (section 1) and the budget grid.
+class SelectConfig(SelectionSpec):
+    """Per-batch selection (section 1) and the budget grid: the selection spec (method and
+    options, ``slap_ray.selection_spec``) plus how the batches are scored.
 
     ``mode``: ``offline`` scores the pool once (``slap select``) and fine-tunes on the kept ids;
     ``online`` selects every training batch inside the training loop (the paper's setting).
     """
 
-    mode: Literal["offline", "online"] = "offline"
+    model_config = ConfigDict(
+        extra="forbid", frozen=False, validate_assignment=True, use_attribute_docstrings=True
+    )
+
+    mode: Literal["offline", "online"] = _run_only("offline")
     """`offline` scores the pool once (`slap select`) and fine-tunes on the kept ids; `online`
     selects every training batch inside the training loop."""
-    method: Method = "slap"
-    """Selection method: `slap`, `random`, `full` (keep all), `online_hard` (highest loss),
-    `ccs`, `infobatch`."""
-    alphas: list[float] = Field(default_factory=lambda: [0.2, 0.3, 0.4])
+    alphas: list[float] = _run_only(default_factory=lambda: [0.2, 0.3, 0.4])
     """Fractions of each batch that are PRUNED (0.3 keeps 70%); one kept list per alpha."""
     batch_size: int = Field(32, ge=1)
     """Rows per composed batch that selection sees (the B of SLAP_METHOD.md)."""
-    num_strata: int = Field(3, ge=1)
-    """Loss strata per batch."""
-    tau: float = Field(1.0, gt=0)
-    """Temperature of the loss-weighted budget across loss strata (SLAP_METHOD.md, ours)."""
-    strata: StrataKind = "width"
-    """How a batch's losses are cut into strata: equal `width` in loss, or equal-count
-    `quantile`."""
     eps: float = Field(1e-6, gt=0)
     """Added to the square root of the second moment when preconditioning gradient features."""
-    projection_dim: int | None = Field(None, ge=1)
-    """Random projection of the gradient features to this many dimensions before farthest-point
-    selection (None: exact features)."""
     calibration_batches: int = Field(4, ge=0)
     """Batches back-propagated before scoring to estimate the Adam second moment of the LM head
     (0: uniform)."""
     beta2: float = Field(0.999, ge=0, lt=1)
     """Decay of the second-moment EMA (as Adam's beta2)."""
-    preconditioner: Preconditioner = "adam"
-    """How LM-head gradient features are preconditioned: exact Adam second moment (`adam`), its
-    Adafactor-style rank-1 factorisation (`factored`), or raw gradient norms (`none`, the
-    ablation)."""
-    onpolicy: OnPolicyMode = "kept_graphs"
+    onpolicy: OnPolicyMode = _run_only("kept_graphs")
     """On-policy only: keep every row's graph and back-propagate the kept ones (`kept_graphs`),
     or score without grad and then forward and back-propagate only the kept rows
     (`recompute`)."""
+
+    def spec(self) -> SelectionSpec:
+        """The selection spec alone (what the scorers and the training loop carry)."""
+        return SelectionSpec.model_validate(
+            self.model_dump(include=set(SelectionSpec.model_fields))
+        )
 
     @field_validator("alphas")
     @classmethod
@@ -190,15 +184,15 @@ class ScoreConfig(_Section):
     """The causal LM that scores and selects offline (None: `model.name`); a small proxy may
     select for a larger trained model."""
 
-    num_scorers: int = Field(1, ge=1)
+    num_scorers: int = _run_only(1, ge=1)
     """Scorer actors (model replicas) running at once."""
-    num_cpus_per_scorer: float = Field(1.0, gt=0)
+    num_cpus_per_scorer: float = _run_only(1.0, gt=0)
     """CPUs each scorer holds (ignored with a GPU); it runs that many torch threads."""
-    num_gpus_per_scorer: float = Field(0.0, ge=0)
+    num_gpus_per_scorer: float = _run_only(0.0, ge=0)
     """GPUs (or a fraction) each scorer holds; 0 runs on CPU."""
-    micro_batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = _run_only(8, ge=1)
     """Rows per no-grad scoring forward (offline scorers, on-policy `recompute`)."""
-    vocab_chunk: int | None = Field(None, ge=1)
+    vocab_chunk: int | None = _run_only(None, ge=1)
     """Vocabulary rows per chunk when computing LM-head features (None: sized to bound memory)."""
 
 
@@ -299,41 +293,40 @@ class EvalConfig(_Section):
 Mode = Literal["offline", "online"]
 
 
-class ArmConfig(_Section):
+class _Arm(_Section):
     """One arm of a sweep: a selection method with its options (ablations are arms too).
 
     Options left unset take the ``select`` section's values; ``alphas``/``modes`` unset take
-    the sweep's.
+    the sweep's. The options are those of the selection spec, added below (``ArmConfig``).
     """
 
     method: Method
     """The arm's selection method (as `select.method`)."""
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    """The arm's label in results (None: the method plus its non-default options)."""
-    num_strata: int | None = Field(None, ge=1)
-    """This arm's `select.num_strata` (None: the select section's)."""
-    tau: float | None = Field(None, gt=0)
-    """This arm's `select.tau` (None: the select section's)."""
-    strata: StrataKind | None = None
-    """This arm's `select.strata` (None: the select section's)."""
-    preconditioner: Preconditioner | None = None
-    """This arm's `select.preconditioner` (None: the select section's)."""
+    """The arm's label in results (None: the method plus its set options)."""
     alphas: list[float] | None = None
     """This arm's alphas (None: `sweep.alphas`)."""
     modes: list[Mode] | None = None
     """This arm's modes (None: `sweep.modes`)."""
 
+    def options(self) -> dict:
+        """The selection options this arm sets (the others follow ``select``)."""
+        names = [n for n in SelectionSpec.model_fields if n != "method"]
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def spec(self, base: SelectionSpec) -> SelectionSpec:
+        """This arm's selection spec: its method and options over ``base`` (``select``'s)."""
+        return base.with_options(method=self.method, **self.options())
+
     def label(self) -> str:
-        """The arm's name in results: ``name``, else the method plus its non-default options."""
+        """The arm's name in results: ``name``, else the method plus the options it sets."""
         if self.name:
             return self.name
-        parts = [self.method]
-        for key in ("num_strata", "tau", "strata"):
-            if getattr(self, key) is not None:
-                parts.append(f"{key}{getattr(self, key)}")
-        if self.preconditioner is not None and self.preconditioner != "adam":
-            parts.append(ARM_PRECONDITIONER_LABELS[self.preconditioner])
-        return "-".join(parts)
+        parts = [option_label(n, v) for n, v in self.options().items()]
+        return "-".join([self.method, *(p for p in parts if p)])
+
+
+ArmConfig = create_model("ArmConfig", __base__=_Arm, **optional_options())
 
 
 class SweepConfig(_Section):
@@ -404,11 +397,11 @@ class SlapConfig(_Section):
 
     seed: int = 0
     """The run's seed; every stage and shard derives its own from it."""
-    output_dir: str = "runs/default"
+    output_dir: str = _run_only("runs/default")
     """The run directory: resolved config, manifest, outputs, report and logs."""
-    resume: bool = False
+    resume: bool = _run_only(False)
     """Reuse finished work in output_dir (same as `--resume`)."""
-    progress: bool = True
+    progress: bool = _run_only(True)
     """Progress bars on the console."""
     data: DataConfig = Field(default_factory=DataConfig)
     """Input rows."""
@@ -422,13 +415,13 @@ class SlapConfig(_Section):
     """Selection."""
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     """Scorer actors."""
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainConfig = _run_only(default_factory=TrainConfig)
     """Fine-tuning."""
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    eval: EvalConfig = _run_only(default_factory=EvalConfig)
     """Held-out evaluation."""
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    sweep: SweepConfig = _run_only(default_factory=SweepConfig)
     """Budget sweeps."""
-    ray: RayConfig = Field(default_factory=RayConfig)
+    ray: RayConfig = _run_only(default_factory=RayConfig)
     """Ray."""
 
     @property
@@ -515,6 +508,19 @@ def _layer(tree: dict, layer: dict) -> dict:
             _layer(tree[key], value)
         else:
             tree[key] = value
+    return tree
+
+
+def selection_inputs(model: BaseModel) -> dict:
+    """What decides the prepared, scored and selected rows: the config as plain data without
+    the fields marked ``RUN_ONLY`` (so a new field is in it unless marked)."""
+    tree = model.model_dump(mode="json", by_alias=True)
+    for name, info in type(model).model_fields.items():
+        key = info.alias or name
+        if (info.json_schema_extra or {}).get("run_only"):
+            del tree[key]
+        elif isinstance(getattr(model, name), BaseModel):
+            tree[key] = selection_inputs(getattr(model, name))
     return tree
 
 

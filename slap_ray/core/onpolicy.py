@@ -40,8 +40,9 @@ from slap_ray.core.features import (
     response_token_losses_packed,
 )
 from slap_ray.core.model import MicroBatch, forward_micro_batches, lm_head_of
-from slap_ray.core.selection import n_keep_for, select_weighted
-from slap_ray.vocabulary import ONPOLICY_MODES, PRECONDITIONERS
+from slap_ray.core.selection import n_keep_for, select_with
+from slap_ray.selection_spec import SelectionSpec
+from slap_ray.vocabulary import ONPOLICY_MODES
 
 
 class Collective(Protocol):
@@ -87,32 +88,24 @@ class TorchDistributed:
 
 @dataclass
 class SelectionSettings:
-    """How a batch is selected: method, pruning ratio and the method's options."""
+    """How a training batch is selected: the selection spec at a pruning ratio, and how its
+    features are computed (the config validated every value; this is the core's copy)."""
 
-    method: str = "slap"
+    spec: SelectionSpec = SelectionSpec()
     alpha: float = 0.3
-    num_strata: int = 3
-    tau: float = 1.0
-    strata: str = "width"
     eps: float = 1e-6
-    projection_dim: int | None = None
     projection_seed: int = 0
     vocab_chunk: int | None = None
-    preconditioner: str = "adam"  # or "factored" | "none"
     onpolicy: str = "kept_graphs"  # or "recompute"
     # Rows per no-grad forward of the recompute mode's scoring pass (None: the whole batch).
     score_micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.onpolicy not in ONPOLICY_MODES:
-            raise ValueError(f"onpolicy must be one of {ONPOLICY_MODES}, got {self.onpolicy!r}")
-        if self.preconditioner not in PRECONDITIONERS:
-            raise ValueError(
-                f"preconditioner must be one of {PRECONDITIONERS}, got {self.preconditioner!r}"
-            )
+        assert self.onpolicy in ONPOLICY_MODES, self.onpolicy
 
-    def options(self) -> dict[str, Any]:
-        return {"num_strata": self.num_strata, "tau": self.tau, "strata": self.strata}
+    @property
+    def method(self) -> str:
+        return self.spec.method
 
 
 @dataclass
@@ -323,7 +316,7 @@ def _selecting_step(
 ) -> _Chosen:  # fmt: skip
     """Forward every row, select ``n_keep`` on the whole batch, back-propagate the kept rows
     (from the kept graphs, or by forwarding them again in recompute mode)."""
-    needs_features = settings.method == "slap"
+    needs_features = settings.spec.needs_features
     recompute = settings.onpolicy == "recompute"
     graphs, local_losses, local_features = _forward_scoring(
         model, step, settings, second_moment if needs_features else None, needs_features,
@@ -333,9 +326,7 @@ def _selecting_step(
     gathered = _gather(step, collective, positions, local_losses, local_features)
     losses, tokens, features = _assemble(gathered, batch_size, settings if needs_features else None)
     with step.timed("select"):
-        kept, kept_weights = select_weighted(
-            settings.method, losses, features, n_keep, rng, **settings.options()
-        )
+        kept, kept_weights = select_with(settings.spec, losses, features, n_keep, rng)
     chosen = _Chosen(losses, tokens, kept, kept_weights)
     if recompute:
         _recompute_kept(
@@ -389,7 +380,7 @@ def _forward_scoring(
     local_features = (
         np.zeros((len(step.examples), step.weight.shape[0]), np.float32) if needs_features else None
     )
-    preconditioner = make_preconditioner(second_moment, settings.preconditioner, settings.eps)
+    preconditioner = make_preconditioner(second_moment, settings.spec.preconditioner, settings.eps)
     graphs: list[tuple[MicroBatch, torch.Tensor]] = []
     for micro, losses in step.forward(
         model, pad_token_id, micro_batch_size, autocast, grad=keep_graphs
@@ -453,9 +444,9 @@ def _assemble(gathered, batch_size, feature_settings):
         return losses, tokens, None
     features = np.empty((batch_size, gathered[0]["features"].shape[1]), dtype=np.float32)
     features[order] = np.concatenate([g["features"] for g in gathered])
-    if feature_settings.projection_dim is not None:
+    if feature_settings.spec.projection_dim is not None:
         features = project_features(
-            features, feature_settings.projection_dim, feature_settings.projection_seed
+            features, feature_settings.spec.projection_dim, feature_settings.projection_seed
         )
     return losses, tokens, features
 

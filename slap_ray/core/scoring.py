@@ -22,8 +22,9 @@ from slap_ray.core.features import (
 )
 from slap_ray.core.model import LogitsBuffer, forward_micro_batches, lm_head_of
 from slap_ray.core.seeds import derive_rng
-from slap_ray.core.selection import loss_strata, n_keep_for, select_weighted
+from slap_ray.core.selection import loss_strata, n_keep_for, select_with
 from slap_ray.names import alpha_key
+from slap_ray.selection_spec import SelectionSpec
 
 
 @dataclass
@@ -89,30 +90,20 @@ def losses_and_features(
 
 @dataclass(frozen=True)
 class Selection:
-    """One selection of a scored batch: a method and its options at a pruning ratio and seed.
+    """One selection of a scored batch: a selection spec at a pruning ratio and seed.
 
-    ``key`` names its output (``keep_<key>``, ``weight_<key>``). ``preconditioner``: ``adam``
-    (exact), ``factored`` (rank-1) or ``none`` (raw LM-head gradient norms, s_hat = 1, the
-    ablation of SLAP_METHOD.md section 5).
+    ``key`` names its output (``keep_<key>``, ``weight_<key>``).
     """
 
     key: str
-    method: str
     alpha: float
     seed: int
-    num_strata: int = 3
-    tau: float = 1.0
-    strata: str = "width"
-    preconditioner: str = "adam"
-    projection_dim: int | None = None
-
-    def options(self) -> dict:
-        return {"num_strata": self.num_strata, "tau": self.tau, "strata": self.strata}
+    spec: SelectionSpec = SelectionSpec()
 
 
-def selections_for(method: str, alphas: Sequence[float], seed: int, **options) -> list[Selection]:
-    """The selections of a plain `slap select` run: one method at every alpha."""
-    return [Selection(alpha_key(a), method, a, seed, **options) for a in alphas]
+def selections_for(spec: SelectionSpec, alphas: Sequence[float], seed: int) -> list[Selection]:
+    """The selections of a plain `slap select` run: one spec at every alpha."""
+    return [Selection(alpha_key(a), a, seed, spec) for a in alphas]
 
 
 def _features_for(
@@ -120,7 +111,7 @@ def _features_for(
 ):
     """Losses (B,) and the feature matrices the selections need: {preconditioner: (B, V)};
     none when no selection is SLAP (the other methods rank by loss alone)."""
-    wanted = {s.preconditioner for s in selections if s.method == "slap"}
+    wanted = {s.spec.preconditioner for s in selections if s.spec.needs_features}
     if not wanted:
         losses, _ = losses_and_features(
             model, input_ids, labels, pad, None, mb, eps, chunk, with_features=False,
@@ -175,12 +166,12 @@ def score_batch(
         num_tokens=sum(len(x) for x in input_ids),
     )
     for s in selections:
-        matrix = features.get(s.preconditioner)
-        if matrix is not None and s.projection_dim is not None:
-            matrix = project_features(matrix, s.projection_dim, projection_seed)
-        rng = derive_rng(s.seed, "select", s.method, s.alpha, batch_key)
+        matrix = features.get(s.spec.preconditioner)
+        if matrix is not None and s.spec.projection_dim is not None:
+            matrix = project_features(matrix, s.spec.projection_dim, projection_seed)
+        rng = derive_rng(s.seed, "select", s.spec.method, s.alpha, batch_key)
         n_keep = n_keep_for(len(losses), s.alpha)
-        kept, weights = select_weighted(s.method, losses, matrix, n_keep, rng, **s.options())
+        kept, weights = select_with(s.spec, losses, matrix, n_keep, rng)
         scores.keep[s.key] = np.zeros(len(losses), dtype=bool)
         scores.keep[s.key][kept] = True
         scores.weight[s.key] = np.zeros(len(losses), dtype=np.float64)

@@ -12,9 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from slap_ray.vocabulary import METHODS, STRATA_KINDS  # noqa: E402  (re-exported)
-
-METHOD_OPTIONS = {"slap": ("num_strata", "tau", "strata"), "ccs": ("num_strata",)}
+from slap_ray.selection_spec import METHOD_OPTIONS, SelectionSpec
+from slap_ray.vocabulary import METHODS, STRATA_KINDS
 
 
 def _as_losses(losses: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -247,6 +246,18 @@ def select_weighted(
         return infobatch_select(_as_losses(losses), n_keep, rng)
     kept = select(method, losses, features, n_keep, rng, **options)
     return kept, np.ones(len(kept))
+
+
+def select_with(
+    spec: SelectionSpec,
+    losses: np.ndarray | torch.Tensor,
+    features: np.ndarray | torch.Tensor | None,
+    n_keep: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Select one batch as ``spec`` says: (kept indices, their training weights); see
+    :func:`select_weighted`. The one entry point of the scorers and the training loop."""
+    return select_weighted(spec.method, losses, features, n_keep, rng, **spec.options())
 
 
 def n_keep_for(batch_size: int, alpha: float) -> int:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 from ray.data import Dataset
 
-from slap_ray.config import ConfigError, SlapConfig, config_to_dict
+from slap_ray.config import ConfigError, SlapConfig, selection_inputs
 from slap_ray.core.seeds import derive_seed
 from slap_ray.core.strata import kmeans_fit
 from slap_ray.files import write_text_atomic
@@ -53,14 +53,7 @@ UNSCORED_SCHEMA = pa.schema([*ROW_FIELDS, ("raw", pa.string()), ("sampled", pa.b
 
 def fingerprint(config: SlapConfig) -> str:
     """What the prepared and scored stages depend on: not where or how the job runs."""
-    tree = config_to_dict(config)
-    for key in ("output_dir", "resume", "progress", "ray", "score", "train", "eval", "sweep"):
-        tree.pop(key, None)
-    tree["data"].pop("num_tokenizers", None)
-    for key in ("num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "batch_size"):
-        tree["embed"].pop(key, None)
-    tree["select"].pop("mode", None)
-    tree["select"].pop("alphas", None)  # checked against the scored batches on resume
+    tree = selection_inputs(config)  # alphas are checked against the scored batches on resume
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 

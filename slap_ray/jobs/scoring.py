@@ -21,7 +21,13 @@ from slap_ray.core.seeds import derive_seed
 from slap_ray.names import keep_column, keys_of, shown
 from slap_ray.ray import pool
 from slap_ray.ray.runtime import progress_bar
-from slap_ray.ray.scorer import SCORED_BATCHES_KEY, SCORED_GLOB, BatchScorer, calibrate_task
+from slap_ray.ray.scorer import (
+    SCORED_BATCHES_KEY,
+    SCORED_GLOB,
+    BatchScorer,
+    ScorerSettings,
+    calibrate_task,
+)
 from slap_ray.reporting.manifest import Manifest
 
 # Rows per scorer call, and so per file in scored/. One file per 32-row batch made 6,250 files
@@ -31,26 +37,22 @@ SCORED_FILE_ROWS = 2048
 
 def plain_selections(config: SlapConfig) -> list[Selection]:
     """`slap select`: ``select.method`` at every ``select.alphas``, seeded by ``seed``."""
-    s = config.select
-    return selections_for(
-        s.method, s.alphas, config.seed, num_strata=s.num_strata, tau=s.tau, strata=s.strata,
-        projection_dim=s.projection_dim, preconditioner=s.preconditioner,
-    )  # fmt: skip
+    return selections_for(config.select.spec(), config.select.alphas, config.seed)
 
 
-def _settings(config: SlapConfig, selections: list[Selection]) -> dict:
+def _settings(config: SlapConfig, selections: list[Selection]) -> ScorerSettings:
     s = config.select
-    return {
-        "selections": selections,
-        "micro_batch_size": config.score.micro_batch_size,
-        "num_strata": s.num_strata,
-        "strata": s.strata,
-        "eps": s.eps,
-        "vocab_chunk": config.score.vocab_chunk,
-        "projection_seed": derive_seed(config.seed, "projection"),
-        "use_gpu": config.score.num_gpus_per_scorer > 0,
-        "torch_threads": _threads(config),
-    }
+    return ScorerSettings(
+        selections=tuple(selections),
+        micro_batch_size=config.score.micro_batch_size,
+        num_strata=s.num_strata,
+        strata=s.strata,
+        eps=s.eps,
+        vocab_chunk=config.score.vocab_chunk,
+        projection_seed=derive_seed(config.seed, "projection"),
+        use_gpu=config.score.num_gpus_per_scorer > 0,
+        torch_threads=_threads(config),
+    )
 
 
 def _threads(config: SlapConfig) -> int:

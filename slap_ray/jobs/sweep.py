@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,7 @@ from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
 from slap_ray.names import keep_column, sweep_key, weight_column
 from slap_ray.reporting.manifest import Manifest
+from slap_ray.selection_spec import SelectionSpec
 
 log = logging.getLogger("slap_ray.sweep")
 SELECTION_DIR, TRIALS_DIR, TUNE_DIR, EXPERIMENT = "selection", "trials", "tune", "sweep"
@@ -34,81 +36,93 @@ FULL = "full"
 TRIAL_RESULT = "trial_result.json"  # written last: the trial is done, its row is final
 
 
-def trial_grid(config: SlapConfig) -> list[dict]:
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial of the grid: an arm's selection spec at (mode, alpha, seed), or the full-data
+    reference (arm ``full``). Crosses to the Tune trial as ``as_dict()``."""
+
+    arm: str
+    mode: str
+    alpha: float
+    seed: int
+    selection: SelectionSpec
+
+    @property
+    def is_full(self) -> bool:
+        return self.arm == FULL
+
+    @property
+    def is_offline_arm(self) -> bool:
+        """Selected from the sweep's one scoring pass (not online, not the reference)."""
+        return self.mode == "offline" and not self.is_full
+
+    @property
+    def name(self) -> str:
+        """The trial's name from its parameters (never a timestamp: a restored trial finds its
+        own checkpoint under the same name)."""
+        if self.is_full:
+            return f"full-s{self.seed}"
+        return f"{self.arm}-{self.mode}-a{self.alpha:g}-s{self.seed}"
+
+    @property
+    def selection_key(self) -> str:
+        return sweep_key(self.arm, self.alpha, self.seed)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "selection": self.selection.model_dump(), "name": self.name}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrialSpec:
+        values = {k: v for k, v in values.items() if k != "name"}
+        return cls(**{**values, "selection": SelectionSpec(**values["selection"])})
+
+    def row(self) -> dict:
+        """The trial's parameters as results.csv shows them (no options for the reference)."""
+        options = {} if self.is_full else self.selection.model_dump(exclude={"method"})
+        return {"arm": self.arm, "method": self.selection.method, "mode": self.mode,
+                "alpha": self.alpha, "seed": self.seed, **options}  # fmt: skip
+
+
+def trial_grid(config: SlapConfig) -> list[TrialSpec]:
     """Every trial: (arm, mode, alpha, seed) of each arm, then the full-data reference."""
-    sweep, select = config.sweep, config.select
-    specs = []
-    for arm in sweep.arms:
-        for mode in arm.modes or sweep.modes:
-            for alpha in sorted(arm.alphas or sweep.alphas):
-                for seed in sweep.seeds:
-                    specs.append(
-                        {
-                            "arm": arm.label(),
-                            "method": arm.method,
-                            "mode": mode,
-                            "alpha": float(alpha),
-                            "seed": int(seed),
-                            "num_strata": arm.num_strata or select.num_strata,
-                            "tau": arm.tau or select.tau,
-                            "strata": arm.strata or select.strata,
-                            "preconditioner": arm.preconditioner or select.preconditioner,
-                        }
-                    )
+    sweep, base = config.sweep, config.select.spec()
+    specs = [
+        TrialSpec(arm.label(), mode, float(alpha), int(seed), arm.spec(base))
+        for arm in sweep.arms
+        for mode in arm.modes or sweep.modes
+        for alpha in sorted(arm.alphas or sweep.alphas)
+        for seed in sweep.seeds
+    ]
     if sweep.full_data:
-        for seed in sweep.seeds:
-            specs.append(
-                {"arm": FULL, "method": FULL, "mode": "offline", "alpha": 0.0, "seed": int(seed)}
-            )
+        full = SelectionSpec(method=FULL)
+        specs += [TrialSpec(FULL, "offline", 0.0, int(seed), full) for seed in sweep.seeds]
     return sorted(specs, key=lambda spec: _run_order(spec, sweep))
 
 
-def _run_order(spec: dict, sweep) -> tuple:
+def _run_order(spec: TrialSpec, sweep) -> tuple:
     """Seed by seed, full data first, then the middle alpha (every arm), then the others: a
     stopped sweep's partial table already compares the arms with each other and with full data."""
     labels = [FULL] + [a.label() for a in sweep.arms]
     middle = sorted(sweep.alphas)[len(sweep.alphas) // 2]
-    return (spec["seed"], spec["arm"] != FULL, spec["alpha"] != middle, labels.index(spec["arm"]),
-            spec["mode"], spec["alpha"])  # fmt: skip
+    return (spec.seed, not spec.is_full, spec.alpha != middle, labels.index(spec.arm),
+            spec.mode, spec.alpha)  # fmt: skip
 
 
-def trial_name(spec: dict) -> str:
-    """A trial's name from its parameters (never a timestamp: a restored trial finds its own
-    checkpoint under the same name)."""
-    if spec["arm"] == FULL:
-        return f"full-s{spec['seed']}"
-    return f"{spec['arm']}-{spec['mode']}-a{spec['alpha']:g}-s{spec['seed']}"
-
-
-def selection_key(spec: dict) -> str:
-    return sweep_key(spec["arm"], spec["alpha"], spec["seed"])
-
-
-def grid_selections(config: SlapConfig, specs: list[dict]) -> list[Selection]:
+def grid_selections(config: SlapConfig, specs: list[TrialSpec]) -> list[Selection]:
     """The offline trials' selections, all made from the one scoring pass."""
     return [
-        Selection(
-            selection_key(spec),
-            spec["method"],
-            spec["alpha"],
-            spec["seed"],
-            num_strata=spec["num_strata"],
-            tau=spec["tau"],
-            strata=spec["strata"],
-            preconditioner=spec["preconditioner"],
-            projection_dim=config.select.projection_dim,
-        )  # fmt: skip
+        Selection(spec.selection_key, spec.alpha, spec.seed, spec.selection)
         for spec in specs
-        if spec["mode"] == "offline" and spec["arm"] != FULL
+        if spec.is_offline_arm
     ]
 
 
 ARMS_DIR = "arms"
 
 
-def arm_view(selection_dir: Path, spec: dict, arms: str = ARMS_DIR) -> Path:
+def arm_view(selection_dir: Path, spec: TrialSpec, arms: str = ARMS_DIR) -> Path:
     """Where an (arm, seed) pair's kept lists live, laid out as a `slap select` run."""
-    return selection_dir / arms / spec["arm"] / f"seed-{spec['seed']}"
+    return selection_dir / arms / spec.arm / f"seed-{spec.seed}"
 
 
 def selection_finished(selection_dir: Path) -> bool:
@@ -117,7 +131,7 @@ def selection_finished(selection_dir: Path) -> bool:
     return (selection_dir / "scores.parquet").exists() and (selection_dir / ARMS_DIR).is_dir()
 
 
-def write_arm_views(selection_dir: Path, specs: list[dict]) -> None:
+def write_arm_views(selection_dir: Path, specs: list[TrialSpec]) -> None:
     """Per (arm, seed): ``kept/alpha-<a>.txt|.parquet`` and a manifest naming its alphas, so
     `slap finetune` reads them like any selection. Written into ``arms.partial/`` and renamed
     to ``arms/`` at the end: a kill between two arms leaves no ``arms/`` that a resumed sweep
@@ -125,53 +139,51 @@ def write_arm_views(selection_dir: Path, specs: list[dict]) -> None:
     from slap_ray.jobs.select import write_kept
 
     scores = pd.read_parquet(selection_dir / "scores.parquet")
-    groups: dict[tuple[str, int], list[dict]] = {}
+    groups: dict[tuple[str, int], list[TrialSpec]] = {}
     for spec in specs:
-        if spec["mode"] == "offline" and spec["arm"] != FULL:
-            groups.setdefault((spec["arm"], spec["seed"]), []).append(spec)
+        if spec.is_offline_arm:
+            groups.setdefault((spec.arm, spec.seed), []).append(spec)
     staging = f"{ARMS_DIR}.partial"
     shutil.rmtree(selection_dir / staging, ignore_errors=True)  # a killed run's half
     for members in groups.values():
         view = arm_view(selection_dir, members[0], staging)
         view.mkdir(parents=True, exist_ok=True)
-        alphas = sorted({m["alpha"] for m in members})
+        alphas = sorted({m.alpha for m in members})
         frame = scores[["id"]].copy()
         for m in members:
-            frame[keep_column(m["alpha"])] = scores[keep_column(selection_key(m))]
-            frame[weight_column(m["alpha"])] = scores[weight_column(selection_key(m))]
+            frame[keep_column(m.alpha)] = scores[keep_column(m.selection_key)]
+            frame[weight_column(m.alpha)] = scores[weight_column(m.selection_key)]
         kept = write_kept([frame], alphas, view / "kept")
-        manifest = {"alphas": alphas, "method": members[0]["method"], "kept_per_alpha": kept}
+        method = members[0].selection.method
+        manifest = {"alphas": alphas, "method": method, "kept_per_alpha": kept}
         (view / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     (selection_dir / staging).mkdir(exist_ok=True)  # a grid of full-data trials has no arms
     shutil.rmtree(selection_dir / ARMS_DIR, ignore_errors=True)
     (selection_dir / staging).rename(selection_dir / ARMS_DIR)
 
 
-def trial_config(tree: dict, spec: dict, sweep_dir: Path) -> SlapConfig:
+def trial_config(tree: dict, spec: TrialSpec, sweep_dir: Path) -> SlapConfig:
     """The fine-tuning config of one trial: the sweep's config with the trial's arm, alpha and
     training seed (the data sample stays that of ``seed``, so every trial sees one pool)."""
     tree = json.loads(json.dumps(tree))
-    tree["output_dir"] = str(sweep_dir / TRIALS_DIR / trial_name(spec))
+    tree["output_dir"] = str(sweep_dir / TRIALS_DIR / spec.name)
     tree["resume"] = True  # a restored trial continues from its Ray Train checkpoint
     tree["progress"] = False
-    tree["train"]["seed"] = spec["seed"]
-    if spec["mode"] == "online":
-        tree["select"].update(
-            mode="online", method=spec["method"], num_strata=spec["num_strata"],
-            tau=spec["tau"], strata=spec["strata"], preconditioner=spec["preconditioner"],
-        )  # fmt: skip
-        tree["train"].update(alpha=spec["alpha"], selection_dir=None)
-    elif spec["arm"] == FULL:
+    tree["train"]["seed"] = spec.seed
+    if spec.mode == "online":
+        tree["select"].update(mode="online", **spec.selection.model_dump())
+        tree["train"].update(alpha=spec.alpha, selection_dir=None)
+    elif spec.is_full:
         tree["select"]["mode"] = "offline"
         tree["train"].update(alpha=0.0, selection_dir=None)
     else:
         tree["select"]["mode"] = "offline"
         view = arm_view(sweep_dir / SELECTION_DIR, spec)
-        tree["train"].update(alpha=spec["alpha"], selection_dir=str(view))
+        tree["train"].update(alpha=spec.alpha, selection_dir=str(view))
     return build_config(tree)
 
 
-def _train_trial(config: SlapConfig, spec: dict, done: Path) -> None:
+def _train_trial(config: SlapConfig, spec: TrialSpec, done: Path) -> None:
     from slap_ray.jobs.finetune import OWNED as FINETUNE_OWNED
     from slap_ray.jobs.finetune import finetune_into
     from slap_ray.reporting.sweep import trial_row
@@ -180,7 +192,7 @@ def _train_trial(config: SlapConfig, spec: dict, done: Path) -> None:
         finetune_into(config, run_dir)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        write_text_atomic(done, json.dumps(trial_row(spec, metrics, manifest)))
+        write_text_atomic(done, json.dumps(trial_row(spec.row(), metrics, manifest)))
 
 
 def run_trial(params: dict) -> None:
@@ -189,7 +201,7 @@ def run_trial(params: dict) -> None:
 
     from slap_ray.ray.tune import outside_trial_placement_group
 
-    spec, shared = params["trial"], params["shared"]
+    spec, shared = TrialSpec.from_dict(params["trial"]), params["shared"]
     config = trial_config(shared["config"], spec, Path(shared["sweep_dir"]))
     done = Path(config.output_dir) / TRIAL_RESULT
     trained_now = not done.is_file()
@@ -198,12 +210,17 @@ def run_trial(params: dict) -> None:
     tune.report({**json.loads(done.read_text(encoding="utf-8")), "trained_now": trained_now})
 
 
-def _untrained(sweep_dir: Path, specs: list[dict]) -> int:
+def _name_of(trial: dict) -> str:
+    """A trial's name from its ``TrialSpec.as_dict()`` (what Tune holds)."""
+    return trial["name"]
+
+
+def _untrained(sweep_dir: Path, specs: list[TrialSpec]) -> int:
     trials = sweep_dir / TRIALS_DIR
-    return sum(not (trials / trial_name(s) / TRIAL_RESULT).is_file() for s in specs)
+    return sum(not (trials / s.name / TRIAL_RESULT).is_file() for s in specs)
 
 
-def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[dict], manifest: Manifest):
+def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[TrialSpec], manifest: Manifest):
     """Run the selection pass unless a finished one is there (resume); count the runs."""
     from slap_ray.jobs.select import select_into
 
@@ -226,17 +243,17 @@ def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[dict], manifes
     )
 
 
-def finished_rows(sweep_dir: Path, specs: list[dict]) -> list[dict]:
+def finished_rows(sweep_dir: Path, specs: list[TrialSpec]) -> list[dict]:
     """The rows of every trial that has finished so far (its ``trial_result.json``)."""
     rows = []
     for spec in specs:
-        done = sweep_dir / TRIALS_DIR / trial_name(spec) / TRIAL_RESULT
+        done = sweep_dir / TRIALS_DIR / spec.name / TRIAL_RESULT
         if done.is_file():
             rows.append({**json.loads(done.read_text(encoding="utf-8")), "error": None})
     return rows
 
 
-def write_partial_results(config: SlapConfig, sweep_dir: Path, specs: list[dict]) -> None:
+def write_partial_results(config: SlapConfig, sweep_dir: Path, specs: list[TrialSpec]) -> None:
     """results.csv/md of the trials finished so far, so a long sweep always has a table."""
     from slap_ray.reporting.sweep import write_results
 
@@ -277,8 +294,8 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
             shared = {"config": _absolute_paths(config), "sweep_dir": str(sweep_dir.resolve())}
             with manifest.stage("trials"):
                 rows = run_trials(
-                    run_trial, specs, shared, storage_for(config, sweep_dir, TUNE_DIR),
-                    EXPERIMENT, trial_name,
+                    run_trial, [s.as_dict() for s in specs], shared,
+                    storage_for(config, sweep_dir, TUNE_DIR), EXPERIMENT, _name_of,
                     config.sweep.max_concurrent_trials, config.sweep.trial_cpus, config.resume,
                     on_trial_done=lambda: write_partial_results(config, sweep_dir, specs),
                     untrained=lambda: _untrained(sweep_dir, specs),
@@ -291,7 +308,7 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
     finally:
         manifest.write(sweep_dir / "manifest.json")
     if failed:
-        names = ", ".join(trial_name(r["trial"]) for r in failed[:5])
+        names = ", ".join(_name_of(r["trial"]) for r in failed[:5])
         first = failed[0]["error"]
         raise JobFailed(
             f"sweep: {len(failed)} of {len(rows)} trial(s) failed ({names}); first: {first}; "

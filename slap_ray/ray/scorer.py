@@ -8,6 +8,7 @@ so a killed run keeps every finished group.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 
 from slap_ray.core.features import PreconditionerCache
 from slap_ray.core.model import LogitsBuffer, device_for
-from slap_ray.core.scoring import calibrate_second_moment, score_batch
+from slap_ray.core.scoring import Selection, calibrate_second_moment, score_batch
 from slap_ray.files import atomic_path
 from slap_ray.names import keep_column, weight_column
 from slap_ray.ray.pool import fetch_table
@@ -30,14 +31,35 @@ SCORED_GLOB = "scored-*.parquet"
 SCORED_BATCHES_KEY = b"slap.batch_ids"
 
 
+@dataclass(frozen=True)
+class ScorerSettings:
+    """What every scorer replica needs besides its model (sent to the actors once)."""
+
+    selections: tuple[Selection, ...] = ()
+    micro_batch_size: int = 8
+    num_strata: int = 3  # the loss strata recorded beside each row's loss
+    strata: str = "width"
+    eps: float = 1e-6
+    vocab_chunk: int | None = None
+    projection_seed: int = 0
+    use_gpu: bool = False
+    torch_threads: int = 1
+
+    def score_batch_options(self) -> dict[str, Any]:
+        """The keywords of ``core.scoring.score_batch`` that do not change between batches."""
+        options = {f.name: getattr(self, f.name) for f in fields(self)}
+        del options["use_gpu"], options["torch_threads"]
+        return options
+
+
 class Scorer:
     """One model replica. Created as a Ray actor by ``scorer_actor``; plain class for testing."""
 
-    def __init__(self, model_name: str, dtype: str, settings: dict[str, Any]) -> None:
+    def __init__(self, model_name: str, dtype: str, settings: ScorerSettings) -> None:
         from slap_ray.assets import load_causal_lm, load_tokenizer
 
-        torch.set_num_threads(int(settings.pop("torch_threads", 1)))
-        self.device = device_for(settings.pop("use_gpu", False), "score.num_gpus_per_scorer")
+        torch.set_num_threads(settings.torch_threads)
+        self.device = device_for(settings.use_gpu, "score.num_gpus_per_scorer")
         self.model = load_causal_lm(model_name, dtype=getattr(torch, dtype)).to(self.device).eval()
         self.pad_token_id = load_tokenizer(model_name).pad_token_id
         self.settings = settings
@@ -53,7 +75,7 @@ class Scorer:
 
     def calibrate(self, batches: list[tuple[list, list]], beta2: float) -> torch.Tensor | None:
         ema = calibrate_second_moment(
-            self.model, batches, self.pad_token_id, beta2, self.settings["micro_batch_size"],
+            self.model, batches, self.pad_token_id, beta2, self.settings.micro_batch_size,
             logits_buffer=self.logits_buffer,
         )  # fmt: skip
         return None if ema.value() is None else ema.value().cpu()
@@ -68,7 +90,7 @@ class Scorer:
             second_moment=self.second_moment,
             preconditioners=self.preconditioners,
             logits_buffer=self.logits_buffer,
-            **self.settings,
+            **self.settings.score_batch_options(),
         )
         return {
             "batch_id": batch_id,
@@ -125,9 +147,14 @@ class BatchScorer:
     one small row per batch."""
 
     def __init__(
-        self, model_name: str, dtype: str, settings: dict, moment_path: str | None, scored_dir: str
+        self,
+        model_name: str,
+        dtype: str,
+        settings: ScorerSettings,
+        moment_path: str | None,
+        scored_dir: str,
     ) -> None:
-        self.scorer = Scorer(model_name, dtype, dict(settings))
+        self.scorer = Scorer(model_name, dtype, settings)
         if moment_path and Path(moment_path).exists():
             self.scorer.set_second_moment(torch.load(moment_path))
         self.scored_dir = Path(scored_dir)

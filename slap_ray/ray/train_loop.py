@@ -54,6 +54,7 @@ from slap_ray.core.training import (
     save_training_state,
     warmup_cosine,
 )
+from slap_ray.selection_spec import SelectionSpec
 
 COUNTERS = ("forward_examples", "forward_tokens", "backward_examples", "backward_tokens")
 
@@ -237,7 +238,7 @@ class _WorkerRun:
         )
 
     def second_moment(self) -> torch.Tensor | None:
-        if self.settings.selection.preconditioner == "none":
+        if self.settings.selection.spec.preconditioner == "none":
             return None  # the ablation: raw gradient norms
         if self.ema is not None:
             return self.ema.value()
@@ -349,16 +350,11 @@ def make_trainer(
     train, select = config.train, config.select
     online = select.mode == "online"
     selection = SelectionSettings(
-        method=select.method if online else "full",
+        spec=select.spec() if online else SelectionSpec(method="full"),
         alpha=train.alpha if online else 0.0,
-        num_strata=select.num_strata,
-        tau=select.tau,
-        strata=select.strata,
         eps=select.eps,
-        projection_dim=select.projection_dim,
         projection_seed=derive_seed(config.seed, "projection"),
         vocab_chunk=config.score.vocab_chunk,
-        preconditioner=select.preconditioner,
         onpolicy=select.onpolicy,
         score_micro_batch_size=config.score.micro_batch_size,
     )

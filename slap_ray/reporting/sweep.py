@@ -15,9 +15,10 @@ import pandas as pd  # noqa: E402
 
 from slap_ray.config import SlapConfig  # noqa: E402
 from slap_ray.files import atomic_path, write_text_atomic  # noqa: E402
+from slap_ray.selection_spec import SelectionSpec  # noqa: E402
 
 KEYS = ["arm", "method", "mode", "alpha", "seed"]
-OPTIONS = ["num_strata", "tau", "strata", "preconditioner"]
+OPTIONS = [name for name in SelectionSpec.model_fields if name != "method"]
 FULL = "full"
 BASELINE = "random"
 

@@ -183,3 +183,26 @@ def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, c
     assert main(["config", "--config", str(broken)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"slap config: {broken}:3:1: "), err
+
+
+def test_resume_fingerprint_follows_the_field_marks():
+    """Settings that change which rows are scored or selected change the fingerprint; settings
+    marked run-only (where and how a job runs) do not. score.model was left out of the old
+    hand-kept list: a resume with another scoring model reused the first one's scores."""
+    from slap_ray.jobs.prepare import fingerprint
+
+    base = fingerprint(build_config({}))
+    changes_selection = [
+        "score.model=tiny-bpe", "seed=1", "select.tau=0.5", "select.projection_dim=8",
+        "data.max_length=256", "strata.num_clusters=4", "embed.max_chars=500",
+        "select.calibration_batches=0", "model.dtype=bfloat16",
+    ]  # fmt: skip
+    run_only = [
+        "score.num_scorers=2", "score.micro_batch_size=4", "embed.num_actors=2",
+        "select.alphas=[0.5]", "select.mode=online", "data.num_tokenizers=2", "ray.num_cpus=2",
+        "train.epochs=3", "sweep.seeds=[7]", "output_dir=elsewhere", "resume=true",
+    ]  # fmt: skip
+    for override in changes_selection:
+        assert fingerprint(load_config(None, [override])) != base, override
+    for override in run_only:
+        assert fingerprint(load_config(None, [override])) == base, override

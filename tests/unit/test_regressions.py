@@ -58,10 +58,10 @@ def test_granted_gpu_that_torch_cannot_see_is_an_error(monkeypatch):
     assert device_for(False, "score.num_gpus_per_scorer") == "cpu"
     with pytest.raises(DeviceError, match=r"score\.num_gpus_per_scorer: a GPU was granted"):
         device_for(True, "score.num_gpus_per_scorer")
-    from slap_ray.ray.scorer import Scorer
+    from slap_ray.ray.scorer import Scorer, ScorerSettings
 
     with pytest.raises(DeviceError):
-        Scorer("tiny-random", "float32", {"use_gpu": True})
+        Scorer("tiny-random", "float32", ScorerSettings(use_gpu=True))
     wrapped = RuntimeError(
         "ray.exceptions.ActorDiedError: ...\n  File x\nslap_ray.core.model.DeviceError: "
         "score.num_gpus_per_scorer: a GPU was granted but torch sees no CUDA device\n"

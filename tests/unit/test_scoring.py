@@ -19,6 +19,7 @@ from slap_ray.core.scoring import (
     score_batch,
     selections_for,
 )
+from slap_ray.selection_spec import SelectionSpec
 
 
 def rows(count: int = 10, seed: int = 0):
@@ -57,7 +58,7 @@ def test_score_batch_keeps_round_fraction_per_alpha_and_is_seeded():
     moment = calibrate_second_moment(model, [(ids[:6], labels[:6])], 0).value()
     kwargs = dict(
         batch_key=7,
-        selections=selections_for("slap", [0.25, 0.5], 3),
+        selections=selections_for(SelectionSpec(), [0.25, 0.5], 3),
         pad_token_id=0,
         second_moment=moment,
     )
@@ -75,11 +76,11 @@ def test_one_scoring_pass_serves_a_grid_of_selections():
     ids, labels = rows(16, seed=2)
     moment = calibrate_second_moment(model, [(ids[:8], labels[:8])], 0).value()
     grid = [
-        Selection("slap__a0.25__s0", "slap", 0.25, 0),
-        Selection("slap__a0.25__s1", "slap", 0.25, 1),
-        Selection("raw__a0.25__s0", "slap", 0.25, 0, preconditioner="none"),
-        Selection("ccs__a0.5__s0", "ccs", 0.5, 0, num_strata=2),
-        Selection("infobatch__a0.25__s0", "infobatch", 0.25, 0),
+        Selection("slap__a0.25__s0", 0.25, 0, SelectionSpec()),
+        Selection("slap__a0.25__s1", 0.25, 1, SelectionSpec()),
+        Selection("raw__a0.25__s0", 0.25, 0, SelectionSpec(preconditioner="none")),
+        Selection("ccs__a0.5__s0", 0.5, 0, SelectionSpec(method="ccs", num_strata=2)),
+        Selection("infobatch__a0.25__s0", 0.25, 0, SelectionSpec(method="infobatch")),
     ]
     common = dict(batch_key=3, pad_token_id=0, second_moment=moment)
     together = score_batch(model, ids, labels, selections=grid, **common)
@@ -90,7 +91,7 @@ def test_one_scoring_pass_serves_a_grid_of_selections():
         assert together.keep[s.key].tolist() == alone.keep[s.key].tolist(), s.key
         np.testing.assert_array_equal(together.weight[s.key], alone.weight[s.key])
     raw = score_batch(
-        model, ids, labels, selections=[Selection("x", "slap", 0.25, 0)], batch_key=3,
+        model, ids, labels, selections=[Selection("x", 0.25, 0, SelectionSpec())], batch_key=3,
         pad_token_id=0, second_moment=None,
     )  # fmt: skip
     assert raw.keep["x"].tolist() == together.keep["raw__a0.25__s0"].tolist()
@@ -101,12 +102,12 @@ def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_follows_th
     """The scorer builds 1 / (sqrt(s_hat) + eps) once for all its batches, not per batch; the
     cache is keyed on the moment tensor, so a new second moment is never served a stale one,
     whoever replaces it."""
-    from slap_ray.ray.scorer import Scorer
+    from slap_ray.ray.scorer import Scorer, ScorerSettings
 
     model = load_causal_lm("tiny-bpe")
     ids, labels = rows(12, seed=4)
     moment = calibrate_second_moment(model, [(ids[:6], labels[:6])], 0).value()
-    common = dict(selections=selections_for("slap", [0.5], 0), pad_token_id=0)
+    common = dict(selections=selections_for(SelectionSpec(), [0.5], 0), pad_token_id=0)
     cache = PreconditionerCache()
     for key in (1, 2):
         cached = score_batch(
@@ -122,8 +123,7 @@ def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_follows_th
     after = losses_and_features(model, ids, labels, 0, reshaped, 8, preconditioners=cache)[1]
     torch.testing.assert_close(after, losses_and_features(model, ids, labels, 0, reshaped, 8)[1])
     assert not torch.allclose(after, before)  # the new moment mattered
-    settings = {"micro_batch_size": 8, "selections": common["selections"]}
-    scorer = Scorer("tiny-bpe", "float32", settings)
+    scorer = Scorer("tiny-bpe", "float32", ScorerSettings(selections=tuple(common["selections"])))
     scorer.set_second_moment(moment)
     scorer.score(1, ids, labels)
     assert scorer.preconditioners.built == [("adam", 1e-6)]
@@ -151,7 +151,7 @@ def test_a_reused_logits_buffer_gives_bitwise_the_scores_of_fresh_logits():
     assert storage[1] == storage[2]  # the smaller batch after the larger: no new allocation
     moment = calibrate_second_moment(model, [large], 0, logits_buffer=buffer).value()
     assert torch.equal(moment, calibrate_second_moment(model, [large], 0).value())
-    common = dict(batch_key=3, selections=selections_for("slap", [0.5], 0), pad_token_id=0)
+    common = dict(batch_key=3, selections=selections_for(SelectionSpec(), [0.5], 0), pad_token_id=0)
     with_buffer = score_batch(model, *large, second_moment=moment, logits_buffer=buffer, **common)
     without = score_batch(model, *large, second_moment=moment, **common)
     assert with_buffer.keep["a0.5"].tolist() == without.keep["a0.5"].tolist()

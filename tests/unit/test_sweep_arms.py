@@ -10,15 +10,13 @@ import pytest
 import slap_ray.jobs.select as select_job
 from slap_ray.config import build_config
 from slap_ray.jobs.sweep import (
-    FULL,
     selection_finished,
-    selection_key,
     trial_grid,
     write_arm_views,
 )
 
 
-def selection_with_scores(folder) -> list[dict]:
+def selection_with_scores(folder) -> list:
     """A sweep's specs (slap and random at alpha 0.3) and a scores.parquet with their columns."""
     config = build_config(
         {
@@ -31,16 +29,16 @@ def selection_with_scores(folder) -> list[dict]:
     specs = trial_grid(config)
     ids = [f"row-{i}" for i in range(10)]
     columns: dict[str, list] = {"id": ids}
-    for shift, spec in enumerate(s for s in specs if s["arm"] != FULL):
-        columns[f"keep_{selection_key(spec)}"] = [(i + shift) % 3 != 0 for i in range(10)]
-        columns[f"weight_{selection_key(spec)}"] = [1.0] * 10
+    for shift, spec in enumerate(s for s in specs if not s.is_full):
+        columns[f"keep_{spec.selection_key}"] = [(i + shift) % 3 != 0 for i in range(10)]
+        columns[f"weight_{spec.selection_key}"] = [1.0] * 10
     pd.DataFrame(columns).to_parquet(folder / "scores.parquet", index=False)
     return specs
 
 
 def test_a_kill_between_two_arm_views_leaves_the_selection_unfinished(tmp_path, monkeypatch):
     specs = selection_with_scores(tmp_path)
-    arms = sorted({s["arm"] for s in specs if s["arm"] != FULL})
+    arms = sorted({s.arm for s in specs if not s.is_full})
     assert arms == ["random", "slap"]
     write_kept, written = select_job.write_kept, []
 
@@ -60,9 +58,9 @@ def test_a_kill_between_two_arm_views_leaves_the_selection_unfinished(tmp_path, 
     write_arm_views(tmp_path, specs)
     assert selection_finished(tmp_path) and not (tmp_path / "arms.partial").exists()
     scores = pd.read_parquet(tmp_path / "scores.parquet")
-    for spec in (s for s in specs if s["arm"] != FULL):
-        view = tmp_path / "arms" / spec["arm"] / f"seed-{spec['seed']}"
+    for spec in (s for s in specs if not s.is_full):
+        view = tmp_path / "arms" / spec.arm / f"seed-{spec.seed}"
         manifest = json.loads((view / "manifest.json").read_text())
-        expected = sorted(scores.loc[scores[f"keep_{selection_key(spec)}"], "id"])
+        expected = sorted(scores.loc[scores[f"keep_{spec.selection_key}"], "id"])
         assert manifest["kept_per_alpha"] == {"0.3": len(expected)}
         assert (view / "kept" / "alpha-0.3.txt").read_text().split() == expected
