@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from filelock import FileLock
 
+from slap_ray.errors import AssetNotFoundError
+
 if TYPE_CHECKING:  # transformers is imported lazily by the functions that need it
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -67,10 +69,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 MINILM_NAME = "all-minilm-l6-v2"
-
-
-class AssetNotFoundError(FileNotFoundError):
-    """An offline asset package is not installed (``make install`` installs them)."""
 
 
 def cache_root() -> Path:

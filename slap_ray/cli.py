@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from collections.abc import Callable
 
 from slap_ray.config import ConfigError, SlapConfig, load_config
-from slap_ray.errors import JobFailed
+from slap_ray.errors import slap_error_in
 
 
 def parse(argv: list[str] | None, command: str) -> argparse.Namespace:
@@ -34,16 +33,6 @@ def parse(argv: list[str] | None, command: str) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="reuse finished work in output_dir")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. select.alphas=[0.3]")
     return parser.parse_args(argv)
-
-
-DEVICE_ERROR = re.compile(r"DeviceError: (.+)")
-
-
-def device_error(error: BaseException) -> str | None:
-    """The one-line message of a ``DeviceError`` raised in a Ray actor or worker, if any (Ray
-    wraps it in its own exception types, with the worker's traceback as text)."""
-    found = DEVICE_ERROR.search(str(error))
-    return found.group(1).strip() if found else None
 
 
 def _console_logging(command: str) -> None:
@@ -76,23 +65,14 @@ def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
         if config is None:
             return 2
         _console_logging(command)
-        from slap_ray.data.ingest import BadRowError
-
         try:
             return job()(config)  # heavy imports (Ray, torch) only when running
-        except BadRowError as error:
-            print(f"slap {command}: bad input row: {error}", file=sys.stderr)
-        except ConfigError as error:
-            print(f"slap {command}: {error}", file=sys.stderr)
-        except JobFailed as error:
-            print(f"slap {command}: {error}", file=sys.stderr)
-            return 1
         except Exception as error:
-            message = device_error(error)
-            if message is None:
+            found = slap_error_in(error)
+            if found is None:
                 raise  # a real failure keeps its traceback
-            print(f"slap {command}: {message}", file=sys.stderr)
-        return 2
+            print(f"slap {command}: {found.prefix}{found}", file=sys.stderr)
+            return found.exit_code
 
     main_for.__doc__ = f"Entry point shared by `slap {command}` and `pipelines/{command}.py`."
     return main_for

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from slap_ray.errors import ConfigError
 from slap_ray.selection_spec import SelectionSpec, option_label, optional_options
 from slap_ray.vocabulary import Format, Method, OnPolicyMode, Schema
 
@@ -263,9 +264,6 @@ class TrainConfig(_Section):
     """Checkpoints kept in storage."""
     max_failures: int = Field(0, ge=-1)
     """Worker-group restarts Ray Train may make after a failure (-1: unlimited)."""
-    log_every: int = Field(1, ge=1)
-    """Kept so that older run configs load; every step is recorded in metrics.json's history
-    whatever its value."""
 
     def resolved_micro_batch_size(self, mode: str, onpolicy: str = "kept_graphs") -> int:
         """On-policy selection with kept graphs saves backward work only per whole micro-batch:
@@ -430,10 +428,6 @@ class SlapConfig(_Section):
         return self.score.model or self.model.name
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the offending key."""
-
-
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -464,9 +458,22 @@ def _describe(error: ValidationError) -> str:
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
+# Settings that no longer do anything; a resolved config.yaml of an older run still loads
+# (the key is dropped). Any other unknown key is an error.
+RETIRED = {("train", "log_every")}
+
+
+def _without_retired(tree: dict) -> dict:
+    tree = dict(tree)
+    for section, key in RETIRED:
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            tree[section] = {k: v for k, v in tree[section].items() if k != key}
+    return tree
+
+
 def build_config(tree: dict | None = None, overrides: list[str] | None = None) -> SlapConfig:
     """Validate a nested dict (plus overrides) into a ``SlapConfig``."""
-    tree = apply_overrides(dict(tree or {}), list(overrides or []))
+    tree = _without_retired(apply_overrides(dict(tree or {}), list(overrides or [])))
     try:
         return SlapConfig.model_validate(tree)
     except ValidationError as error:

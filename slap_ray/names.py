@@ -13,6 +13,8 @@ from pathlib import Path
 
 KEEP_PREFIX, WEIGHT_PREFIX = "keep_", "weight_"
 ALPHA_PREFIX = "alpha-"
+# A sweep's selection folder holds one `slap select`-shaped view per (arm, seed) under here.
+ARMS_DIR = "arms"
 _PLAIN_KEY = re.compile(r"a([0-9.]+)")
 
 

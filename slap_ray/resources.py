@@ -120,6 +120,14 @@ def worker_env() -> dict[str, str]:
     return dict(WORKER_ENV)
 
 
+def quiet_worker_pool(num_cpus: int | None) -> dict:
+    """Ray system config of an embedded instance: workers start as many at a time as warm ones
+    are kept (``warm_workers``). The raylet warns on the driver's console (through its error
+    channel, which ``log_to_driver`` does not silence) once 4x this many Python workers exist,
+    which the warm pool alone reaches on a 2-CPU machine at Ray's default (the CPU count)."""
+    return {"worker_maximum_startup_concurrency": warm_workers(num_cpus)["num_workers_soft_limit"]}
+
+
 def warm_workers(num_cpus: int | None) -> dict:
     """Ray system config that keeps idle workers for reuse (``num_cpus`` per node); a KubeRay
     worker container sets the same keys as ``RAY_<key>`` env (checked by the manifest tests)."""

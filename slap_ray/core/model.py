@@ -16,12 +16,10 @@ from typing import Any
 
 import torch
 
+from slap_ray.errors import DeviceError
+
 # The Hugging Face label value that is not trained on (prompt, padding).
 IGNORE_INDEX = -100
-
-
-class DeviceError(RuntimeError):
-    """A GPU was asked for (and granted by Ray) but torch cannot use one."""
 
 
 def device_for(use_gpu: bool, setting: str) -> str:

@@ -38,6 +38,7 @@ from slap_ray.data.schemas import (
     normalize_record,
     validate_messages,
 )
+from slap_ray.errors import BadRowError
 
 __all__ = [
     "FORMATS",
@@ -66,16 +67,6 @@ logger = logging.getLogger(__name__)
 BadRowPolicy = Literal["error", "skip"]
 REJECTED_FILENAME = "rejected.jsonl"
 DEFAULT_OPTIONS = SchemaOptions()
-
-
-class BadRowError(ValueError):
-    """A row the policy does not allow to pass; the message reads `path:line: reason`."""
-
-    def __init__(self, path: str, line: int, reason: str) -> None:
-        super().__init__(f"{path}:{line}: {reason}")
-        self.path = path
-        self.line = line
-        self.reason = reason
 
 
 @dataclass

@@ -27,7 +27,8 @@ from ray.data import Dataset
 from slap_ray.config import ConfigError, SlapConfig, write_resolved_config
 from slap_ray.core.scoring import Selection
 from slap_ray.core.selection import n_keep_for
-from slap_ray.data.ingest import BadRowError, make_reject, write_rejected
+from slap_ray.data.ingest import make_reject, write_rejected
+from slap_ray.errors import BadRowError
 from slap_ray.jobs.prepare import ROW_FIELDS, load_or_prepare
 from slap_ray.jobs.rows import ORIGIN, input_files, raw_text
 from slap_ray.jobs.rundir import locked_run_dir

@@ -22,7 +22,7 @@ from slap_ray.errors import JobFailed
 from slap_ray.files import write_text_atomic
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
-from slap_ray.names import keep_column, sweep_key, weight_column
+from slap_ray.names import ARMS_DIR, keep_column, sweep_key, weight_column
 from slap_ray.reporting.manifest import Manifest
 from slap_ray.selection_spec import SelectionSpec
 
@@ -115,9 +115,6 @@ def grid_selections(config: SlapConfig, specs: list[TrialSpec]) -> list[Selectio
         for spec in specs
         if spec.is_offline_arm
     ]
-
-
-ARMS_DIR = "arms"
 
 
 def arm_view(selection_dir: Path, spec: TrialSpec, arms: str = ARMS_DIR) -> Path:

@@ -1,13 +1,16 @@
 """Connecting to Ray and keeping its console quiet: a running cluster (job or address) or an
 embedded local instance; resource checks before work starts; run logs in the run directory.
 
-Everything here that touches Ray's logging internals lives in this one file.
+Ray's worker output never reaches the console: ``log_to_driver`` is off, and at the end of each
+job the session's worker logs (Ray's own files) are copied into the run's ``logs/ray-workers/``.
+Only public Ray API is used here (a unit test checks that no module imports ``ray._private``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +24,7 @@ from slap_ray.resources import (
     SHUFFLE_INPUT_BATCH_BYTES,
     SHUFFLE_INPUT_BATCH_BYTES_ENV,
     check_fits,
+    quiet_worker_pool,
     warm_workers,
     worker_env,
 )
@@ -46,27 +50,51 @@ def ensure_ray(config: RayConfig) -> bool:
     the dashboard too: Ray Train's placement-group cleaner polls the state API it serves, and
     fails with a traceback without it.
     """
+    global _SESSION_DIR
     if ray.is_initialized():
         return False
     # Only errors on the console while Ray starts (its notices, e.g. that token authentication
     # is on, would otherwise print); a job's run_log then sends the detail to its log file.
-    kwargs: dict = {"log_to_driver": True, "configure_logging": True, "logging_level": "ERROR"}
+    # Workers' output stays in Ray's log files (copied into the run at the end of each job).
+    kwargs: dict = {"log_to_driver": False, "configure_logging": True, "logging_level": "ERROR"}
     if config.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=config.address or os.environ["RAY_ADDRESS"], **kwargs)
+        context = ray.init(address=config.address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
         for key, value in worker_env().items():
             os.environ.setdefault(key, value)
         # "local" always starts a fresh instance, never a leftover cluster found on the machine.
-        ray.init(
+        context = ray.init(
             address="local",
             num_cpus=config.num_cpus,
             object_store_memory=config.object_store_memory,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            _system_config=warm_workers(config.num_cpus),
+            _system_config={**warm_workers(config.num_cpus), **quiet_worker_pool(config.num_cpus)},
             **kwargs,
         )
+    _SESSION_DIR = context.address_info.get("session_dir")
     return True
+
+
+# Ray's session folder of the instance this process started or joined (its worker logs).
+_SESSION_DIR: str | None = None
+WORKER_LOGS = "ray-workers"
+
+
+def copy_worker_logs(run_dir: Path) -> int:
+    """Copy this node's non-empty Ray worker logs (``worker-*.out|err`` of the session) into
+    ``<run_dir>/logs/ray-workers/``; returns how many. Workers on other nodes keep theirs
+    (``ray logs`` or the dashboard reads them)."""
+    if not _SESSION_DIR:
+        return 0
+    target = run_dir / "logs" / WORKER_LOGS
+    copied = 0
+    for path in sorted((Path(_SESSION_DIR) / "logs").glob("worker-*")):
+        if path.suffix in (".out", ".err") and path.is_file() and path.stat().st_size:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / path.name)
+            copied += 1
+    return copied
 
 
 @contextmanager
@@ -89,25 +117,14 @@ def check_resources(config: SlapConfig, command: str) -> None:
     check_fits(config, command, total)
 
 
-class _RunLogHandler(logging.FileHandler):
-    """Ray worker output (the lines ``log_to_driver`` would print) and quiet loggers -> file."""
-
-    def worker_lines(self, data: dict) -> None:
-        where = data.get("actor_name") or data.get("task_name") or f"pid={data.get('pid')}"
-        stream = "stderr" if data.get("is_err") else "stdout"
-        for line in data.get("lines", []):
-            record = {"name": f"worker {where}", "msg": line, "levelname": stream}
-            self.emit(logging.makeLogRecord(record))
-
-
 @contextmanager
-def run_log(run_dir: Path, kind: str) -> Iterator[_RunLogHandler]:
+def run_log(run_dir: Path, kind: str) -> Iterator[logging.Handler]:
     """Send Ray's detail (driver loggers, warnings) to ``<run_dir>/logs/<kind>.log`` while the
     block runs; the console keeps errors only. Enter after ``ray.init``, which resets the
     ``ray`` logger's handlers."""
     path = run_dir / "logs" / f"{kind}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = _RunLogHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.setLevel(logging.INFO)
     saved = _quiet_console(handler)
@@ -118,42 +135,6 @@ def run_log(run_dir: Path, kind: str) -> Iterator[_RunLogHandler]:
         logging.captureWarnings(False)
         _restore_console(saved, handler)
         handler.close()
-
-
-@contextmanager
-def worker_output_to(handler: _RunLogHandler) -> Iterator[None]:
-    """Ray workers' stdout/stderr (what ``log_to_driver`` prints) into the run log instead, and
-    the raylet's pushed warnings too; the raylet's other messages (errors) stay on the console.
-
-    The raylet warns when a node has 4x its CPU count in Python workers, which warm idle workers
-    (``resources.warm_workers``) reach on a 2-CPU node; Ray prints its pushed messages from
-    ``listen_error_messages`` through ``worker.print_to_stdstream``, not through the dispatcher.
-    """
-    import ray._private.worker as ray_worker
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-    saved = list(dispatcher.handlers)
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("slap_run_log", handler.worker_lines)
-    print_to_console = ray_worker.print_to_stdstream
-
-    def print_or_log(data: dict, ignore_prefix: bool) -> None:
-        if _is_raylet_warning(data):
-            handler.worker_lines(data)
-        else:
-            print_to_console(data, ignore_prefix)
-
-    ray_worker.print_to_stdstream = print_or_log
-    try:
-        yield
-    finally:
-        dispatcher.handlers = saved
-        ray_worker.print_to_stdstream = print_to_console
-
-
-def _is_raylet_warning(data: dict) -> bool:
-    lines = data.get("lines") or []
-    return data.get("pid") == "raylet" and all(line.startswith("WARNING") for line in lines)
 
 
 def _quiet_console(handler: logging.Handler) -> list:
@@ -199,10 +180,20 @@ def ray_session(config: RayConfig, run_dir: Path, kind: str) -> Iterator[None]:
         context.enable_progress_bars = sys.stderr.isatty()
         if SHUFFLE_INPUT_BATCH_BYTES_ENV not in os.environ:  # else Ray's own value stands
             context.shuffle_input_batch_bytes = SHUFFLE_INPUT_BATCH_BYTES
-        with run_log(run_dir, kind) as handler, worker_output_to(handler):
-            yield
+        with run_log(run_dir, kind):
+            try:
+                yield
+            finally:
+                if started:
+                    ray.shutdown()  # first: the workers' files are then complete
+                copied = copy_worker_logs(run_dir)
+                logging.getLogger("slap_ray").info(
+                    "Ray worker output: %d log file(s) in %s",
+                    copied,
+                    run_dir / "logs" / WORKER_LOGS,
+                )
     finally:
-        if started:
+        if started and ray.is_initialized():
             ray.shutdown()
 
 

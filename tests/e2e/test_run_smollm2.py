@@ -111,19 +111,22 @@ def test_console_is_clean_and_the_detail_goes_to_the_logs(smollm2_run):
     for noise in NOISE:
         assert not [line for line in stdout + stderr if noise in line], noise
     # What a newcomer reads: one summary line on stdout; on stderr a line per finished stage and
-    # nothing else but Ray's one known notice, which cites its issue.
+    # nothing else (the raylet's worker-pool warning, ray-project/ray#3644, printed here before
+    # the embedded instance started workers as many at a time as it keeps warm).
     assert len(stdout) == 1 and stdout[0].startswith("slap run: 4 steps"), stdout
     assert "report:" in stdout[0]
     stages = [line for line in stderr if STAGE_LINE.match(line)]
     assert {"embed", "score", "train"} <= {line.split()[2] for line in stages}, stderr
     others = [line for line in stderr if not STAGE_LINE.match(line)]
-    assert len(others) <= 1 and all("github.com/ray-project/ray/issues/" in x for x in others), (
-        others
-    )
+    assert not others, others
     select_log = (run / "select" / "logs" / "select.log").read_text()
     finetune_log = (run / "logs" / "finetune.log").read_text()
     assert "MapBatches(Embedder)" in select_log or "Embedder" in select_log
-    assert "worker" in finetune_log and "RpcError" not in finetune_log
+    assert "RpcError" not in finetune_log
+    # The workers' own output: Ray's worker log files, copied into the run (log_to_driver off).
+    assert "Ray worker output:" in finetune_log
+    worker_logs = list((run / "logs" / "ray-workers").glob("worker-*"))
+    assert any("RayTrainWorker" in p.read_text(errors="replace") for p in worker_logs)
 
 
 def test_slap_run_starts_ray_once_for_select_and_finetune(smollm2_run):

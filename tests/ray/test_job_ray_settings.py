@@ -77,26 +77,3 @@ def test_datasets_of_a_job_shuffle_in_map_tasks_of_bounded_input(
         assert made.context.shuffle_input_batch_bytes == expected
     finally:
         context.shuffle_input_batch_bytes = before
-
-
-def test_raylet_warnings_go_to_the_run_log_and_its_errors_stay_on_the_console(tmp_path, capsys):
-    """The worker-pool size warning (CI stop 21) reaches the driver through Ray's error channel,
-    which prints with ``ray._private.worker.print_to_stdstream``, the name patched here."""
-    import ray._private.worker as ray_worker
-
-    from slap_ray.ray.runtime import run_log, worker_output_to
-
-    warning = "WARNING: 8 PYTHON worker processes have been started on node: abc"
-    error = "A worker died or was killed while executing a task"
-    with run_log(tmp_path, "select") as handler, worker_output_to(handler):
-        for line in (warning, error):
-            data = {"lines": [line], "pid": "raylet", "is_err": False}
-            ray_worker.print_to_stdstream(data, ignore_prefix=False)
-    after = {"lines": [warning + " (after)"], "pid": "raylet", "is_err": False}
-    ray_worker.print_to_stdstream(after, ignore_prefix=False)
-    console = capsys.readouterr().out
-    log = (tmp_path / "logs" / "select.log").read_text()
-    assert warning in log
-    printed = [line for line in console.splitlines() if "PYTHON worker" in line]
-    assert len(printed) == 1 and printed[0].endswith(f"{warning} (after)")
-    assert error in console and error not in log

@@ -137,7 +137,7 @@ def test_bad_rows_stop_the_run_in_error_mode(ray_cluster, tmp_path):
     bad.write_text(
         '{"id": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{oops\n'
     )
-    from slap_ray.data.ingest import BadRowError
+    from slap_ray.errors import BadRowError
 
     with pytest.raises(BadRowError, match=r"broken\.jsonl:2"):
         run_select(tiny_config([str(bad)], tmp_path / "run"))

@@ -10,7 +10,7 @@ import pytest
 from selections import tiny_config
 
 from slap_ray.config import ConfigError
-from slap_ray.data.ingest import BadRowError
+from slap_ray.errors import BadRowError
 from slap_ray.jobs.finetune import prepare_tables, read_kept, selected_ids
 from slap_ray.jobs.select import run_select
 from slap_ray.reporting.manifest import Manifest

@@ -206,3 +206,11 @@ def test_resume_fingerprint_follows_the_field_marks():
         assert fingerprint(load_config(None, [override])) != base, override
     for override in run_only:
         assert fingerprint(load_config(None, [override])) == base, override
+
+
+def test_an_older_runs_retired_setting_loads_and_an_unknown_one_is_refused():
+    """``train.log_every`` did nothing and is gone; a resolved config.yaml that has it loads."""
+    assert build_config({"train": {"log_every": 5, "epochs": 2}}).train.epochs == 2
+    assert "log_every" not in build_config({}).train.model_dump()
+    with pytest.raises(ConfigError, match="log_everything"):
+        build_config({"train": {"log_everything": 5}})

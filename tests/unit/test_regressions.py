@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from slap_ray.cli import device_error, select_main
+from slap_ray.cli import select_main
 from slap_ray.config import ConfigError, build_config
-from slap_ray.core.model import DeviceError, device_for
+from slap_ray.core.model import device_for
 from slap_ray.data.ingest import ingest, iter_raw_records
 from slap_ray.data.schemas import RowRejected, SchemaOptions, normalize_record
+from slap_ray.errors import DeviceError, JobFailed, slap_error_in
 from slap_ray.jobs.rundir import LOCK_FILE, locked_run_dir
 from slap_ray.jobs.select import budget_warnings
 from slap_ray.resources import check_fits
@@ -62,12 +63,27 @@ def test_granted_gpu_that_torch_cannot_see_is_an_error(monkeypatch):
 
     with pytest.raises(DeviceError):
         Scorer("tiny-random", "float32", ScorerSettings(use_gpu=True))
-    wrapped = RuntimeError(
-        "ray.exceptions.ActorDiedError: ...\n  File x\nslap_ray.core.model.DeviceError: "
+    # How it reaches the CLI: an actor's failed constructor leaves only Ray's text; a task's
+    # error is Ray's RayTaskError whose ``cause`` is ours; a job may chain it with ``from``.
+    died = RuntimeError(
+        "ray.exceptions.ActorDiedError: ...\n  File x\nslap_ray.errors.DeviceError: "
         "score.num_gpus_per_scorer: a GPU was granted but torch sees no CUDA device\n"
     )
-    assert device_error(wrapped).startswith("score.num_gpus_per_scorer: a GPU was granted")
-    assert device_error(RuntimeError("something else")) is None
+    found = slap_error_in(died)
+    assert isinstance(found, DeviceError) and found.exit_code == 2
+    assert str(found).startswith("score.num_gpus_per_scorer: a GPU was granted")
+    original = DeviceError("embed.num_gpus_per_actor: a GPU was granted")
+    task_error = RuntimeError("ray task failed")
+    task_error.cause = original
+    assert slap_error_in(task_error) is original
+    try:
+        try:
+            raise JobFailed("select: 1 scorer died; see logs/select.log")
+        except JobFailed as inner:
+            raise RuntimeError("outer") from inner
+    except RuntimeError as chained:
+        assert slap_error_in(chained).exit_code == 1
+    assert slap_error_in(RuntimeError("something else")) is None
 
 
 # Bug 6: bad paths are one-line errors with exit status 2.
