@@ -8,7 +8,7 @@ a config imports nothing heavy.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,7 +16,7 @@ from slap_ray.vocabulary import Method, Preconditioner, StrataKind
 
 # Options each method reads (core.selection.select); the others are ignored, so one config
 # can drive any method.
-METHOD_OPTIONS = {"slap": ("num_strata", "tau", "strata"), "ccs": ("num_strata",)}
+METHOD_OPTIONS = {"slap": ("num_strata", "tau", "strata", "budget"), "ccs": ("num_strata",)}
 # How an arm's label names a non-default preconditioner ("raw": plain gradient norms).
 PRECONDITIONER_LABELS = {"factored": "factored", "none": "raw"}
 
@@ -32,7 +32,8 @@ class SelectionSpec(BaseModel):
     num_strata: int = Field(3, ge=1)
     """Loss strata per batch."""
     tau: float = Field(1.0, gt=0)
-    """Temperature of the loss-weighted budget across loss strata (SLAP_METHOD.md, ours)."""
+    """Temperature of the loss-weighted budget across loss strata (SLAP_METHOD.md, ours); `inf`
+    draws the budget uniformly, so it follows the strata's sizes in expectation."""
     strata: StrataKind = "width"
     """How a batch's losses are cut into strata: equal `width` in loss, or equal-count
     `quantile`."""
@@ -43,6 +44,18 @@ class SelectionSpec(BaseModel):
     projection_dim: int | None = Field(None, ge=1)
     """Random projection of the gradient features to this many dimensions before farthest-point
     selection (None: exact features)."""
+    budget: Literal["loss", "proportional"] = "loss"
+    """How the kept rows are shared among a batch's loss strata (SLAP, step 3): `loss` draws
+    them with probability exp(loss / tau); `proportional` gives each stratum its share of the
+    batch by largest remainder (SLAP_METHOD.md section 6)."""
+    keep_mix: bool = False
+    """Keep each batch's distribution strata in proportion (offline: its k-means clusters, or
+    sources with `strata.by: source`; on-policy: the rows' sources, else tasks); the method runs
+    within each, SLAP with one selected set (SLAP_METHOD.md section 6)."""
+    drop_top: float = Field(0.0, ge=0, lt=1)
+    """Fraction of each batch's highest-loss rows (floor of f x B) that no method may keep,
+    removed before selection as likely noise; the budget is capped at the rows left (0:
+    none)."""
 
     def options(self) -> dict[str, Any]:
         """The options ``self.method`` reads, as ``core.selection.select`` takes them."""
@@ -63,7 +76,11 @@ def option_label(name: str, value: Any) -> str:
     """How a set option shows in an arm's label: ``tau0.5``, ``raw`` (no preconditioning)."""
     if name == "preconditioner":
         return PRECONDITIONER_LABELS.get(value, "")
-    return f"{name}{value}"
+    if name == "budget":
+        return "" if value == "loss" else value
+    if name == "keep_mix":
+        return name if value else ""
+    return f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}"
 
 
 def optional_options() -> dict[str, Any]:

@@ -223,6 +223,7 @@ def onpolicy_step(
     collective: Collective | None = None,
     autocast: Callable[[], Any] = nullcontext,
     example_weights: Sequence[float] | None = None,
+    groups: Sequence | None = None,
 ) -> StepStats:
     """Forward this worker's rows, select on the whole batch, back-propagate the kept rows.
 
@@ -231,7 +232,8 @@ def onpolicy_step(
     0..batch_size-1). second_moment (V, H) preconditions the features (None: s_hat = 1).
     ``lm_head_ema``, when given (frozen LM head), is updated with the LM-head gradient of the
     step's objective. ``example_weights`` (offline ``full`` only): per-row training weights
-    (offline InfoBatch), objective sum_j w_j loss_j / batch_size. Leaves the summed gradient in
+    (offline InfoBatch), objective sum_j w_j loss_j / batch_size. ``groups`` (batch_size,):
+    each global row's distribution stratum, for ``keep_mix``. Leaves the summed gradient in
     ``.grad`` of every trainable parameter; does not step.
     """
     collective = collective or SingleProcess()
@@ -245,7 +247,8 @@ def onpolicy_step(
             skipped=True,
         )
     step = _Step(model, examples, lm_head_ema)
-    if settings.method == "full" or n_keep == batch_size:
+    keeps_all = settings.method == "full" or n_keep == batch_size
+    if keeps_all and not settings.spec.drop_top:
         chosen = _full_step(
             model, step, collective, positions, batch_size, example_weights, pad_token_id,
             micro_batch_size, autocast,
@@ -253,17 +256,14 @@ def onpolicy_step(
     else:
         chosen = _selecting_step(
             model, step, collective, positions, batch_size, n_keep, settings, rng,
-            pad_token_id, micro_batch_size, second_moment, autocast,
+            pad_token_id, micro_batch_size, second_moment, autocast, groups=groups,
         )  # fmt: skip
     backward_examples, backward_tokens = _reduce(model, step, collective, lm_head_ema)
-    denominator = (
-        len(chosen.kept) if settings.method != "full" and n_keep < batch_size else batch_size
-    )
     return StepStats(
         batch_size=batch_size,
         kept=np.sort(chosen.kept),
         losses=chosen.losses,
-        objective=float((chosen.losses[chosen.kept] * chosen.weights).sum() / denominator),
+        objective=float((chosen.losses[chosen.kept] * chosen.weights).sum() / len(chosen.kept)),
         forward_examples=batch_size + chosen.examples_recomputed,
         forward_tokens=int(chosen.tokens.sum()) + chosen.tokens_recomputed,
         backward_examples=backward_examples,
@@ -312,7 +312,7 @@ def _full_step(
 
 def _selecting_step(
     model, step, collective, positions, batch_size, n_keep, settings, rng, pad_token_id,
-    micro_batch_size, second_moment, autocast,
+    micro_batch_size, second_moment, autocast, groups=None,
 ) -> _Chosen:  # fmt: skip
     """Forward every row, select ``n_keep`` on the whole batch, back-propagate the kept rows
     (from the kept graphs, or by forwarding them again in recompute mode)."""
@@ -326,7 +326,8 @@ def _selecting_step(
     gathered = _gather(step, collective, positions, local_losses, local_features)
     losses, tokens, features = _assemble(gathered, batch_size, settings if needs_features else None)
     with step.timed("select"):
-        kept, kept_weights = select_with(settings.spec, losses, features, n_keep, rng)
+        kept, kept_weights = select_with(settings.spec, losses, features, n_keep, rng, groups)
+    n_keep = len(kept)  # below the budget only where drop_top left fewer candidates
     chosen = _Chosen(losses, tokens, kept, kept_weights)
     if recompute:
         _recompute_kept(

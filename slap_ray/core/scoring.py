@@ -56,7 +56,33 @@ def losses_and_features(
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """Forward a batch in micro-batches: losses (B,) float64 and features (B, V) float32
     (None without ``with_features``: methods other than SLAP need the losses only).
-    ``preconditioner``: ``adam`` | ``factored`` | ``none`` (see ``make_preconditioner``).
+    ``preconditioner``: ``adam`` | ``factored`` | ``none`` (see ``make_preconditioner``); the
+    other arguments as ``losses_and_feature_sets``."""
+    kinds = (preconditioner,) if with_features else ()
+    losses, features = losses_and_feature_sets(
+        model, input_ids, labels, pad_token_id, second_moment, micro_batch_size, kinds,
+        eps=eps, vocab_chunk=vocab_chunk, preconditioners=preconditioners,
+        logits_buffer=logits_buffer,
+    )  # fmt: skip
+    return losses, features.get(preconditioner)
+
+
+def losses_and_feature_sets(
+    model: torch.nn.Module,
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    pad_token_id: int,
+    second_moment: torch.Tensor | None,
+    micro_batch_size: int,
+    kinds: Sequence[str],
+    *,
+    eps: float = 1e-6,
+    vocab_chunk: int | None = None,
+    preconditioners: PreconditionerCache | None = None,
+    logits_buffer: LogitsBuffer | None = None,
+) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """One forward of a batch in micro-batches: losses (B,) float64 and, for each
+    preconditioner kind in ``kinds``, features (B, V) float32 from the same hidden states.
     ``preconditioners``: a cache of the built preconditioners (a scorer's, across its batches:
     building the exact one reads all of V x H). ``logits_buffer``: a scorer's, reused across
     its batches (``core.model.LogitsBuffer``).
@@ -66,25 +92,23 @@ def losses_and_features(
     """
     losses = np.empty(len(input_ids), dtype=np.float64)
     weight = lm_head_of(model)
-    features = torch.empty(len(input_ids), weight.shape[0]) if with_features else None
-    if with_features:
-        cache = preconditioners if preconditioners is not None else PreconditionerCache()
-        built = cache.get(second_moment, preconditioner, eps)
+    cache = preconditioners if preconditioners is not None else PreconditionerCache()
+    built = {kind: cache.get(second_moment, kind, eps) for kind in kinds}
+    features = {kind: torch.empty(len(input_ids), weight.shape[0]) for kind in kinds}
     micro_batches = forward_micro_batches(
         model, input_ids, labels, pad_token_id, micro_batch_size, logits_buffer=logits_buffer
     )
     for micro in micro_batches:
         rows = micro.rows
-        if features is None:
-            micro_losses, _ = response_softmax_(micro.logits, micro.aligned, probabilities=False)
-            losses[rows] = micro_losses.double().cpu().numpy()
-            continue
-        micro_losses, probabilities = response_softmax_(micro.logits, micro.aligned)
+        micro_losses, probabilities = response_softmax_(
+            micro.logits, micro.aligned, probabilities=bool(kinds)
+        )
         losses[rows] = micro_losses.double().cpu().numpy()
-        features[rows] = lm_head_features(
-            micro.hidden, weight, micro.aligned, eps=eps, vocab_chunk=vocab_chunk,
-            probabilities=probabilities, preconditioner=built,
-        ).cpu()  # fmt: skip
+        for kind in kinds:
+            features[kind][rows] = lm_head_features(
+                micro.hidden, weight, micro.aligned, eps=eps, vocab_chunk=vocab_chunk,
+                probabilities=probabilities, preconditioner=built[kind],
+            ).cpu()  # fmt: skip
     return losses, features
 
 
@@ -106,28 +130,21 @@ def selections_for(spec: SelectionSpec, alphas: Sequence[float], seed: int) -> l
     return [Selection(alpha_key(a), a, seed, spec) for a in alphas]
 
 
-def _features_for(
-    model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk, cache, buffer
-):
-    """Losses (B,) and the feature matrices the selections need: {preconditioner: (B, V)};
-    none when no selection is SLAP (the other methods rank by loss alone)."""
-    wanted = {s.spec.preconditioner for s in selections if s.spec.needs_features}
-    if not wanted:
-        losses, _ = losses_and_features(
-            model, input_ids, labels, pad, None, mb, eps, chunk, with_features=False,
-            logits_buffer=buffer,
+def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk,
+                  cache, buffer):  # fmt: skip
+    """Losses (B,) and the feature matrices the selections need, {preconditioner: (B, V)},
+    all from one forward pass; none when no selection is SLAP (the others rank by loss)."""
+    wanted = sorted({s.spec.preconditioner for s in selections if s.spec.needs_features})
+    if second_moment is None and len(wanted) > 1:  # every kind is the raw norm then
+        losses, features = losses_and_feature_sets(
+            model, input_ids, labels, pad, None, mb, wanted[:1], eps=eps, vocab_chunk=chunk,
+            preconditioners=cache, logits_buffer=buffer,
         )  # fmt: skip
-        return losses, {}
-    features = {}
-    for kind in sorted(wanted):
-        if features and second_moment is None:  # every kind is the raw norm then
-            features[kind] = next(iter(features.values()))
-            continue
-        losses, features[kind] = losses_and_features(
-            model, input_ids, labels, pad, second_moment, mb, eps, chunk,
-            preconditioner=kind, preconditioners=cache, logits_buffer=buffer,
-        )  # fmt: skip
-    return losses, features
+        return losses, dict.fromkeys(wanted, features[wanted[0]])
+    return losses_and_feature_sets(
+        model, input_ids, labels, pad, second_moment, mb, wanted, eps=eps, vocab_chunk=chunk,
+        preconditioners=cache, logits_buffer=buffer,
+    )  # fmt: skip
 
 
 def score_batch(
@@ -147,6 +164,7 @@ def score_batch(
     projection_seed: int = 0,
     preconditioners: PreconditionerCache | None = None,
     logits_buffer: LogitsBuffer | None = None,
+    groups: Sequence | None = None,
 ) -> BatchScores:
     """Score one composed batch and run every selection on it (SLAP_METHOD.md section 3, step 4).
 
@@ -154,7 +172,8 @@ def score_batch(
     of methods, alphas and seeds (a sweep scores each batch once). Each (seed, method, alpha,
     batch) gets its own derived RNG: results do not depend on which scorer ran it.
     ``preconditioners``, ``logits_buffer``: the caller's, kept across batches
-    (``losses_and_features``).
+    (``losses_and_features``). ``groups`` (B,): each row's distribution stratum (its cluster),
+    which ``keep_mix`` selections keep in proportion.
     """
     losses, features = _features_for(
         model, input_ids, labels, pad_token_id, second_moment, selections,
@@ -171,7 +190,7 @@ def score_batch(
             matrix = project_features(matrix, s.spec.projection_dim, projection_seed)
         rng = derive_rng(s.seed, "select", s.spec.method, s.alpha, batch_key)
         n_keep = n_keep_for(len(losses), s.alpha)
-        kept, weights = select_with(s.spec, losses, matrix, n_keep, rng)
+        kept, weights = select_with(s.spec, losses, matrix, n_keep, rng, groups)
         scores.keep[s.key] = np.zeros(len(losses), dtype=bool)
         scores.keep[s.key][kept] = True
         scores.weight[s.key] = np.zeros(len(losses), dtype=np.float64)

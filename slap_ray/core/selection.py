@@ -25,6 +25,16 @@ def _as_losses(losses: np.ndarray | torch.Tensor) -> np.ndarray:
     return values
 
 
+def _as_matrix(features: np.ndarray | torch.Tensor, batch: int) -> np.ndarray:
+    matrix = np.asarray(
+        features.detach().cpu() if isinstance(features, torch.Tensor) else features,
+        dtype=np.float64,
+    )
+    if matrix.ndim != 2 or len(matrix) != batch:
+        raise ValueError(f"features must be (B, D) with B={batch}, got {matrix.shape}")
+    return matrix
+
+
 def _check_n_keep(n_keep: int, batch: int) -> int:
     if not 0 <= int(n_keep) <= batch:
         raise ValueError(f"n_keep must be in [0, {batch}], got {n_keep}")
@@ -71,6 +81,42 @@ def exp_loss_draw(
     return np.argsort(-keys, kind="stable")[:n_keep]
 
 
+class FarthestPoints:
+    """The selected set S of step 5 and every point's squared distance to it, kept across
+    calls so that several groups (``keep_mix``) share one S."""
+
+    def __init__(self, features: np.ndarray) -> None:
+        self.features = features
+        self.selected: list[int] = []
+        # Squared distance to the nearest selected point; monotone in the distance.
+        self.nearest = np.full(len(features), np.inf)
+        self.taken = np.zeros(len(features), dtype=bool)
+        self._difference = np.empty_like(features)  # reused: B x D temporaries cost more
+
+    def add(self, index: int) -> None:
+        self.selected.append(index)
+        self.taken[index] = True
+        np.subtract(self.features, self.features[index], out=self._difference)
+        squared = np.square(self._difference, out=self._difference).sum(axis=1)
+        np.minimum(self.nearest, squared, out=self.nearest)
+
+    def fill(
+        self, members: np.ndarray, strata: np.ndarray, budgets: np.ndarray, rng: np.random.Generator
+    ) -> None:
+        """Step 5 over ``members`` (indices into the features) with their ``strata``: strata
+        in ascending order; S starts at a random member of the first stratum with budget
+        unless it already has points; then each stratum adds the member farthest from S."""
+        for stratum, budget in enumerate(budgets):
+            in_stratum = members[strata == stratum]
+            for _ in range(int(budget)):
+                if not self.selected:
+                    self.add(int(in_stratum[rng.integers(len(in_stratum))]))
+                    continue
+                candidates = in_stratum[~self.taken[in_stratum]]
+                # argmax returns the first maximum: ties break by lowest index.
+                self.add(int(candidates[np.argmax(self.nearest[candidates])]))
+
+
 def farthest_point_fill(
     features: np.ndarray, strata: np.ndarray, budgets: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
@@ -80,29 +126,40 @@ def farthest_point_fill(
     Strata are visited in ascending order; the first with budget starts S at a random member;
     then each stratum adds the member farthest (max of min L2 distance) from all of S.
     """
-    batch = len(features)
-    selected: list[int] = []
-    # Squared distance to the nearest selected point; monotone in the distance, so argmax agrees.
-    nearest = np.full(batch, np.inf)
-    taken = np.zeros(batch, dtype=bool)
-    difference = np.empty_like(features)  # reused: B x D temporaries cost more than the math
+    points = FarthestPoints(features)
+    points.fill(np.arange(len(features)), strata, budgets, rng)
+    return np.asarray(points.selected, dtype=np.int64)
 
-    def add(index: int) -> None:
-        selected.append(index)
-        taken[index] = True
-        np.subtract(features, features[index], out=difference)
-        np.minimum(nearest, np.square(difference, out=difference).sum(axis=1), out=nearest)
 
-    for stratum, budget in enumerate(budgets):
-        members = np.flatnonzero(strata == stratum)
-        for _ in range(int(budget)):
-            if not selected:
-                add(int(members[rng.integers(len(members))]))
-                continue
-            candidates = members[~taken[members]]
-            # argmax returns the first maximum: ties break by lowest index.
-            add(int(candidates[np.argmax(nearest[candidates])]))
-    return np.asarray(selected, dtype=np.int64)
+def largest_remainder(total: int, sizes: np.ndarray) -> np.ndarray:
+    """``total`` shared out in proportion to ``sizes`` (K,) -> (K,) int64 summing to ``total``:
+    floors, then one more to the largest remainders (ties to the lower index)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    if total == 0 or sizes.sum() == 0:
+        return np.zeros(len(sizes), dtype=np.int64)
+    exact = total * sizes / sizes.sum()
+    shares = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - shares), kind="stable")
+    shares[order[: total - int(shares.sum())]] += 1
+    return shares
+
+
+def stratum_budgets(
+    losses: np.ndarray,
+    stratum_of: np.ndarray,
+    n_keep: int,
+    num_strata: int,
+    tau: float,
+    budget: str,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Step 3: how many rows each loss stratum keeps, (K,) int64. ``loss``: the strata of
+    ``n_keep`` draws with probability proportional to exp(loss / tau) (tau = inf: uniform);
+    ``proportional``: each stratum's share of the batch by largest remainder (no draw)."""
+    if budget == "proportional":
+        return largest_remainder(n_keep, np.bincount(stratum_of, minlength=num_strata))
+    drawn = exp_loss_draw(losses, n_keep, tau, rng)
+    return np.bincount(stratum_of[drawn], minlength=num_strata)
 
 
 def slap_select(
@@ -113,25 +170,28 @@ def slap_select(
     num_strata: int = 3,
     tau: float = 1.0,
     strata: str = "width",
+    budget: str = "loss",
+    points: FarthestPoints | None = None,
+    members: np.ndarray | None = None,
 ) -> np.ndarray:
     """SLAP selection of one batch: loss strata, exp(loss) budgets, stratified farthest points.
 
     losses (B,), features (B, D) -> sorted unique int64 indices, ``n_keep`` of them.
+    ``members`` (M,): select among these rows only (strata and budgets from their losses), with
+    ``points``, a selected set S shared with earlier calls (``keep_mix``).
     """
     values = _as_losses(losses)
     n_keep = _check_n_keep(n_keep, len(values))
-    points = np.asarray(
-        features.detach().cpu() if isinstance(features, torch.Tensor) else features,
-        dtype=np.float64,
-    )
-    if points.ndim != 2 or len(points) != len(values):
-        raise ValueError(f"features must be (B, D) with B={len(values)}, got {points.shape}")
+    matrix = _as_matrix(features, len(values))
     if n_keep == 0:
         return np.empty(0, dtype=np.int64)
-    stratum_of = loss_strata(values, num_strata, strata)
-    drawn = exp_loss_draw(values, n_keep, tau, rng)
-    budgets = np.bincount(stratum_of[drawn], minlength=num_strata)
-    return _sorted(farthest_point_fill(points, stratum_of, budgets, rng))
+    members = np.arange(len(values)) if members is None else np.asarray(members, np.int64)
+    stratum_of = loss_strata(values[members], num_strata, strata)
+    budgets = stratum_budgets(values[members], stratum_of, n_keep, num_strata, tau, budget, rng)
+    points = points if points is not None else FarthestPoints(matrix)
+    before = len(points.selected)
+    points.fill(members, stratum_of, budgets, rng)
+    return _sorted(points.selected[before:])
 
 
 def random_select(losses: np.ndarray, n_keep: int, rng: np.random.Generator) -> np.ndarray:
@@ -254,10 +314,55 @@ def select_with(
     features: np.ndarray | torch.Tensor | None,
     n_keep: int,
     rng: np.random.Generator,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Select one batch as ``spec`` says: (kept indices, their training weights); see
-    :func:`select_weighted`. The one entry point of the scorers and the training loop."""
-    return select_weighted(spec.method, losses, features, n_keep, rng, **spec.options())
+    """Select one batch as ``spec`` says: (kept indices, their training weights), sorted; see
+    :func:`select_weighted`. The one entry point of the scorers and the training loop.
+
+    ``groups`` (B,): each row's distribution stratum, needed by ``keep_mix``. ``drop_top``
+    removes the highest-loss rows from the candidates first (SLAP_METHOD.md section 6).
+    """
+    if not spec.drop_top and not spec.keep_mix:
+        return select_weighted(spec.method, losses, features, n_keep, rng, **spec.options())
+    values = _as_losses(losses)
+    n_keep = _check_n_keep(n_keep, len(values))
+    candidates = np.sort(np.argsort(-values, kind="stable")[int(spec.drop_top * len(values)) :])
+    n_keep = min(n_keep, len(candidates))
+    parts, shares = [candidates], [n_keep]
+    if spec.keep_mix:
+        if groups is None or len(groups) != len(values):
+            raise ValueError("keep_mix needs each row's distribution stratum (groups)")
+        keys = np.asarray(groups)[candidates]
+        parts = [candidates[keys == key] for key in np.unique(keys)]  # ascending keys
+        shares = largest_remainder(n_keep, np.array([len(p) for p in parts]))
+    points = None
+    if spec.needs_features:
+        if features is None:
+            raise ValueError("method 'slap' needs features")
+        points = FarthestPoints(_as_matrix(features, len(values)))
+    kept, weights = [], []
+    for members, share in zip(parts, shares, strict=True):
+        part_kept, part_weights = _select_among(spec, values, members, int(share), rng, points)
+        kept.append(part_kept)
+        weights.append(part_weights)
+    kept_all, weights_all = np.concatenate(kept), np.concatenate(weights)
+    order = np.argsort(kept_all, kind="stable")
+    return kept_all[order].astype(np.int64), weights_all[order]
+
+
+def _select_among(spec, values, members, n_keep, rng, points) -> tuple[np.ndarray, np.ndarray]:
+    """``spec``'s method among ``members`` only: (kept batch indices, weights)."""
+    if spec.method == "full":
+        return members, np.ones(len(members))
+    if points is not None:
+        kept = slap_select(
+            values, points.features, n_keep, rng, **spec.options(), points=points, members=members
+        )
+        return kept, np.ones(len(kept))
+    local, weights = select_weighted(
+        spec.method, values[members], None, n_keep, rng, **spec.options()
+    )
+    return members[local], weights
 
 
 def n_keep_for(batch_size: int, alpha: float) -> int:

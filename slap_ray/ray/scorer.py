@@ -80,7 +80,9 @@ class Scorer:
         )  # fmt: skip
         return None if ema.value() is None else ema.value().cpu()
 
-    def score(self, batch_id: int, input_ids: list, labels: list) -> dict[str, Any]:
+    def score(
+        self, batch_id: int, input_ids: list, labels: list, groups: list | None = None
+    ) -> dict[str, Any]:
         scores = score_batch(
             self.model,
             input_ids,
@@ -90,6 +92,7 @@ class Scorer:
             second_moment=self.second_moment,
             preconditioners=self.preconditioners,
             logits_buffer=self.logits_buffer,
+            groups=groups,
             **self.settings.score_batch_options(),
         )
         return {
@@ -170,7 +173,9 @@ class BatchScorer:
 
     def _scored(self, row: pd.Series) -> pd.DataFrame:
         batch_id = int(row["batch_id"])
-        result = self.scorer.score(batch_id, _lists(row["input_ids"]), _lists(row["labels"]))
+        result = self.scorer.score(
+            batch_id, _lists(row["input_ids"]), _lists(row["labels"]), list(row["cluster"])
+        )
         frame = pd.DataFrame(
             {
                 c: list(row[c])

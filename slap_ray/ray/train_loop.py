@@ -59,6 +59,13 @@ from slap_ray.selection_spec import SelectionSpec
 COUNTERS = ("forward_examples", "forward_tokens", "backward_examples", "backward_tokens")
 
 
+def mix_groups(sources: list, tasks: list) -> list[str]:
+    """The distribution stratum of each training row that on-policy ``keep_mix`` keeps in
+    proportion: its source, or its task where no row has a known source."""
+    known = any(s not in (None, "unknown") for s in sources)
+    return [str(s) for s in sources] if known else [str(t) for t in tasks]
+
+
 def _evaluate(model, table: dict, collective, micro_batch_size: int, pad_token_id: int) -> dict:
     """Loss / perplexity of the eval rows, sharded over workers, identical result on each."""
     start = time.perf_counter()
@@ -202,6 +209,7 @@ class _WorkerRun:
         self.frozen = [p for p in self.model.parameters() if not p.requires_grad]
         self.frozen_at_load = _digest(self.frozen)
         self.schedule = BatchSchedule(self.table["id"], train.batch_size, settings.seed)
+        self.groups = mix_groups(self.table["source"], self.table["task"])
         self.autocast = _autocast(train.precision, device)
         self.head = lm_head_of(self.model)
         self.state: dict[str, Any] = {
@@ -267,6 +275,7 @@ class _WorkerRun:
             collective=self.collective,
             autocast=self.autocast,
             example_weights=None if weights is None else [weights[rows[k]] for k in mine],
+            groups=[self.groups[r] for r in rows] if selection.spec.keep_mix else None,
         )
         grad_norm = self._apply(stats)
         elapsed = time.perf_counter() - start
