@@ -280,6 +280,9 @@ class EvalConfig(_Section):
     """Held-out files or globs (same formats as `data.paths`), or `embedded:chitchat-eval`."""
     max_rows: int | None = Field(256, ge=1)
     """Held-out rows evaluated at most (None: all)."""
+    max_rows_per_source: int | None = Field(None, ge=1)
+    """Held-out rows per source at most, a seeded sample of each (None: no per-source cap), so
+    that every source's loss rests on enough rows; `max_rows` then caps the total."""
     micro_batch_size: int = Field(8, ge=1)
     """Rows per evaluation forward."""
     generate_rows: int = Field(0, ge=0)

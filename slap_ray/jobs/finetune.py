@@ -107,6 +107,18 @@ def _tokenized_table(config: SlapConfig, rows: ray.data.Dataset) -> tuple[dict, 
     return table, rejected
 
 
+def _eval_sample(config: SlapConfig, meta: pd.DataFrame) -> set[str]:
+    """The held-out ids evaluated: a seeded order of every id (the same on any cluster), at
+    most ``max_rows_per_source`` of each source, then at most ``max_rows``."""
+    meta = meta.drop_duplicates("id").copy()
+    meta["rank"] = [(id_rank_key(config.seed, "eval-rows", i), i) for i in meta["id"]]
+    meta = meta.sort_values("rank")
+    per_source = config.eval.max_rows_per_source
+    if per_source is not None:
+        meta = meta.groupby(meta["source"].fillna("unknown"), sort=False).head(per_source)
+    return set(meta["id"].iloc[: config.eval.max_rows])
+
+
 def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
     """Training rows (the selection's kept ids, or all sampled rows) and eval rows, tokenised."""
     with manifest.stage("prepare"):
@@ -120,11 +132,7 @@ def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
         missing = len(wanted - set(train["id"])) - train_rejected
         evals = read_rows(config, config.eval.paths, "eval.paths", manifest, "eval_read")
         evals = pool.where_in(pool.accepted(evals), "id", wanted, inside=False)
-        eval_meta = evals.select_columns(["id"]).to_pandas()
-        eval_ids = sorted(
-            set(eval_meta["id"]), key=lambda i: (id_rank_key(config.seed, "eval-rows", i), i)
-        )[: config.eval.max_rows]
-        chosen = set(eval_ids)
+        chosen = _eval_sample(config, evals.select_columns(["id", "source"]).to_pandas())
         evaluation, eval_rejected = _tokenized_table(config, pool.where_in(evals, "id", chosen))
     if not train["id"]:
         raise ConfigError(f"no training rows: {origin} selects none of data.paths")

@@ -187,7 +187,7 @@ def ray_session(config: RayConfig, run_dir: Path, kind: str) -> Iterator[None]:
                 if started:
                     ray.shutdown()  # first: the workers' files are then complete
                 copied = copy_worker_logs(run_dir)
-                logging.getLogger("slap_ray").info(
+                logging.getLogger("ray").info(  # the run log only, never the console
                     "Ray worker output: %d log file(s) in %s",
                     copied,
                     run_dir / "logs" / WORKER_LOGS,

@@ -111,14 +111,19 @@ def test_console_is_clean_and_the_detail_goes_to_the_logs(smollm2_run):
     for noise in NOISE:
         assert not [line for line in stdout + stderr if noise in line], noise
     # What a newcomer reads: one summary line on stdout; on stderr a line per finished stage and
-    # nothing else (the raylet's worker-pool warning, ray-project/ray#3644, printed here before
-    # the embedded instance started workers as many at a time as it keeps warm).
+    # nothing else but Ray's one known notice (its C++ core worker prints it, citing its issue,
+    # about restartable actors with arguments in the object store). The raylet's worker-pool
+    # warning (ray-project/ray#3644) no longer prints: the embedded instance starts workers as
+    # many at a time as it keeps warm.
     assert len(stdout) == 1 and stdout[0].startswith("slap run: 4 steps"), stdout
     assert "report:" in stdout[0]
     stages = [line for line in stderr if STAGE_LINE.match(line)]
     assert {"embed", "score", "train"} <= {line.split()[2] for line in stages}, stderr
     others = [line for line in stderr if not STAGE_LINE.match(line)]
-    assert not others, others
+    assert len(others) <= 1 and all("github.com/ray-project/ray/issues/" in x for x in others), (
+        others
+    )
+    assert not [line for line in stdout + stderr if "PYTHON worker processes" in line]
     select_log = (run / "select" / "logs" / "select.log").read_text()
     finetune_log = (run / "logs" / "finetune.log").read_text()
     assert "MapBatches(Embedder)" in select_log or "Embedder" in select_log

@@ -214,3 +214,25 @@ def test_an_older_runs_retired_setting_loads_and_an_unknown_one_is_refused():
     assert "log_every" not in build_config({}).train.model_dump()
     with pytest.raises(ConfigError, match="log_everything"):
         build_config({"train": {"log_everything": 5}})
+
+
+def test_eval_sample_caps_each_source_then_the_total():
+    import pandas as pd
+
+    from slap_ray.core.seeds import id_rank_key
+    from slap_ray.jobs.finetune import _eval_sample
+
+    ids = [f"{s}-{i}" for s in ("gsm8k", "dolly", "nq") for i in range(30)]
+    meta = pd.DataFrame({"id": ids, "source": [i.split("-")[0] for i in ids]})
+    plain = build_config({"eval": {"max_rows": 50}})
+    expected = sorted(ids, key=lambda i: (id_rank_key(0, "eval-rows", i), i))[:50]
+    assert _eval_sample(plain, meta) == set(expected)  # the seeded order, as before
+    capped = build_config({"eval": {"max_rows": None, "max_rows_per_source": 12}})
+    chosen = _eval_sample(capped, meta)
+    assert {s: sum(i.startswith(s) for i in chosen) for s in ("gsm8k", "dolly", "nq")} == {
+        "gsm8k": 12, "dolly": 12, "nq": 12,
+    }  # fmt: skip
+    ranked = sorted(
+        (i for i in ids if i.startswith("dolly")), key=lambda i: (id_rank_key(0, "eval-rows", i), i)
+    )
+    assert {i for i in chosen if i.startswith("dolly")} == set(ranked[:12])
