@@ -198,6 +198,12 @@ def _finish(
         "compute": compute,
         "history": state["history"],
         "eval_ids": list(eval_ids),
+        # Per held-out row (eval_ids' order): response-loss sums and tokens before and after.
+        "eval_rows": {
+            "tokens": state["final_eval_rows"]["tokens"],
+            "base_loss_sum": (state.get("base_eval_rows") or {}).get("loss_sum"),
+            "final_loss_sum": state["final_eval_rows"]["loss_sum"],
+        },
     }
     write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

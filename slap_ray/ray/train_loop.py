@@ -66,8 +66,12 @@ def mix_groups(sources: list, tasks: list) -> list[str]:
     return [str(s) for s in sources] if known else [str(t) for t in tasks]
 
 
-def _evaluate(model, table: dict, collective, micro_batch_size: int, pad_token_id: int) -> dict:
-    """Loss / perplexity of the eval rows, sharded over workers, identical result on each."""
+def _evaluate(
+    model, table: dict, collective, micro_batch_size: int, pad_token_id: int
+) -> tuple[dict, dict]:
+    """Loss / perplexity of the eval rows, sharded over workers, identical result on each; and
+    each row's response-loss sum and token count (in the table's order), so that intervals can
+    resample rows."""
     start = time.perf_counter()
     mine = list(range(collective.rank, len(table["id"]), collective.world_size))
     model.eval()
@@ -87,7 +91,7 @@ def _evaluate(model, table: dict, collective, micro_batch_size: int, pad_token_i
         all_sums, all_tokens, {"source": table["source"], "task": table["task"]}
     )
     summary["overall"]["seconds"] = round(time.perf_counter() - start, 3)
-    return summary
+    return summary, {"loss_sum": all_sums.tolist(), "tokens": all_tokens.tolist()}
 
 
 def _generation_eval(model, table: dict, rows: int, max_new_tokens: int, tokenizer) -> dict:
@@ -234,9 +238,9 @@ class _WorkerRun:
             if self.ema is not None and self.state.get("ema"):
                 self.ema.load_state_dict(self.state["ema"])
         if self.state["base_eval"] is None:
-            self.state["base_eval"] = self.evaluate()
+            self.state["base_eval"], self.state["base_eval_rows"] = self.evaluate()
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> tuple[dict, dict]:
         return _evaluate(
             self.model,
             self.eval_table,
@@ -329,7 +333,7 @@ class _WorkerRun:
     def finish(self) -> None:
         """Final evaluation, generation check and weight digests, reported with the last
         checkpoint."""
-        final_eval = self.evaluate()
+        final_eval, self.state["final_eval_rows"] = self.evaluate()
         generation = None
         if self.settings.generate_rows and self.collective.rank == 0:
             generation = _generation_eval(
