@@ -152,7 +152,12 @@ def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
 
 
 def _finish(
-    config: SlapConfig, result, run_dir: Path, manifest: Manifest, eval_ids: list[str]
+    config: SlapConfig,
+    result,
+    run_dir: Path,
+    manifest: Manifest,
+    eval_ids: list[str],
+    eval_sources: list[str],
 ) -> dict:
     """Copy the final model out of Ray Train's storage and gather the loop's records."""
     import torch
@@ -200,6 +205,7 @@ def _finish(
         "eval_ids": list(eval_ids),
         # Per held-out row (eval_ids' order): response-loss sums and tokens before and after.
         "eval_rows": {
+            "source": list(eval_sources),
             "tokens": state["final_eval_rows"]["tokens"],
             "base_loss_sum": (state.get("base_eval_rows") or {}).get("loss_sum"),
             "final_loss_sum": state["final_eval_rows"]["loss_sum"],
@@ -237,7 +243,9 @@ def finetune_into(
             trainer = make_trainer(config, train, evaluation, steps, storage, RUN_NAME)
             with manifest.stage("train"):
                 result = trainer.fit()
-            metrics = _finish(config, result, run_dir, manifest, evaluation["id"])
+            metrics = _finish(
+                config, result, run_dir, manifest, evaluation["id"], evaluation["source"]
+            )
             # Exactly the ids trained on (a sweep's trials are checked against their kept list).
             (run_dir / "train_ids.txt").write_text(
                 "".join(i + "\n" for i in train["id"]), encoding="utf-8"
