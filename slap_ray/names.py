@@ -23,6 +23,17 @@ def alpha_key(alpha: float) -> str:
     return f"a{alpha:g}"
 
 
+FULL_ARM = "full"  # a sweep's full-data reference
+
+
+def trial_name(arm: str, mode: str, alpha: float, seed: int) -> str:
+    """A sweep trial's name (its folder under ``trials/``) from its parameters, never a
+    timestamp: a restored trial finds its own checkpoint under the same name."""
+    if arm == FULL_ARM:
+        return f"full-s{seed}"
+    return f"{arm}-{mode}-a{alpha:g}-s{seed}"
+
+
 def sweep_key(arm: str, alpha: float, seed: int) -> str:
     """The key of a sweep's selection for one (arm, alpha, seed)."""
     return f"{arm}__a{alpha:g}__s{seed}"

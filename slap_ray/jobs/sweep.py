@@ -22,17 +22,17 @@ from slap_ray.errors import JobFailed
 from slap_ray.files import write_text_atomic
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
-from slap_ray.names import ARMS_DIR, keep_column, sweep_key, weight_column
+from slap_ray.names import ARMS_DIR, FULL_ARM, keep_column, sweep_key, trial_name, weight_column
 from slap_ray.reporting.manifest import Manifest
 from slap_ray.selection_spec import SelectionSpec
 
 log = logging.getLogger("slap_ray.sweep")
 SELECTION_DIR, TRIALS_DIR, TUNE_DIR, EXPERIMENT = "selection", "trials", "tune", "sweep"
 OWNED = (
-    "results.csv", "results.md", "plots", "manifest.json", "config.yaml", "logs",
+    "results.csv", "results.md", "answer.txt", "plots", "manifest.json", "config.yaml", "logs",
     SELECTION_DIR, TRIALS_DIR, TUNE_DIR,
 )  # fmt: skip
-FULL = "full"
+FULL = FULL_ARM
 TRIAL_RESULT = "trial_result.json"  # written last: the trial is done, its row is final
 
 
@@ -58,11 +58,7 @@ class TrialSpec:
 
     @property
     def name(self) -> str:
-        """The trial's name from its parameters (never a timestamp: a restored trial finds its
-        own checkpoint under the same name)."""
-        if self.is_full:
-            return f"full-s{self.seed}"
-        return f"{self.arm}-{self.mode}-a{self.alpha:g}-s{self.seed}"
+        return trial_name(self.arm, self.mode, self.alpha, self.seed)
 
     @property
     def selection_key(self) -> str:
@@ -322,5 +318,7 @@ def run_sweep(config: SlapConfig) -> Path:
 def main_sweep(config: SlapConfig) -> int:
     report = run_sweep(config)
     frame = pd.read_csv(Path(config.output_dir) / "results.csv")
+    answer = (Path(config.output_dir) / "answer.txt").read_text(encoding="utf-8")
+    print(answer.rstrip())
     print(f"slap sweep: {len(frame)} trials; results: {report}")
     return 0

@@ -4,6 +4,8 @@ paired differences against random with bootstrap intervals, the full-data refere
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -15,11 +17,19 @@ import pandas as pd  # noqa: E402
 
 from slap_ray.config import SlapConfig  # noqa: E402
 from slap_ray.files import atomic_path, write_text_atomic  # noqa: E402
+from slap_ray.names import FULL_ARM, trial_name  # noqa: E402
+from slap_ray.reporting.intervals import (  # noqa: E402
+    PRIMARY,
+    PairedRows,
+    bootstrap_interval,
+    hierarchical_interval,
+    t_interval,
+)
 from slap_ray.selection_spec import SelectionSpec  # noqa: E402
 
 KEYS = ["arm", "method", "mode", "alpha", "seed"]
 OPTIONS = [name for name in SelectionSpec.model_fields if name != "method"]
-FULL = "full"
+FULL = FULL_ARM
 BASELINE = "random"
 
 
@@ -46,43 +56,68 @@ def trial_row(spec: dict, metrics: dict, manifest: dict) -> dict:
     return row
 
 
-def paired_interval(diffs: np.ndarray, samples: int, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of the mean paired difference (scipy, percentile method); NaN
-    with fewer than two pairs."""
-    from scipy.stats import bootstrap
-
-    if len(diffs) < 2 or np.allclose(diffs, diffs[0]):
-        return (float("nan"), float("nan")) if len(diffs) < 2 else (diffs[0], diffs[0])
-    result = bootstrap(
-        (diffs,), np.mean, n_resamples=samples, method="percentile", random_state=seed
-    )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+def add_macro(frame: pd.DataFrame) -> pd.DataFrame:
+    """``macro_loss``: each trial's per-source losses averaged with equal weight (the second
+    primary metric; from the ``eval_loss[source=...]`` columns, so any results.csv has it)."""
+    sources = [c for c in frame.columns if c.startswith("eval_loss[source=")]
+    frame = frame.copy()
+    frame["macro_loss"] = frame[sources].mean(axis=1) if sources else np.nan
+    return frame
 
 
 def _fmt(value: float, digits: int = 4) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def summary_table(frame: pd.DataFrame, samples: int) -> pd.DataFrame:
-    """Per (arm, mode, alpha): mean and std over seeds, the paired difference against random
-    at the same (mode, alpha, seed) with its interval, and the gap to full data."""
+def _paired(frame: pd.DataFrame, group: pd.DataFrame, metric: str) -> pd.Series:
+    """Per seed: the arm's metric minus random's at the same mode and alpha."""
+    mode, alpha = group["mode"].iloc[0], group["alpha"].iloc[0]
+    random = frame[(frame["method"] == BASELINE) & (frame["mode"] == mode)]
+    random = random[random["alpha"] == alpha].drop_duplicates("seed").set_index("seed")[metric]
+    return group.set_index("seed")[metric].sub(random).dropna()
+
+
+def _versus_random(frame, group, samples, row_pairs) -> dict:
+    """Paired differences against random on both primary metrics, with three intervals."""
+    entry: dict = {}
+    hierarchical = hierarchical_interval(row_pairs, samples) if row_pairs else {}
+    for metric in PRIMARY:
+        paired = _paired(frame, group, metric)
+        if not len(paired):
+            continue
+        entry[f"{metric}_vs_random"] = paired.mean()
+        entry[f"{metric}_t"] = t_interval(paired.to_numpy())
+        entry[f"{metric}_bootstrap"] = bootstrap_interval(paired.to_numpy(), samples)
+        entry[f"{metric}_rows"] = hierarchical.get(metric, (np.nan, np.nan))
+    if entry:
+        entry["beats_random"] = all(
+            np.isfinite(entry[f"{m}_{kind}"][1]) and entry[f"{m}_{kind}"][1] < 0
+            for m in PRIMARY
+            for kind in (("rows",) if row_pairs else ("t",))
+        )
+    return entry
+
+
+def summary_table(
+    frame: pd.DataFrame, samples: int, rows_of: Callable[[pd.Series], dict | None] | None = None
+) -> pd.DataFrame:
+    """Per (arm, mode, alpha): mean and std over seeds of both primary metrics, trained rows
+    and tokens, the paired differences against random at the same (mode, alpha, seed) with
+    their intervals (``rows_of`` gives a trial's held-out rows, for the row-level interval),
+    and the gap to full data."""
+    frame = add_macro(frame) if "macro_loss" not in frame else frame
     full = frame[frame["arm"] == FULL].set_index("seed")["eval_loss"]
     rows = []
     for (arm, mode, alpha), group in frame.groupby(["arm", "mode", "alpha"], sort=True):
-        entry = {
-            "arm": arm, "mode": mode, "alpha": alpha, "seeds": len(group),
-            "eval_loss_mean": group["eval_loss"].mean(),
-            "eval_loss_std": group["eval_loss"].std(ddof=1) if len(group) > 1 else float("nan"),
-            "flops_total_mean": group["flops_total"].mean(),
-        }  # fmt: skip
-        method = group["method"].iloc[0]
-        random = frame[(frame["method"] == BASELINE) & (frame["mode"] == mode)]
-        random = random[random["alpha"] == alpha].drop_duplicates("seed")
-        random = random.set_index("seed")["eval_loss"]
-        paired = group.set_index("seed")["eval_loss"].sub(random).dropna()
-        if method not in (BASELINE, FULL) and len(paired):
-            low, high = paired_interval(paired.to_numpy(), samples)
-            entry.update(vs_random=paired.mean(), vs_random_low=low, vs_random_high=high)
+        entry = {"arm": arm, "mode": mode, "alpha": alpha, "seeds": len(group)}
+        for metric in PRIMARY:
+            entry[f"{metric}_mean"] = group[metric].mean()
+            entry[f"{metric}_std"] = group[metric].std(ddof=1) if len(group) > 1 else np.nan
+        for column in ("flops_total", "train_rows", "backward_tokens"):
+            entry[f"{column}_mean"] = group[column].mean() if column in group else np.nan
+        if group["method"].iloc[0] not in (BASELINE, FULL):
+            pairs = _row_pairs(frame, group, rows_of) if rows_of else []
+            entry.update(_versus_random(frame, group, samples, pairs))
         gap = group.set_index("seed")["eval_loss"].sub(full).dropna()
         if arm != FULL and len(gap):
             entry["vs_full_pct"] = 100.0 * (gap / full.reindex(gap.index)).mean()
@@ -90,35 +125,113 @@ def summary_table(frame: pd.DataFrame, samples: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _row_pairs(frame, group, rows_of) -> list[PairedRows]:
+    """Each seed's (arm, random) held-out rows, where both trials kept them and agree on them."""
+    mode, alpha = group["mode"].iloc[0], group["alpha"].iloc[0]
+    random = frame[(frame["method"] == BASELINE) & (frame["mode"] == mode)]
+    random = random[random["alpha"] == alpha].drop_duplicates("seed")
+    random_of = {int(r["seed"]): r for _, r in random.iterrows()}
+    pairs = []
+    for _, trial in group.iterrows():
+        if int(trial["seed"]) not in random_of:
+            continue
+        mine, theirs = rows_of(trial), rows_of(random_of[int(trial["seed"])])
+        if not mine or not theirs or mine["ids"] != theirs["ids"]:
+            return []  # an interval over part of the seeds would mislead: none
+        pairs.append(
+            PairedRows(
+                arm=np.asarray(mine["final_loss_sum"]),
+                random=np.asarray(theirs["final_loss_sum"]),
+                tokens=np.asarray(mine["tokens"]),
+                sources=np.asarray(mine["source"]),
+            )  # fmt: skip
+        )
+    return pairs
+
+
+def _interval(entry: pd.Series, metric: str) -> str:
+    value = entry.get(f"{metric}_vs_random", np.nan)
+    if not isinstance(value, float) or not np.isfinite(value):
+        return "-"
+    kind = "rows" if np.isfinite(entry[f"{metric}_rows"][0]) else "t"
+    low, high = entry[f"{metric}_{kind}"]
+    return f"{value:+.4f} [{_fmt(low)}, {_fmt(high)}]"
+
+
 def _markdown(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
     lines = [
-        "| arm | mode | alpha | seeds | eval loss (mean +- std) | vs random (95% CI) "
+        "| arm | mode | alpha | seeds | eval loss (token-weighted) | macro loss (per source) "
+        "| eval vs random | macro vs random | beats random | trained rows | trained tokens "
         "| vs full | FLOPs |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for _, r in summary.iterrows():
-        versus = "-"
-        if np.isfinite(r.get("vs_random", np.nan)):
-            versus = (
-                f"{r['vs_random']:+.4f} [{_fmt(r['vs_random_low'])}, {_fmt(r['vs_random_high'])}]"
-            )
         full_gap = r.get("vs_full_pct", np.nan)
+        beats = r.get("beats_random")
         lines.append(
             f"| {r['arm']} | {r['mode']} | {r['alpha']:g} | {r['seeds']} "
-            f"| {_fmt(r['eval_loss_mean'])} +- {_fmt(r['eval_loss_std'])} | {versus} "
+            f"| {_fmt(r['eval_loss_mean'])} +- {_fmt(r['eval_loss_std'])} "
+            f"| {_fmt(r['macro_loss_mean'])} +- {_fmt(r['macro_loss_std'])} "
+            f"| {_interval(r, 'eval_loss')} | {_interval(r, 'macro_loss')} "
+            f"| {'-' if not isinstance(beats, bool) else ('**yes**' if beats else 'no')} "
+            f"| {_fmt(r['train_rows_mean'], 1)} | {_fmt(r['backward_tokens_mean'], 0)} "
             f"| {'-' if not np.isfinite(full_gap) else f'{full_gap:+.2f}%'} "
             f"| {r['flops_total_mean']:.3g} |"
         )
-    lines += ["", "Best arm per alpha (lowest mean eval loss):", ""]
-    chosen = summary[summary["arm"] != FULL]
-    for (mode, alpha), group in chosen.groupby(["mode", "alpha"]):
-        best = group.loc[group["eval_loss_mean"].idxmin()]
-        lines.append(f"- {mode}, alpha {alpha:g}: `{best['arm']}` ({_fmt(best['eval_loss_mean'])})")
+    lines += ["", *answer_lines(summary)]
     return lines
 
 
+def answer_lines(summary: pd.DataFrame) -> list[str]:
+    """The answer in a few lines: per (mode, alpha), the best arm on each primary metric with
+    its paired interval against random (what the console prints last)."""
+    lines = ["Best arm per alpha (lowest mean; paired difference to random, 95% interval):"]
+    chosen = summary[summary["arm"] != FULL]
+    for (mode, alpha), group in chosen.groupby(["mode", "alpha"]):
+        for metric, title in (("eval_loss", "eval loss"), ("macro_loss", "macro loss")):
+            if not group[f"{metric}_mean"].notna().any():
+                continue
+            best = group.loc[group[f"{metric}_mean"].idxmin()]
+            lines.append(
+                f"- {mode}, alpha {alpha:g}, {title}: `{best['arm']}` "
+                f"{_fmt(best[f'{metric}_mean'])}, vs random {_interval(best, metric)}"
+            )
+    return lines
+
+
+def per_source_lines(frame: pd.DataFrame) -> list[str]:
+    """Per source: each arm's mean loss minus random's, paired over seeds (t-interval)."""
+    sources = [c for c in frame.columns if c.startswith("eval_loss[source=")]
+    arms = list(frame.loc[~frame["method"].isin([BASELINE, FULL]), "arm"].unique())
+    if not sources or not arms or BASELINE not in set(frame["arm"]):
+        return []
+    lines = [
+        "| source | " + " | ".join(arms) + " |",
+        "| --- |" + " ---: |" * len(arms),
+    ]
+    for column in sources:
+        cells = []
+        for arm in arms:
+            group = frame[frame["arm"] == arm]
+            paired = _paired(frame, group, column)
+            low, high = t_interval(paired.to_numpy())
+            cells.append(
+                f"{paired.mean():+.3f} [{_fmt(low, 3)}, {_fmt(high, 3)}]" if len(paired) else "-"
+            )
+        name = column.removeprefix("eval_loss[source=").rstrip("]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _colours(frame: pd.DataFrame) -> dict[str, object]:
+    """One colour per arm in every plot (arms in sorted order, full data grey)."""
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    arms = sorted(a for a in frame["arm"].unique() if a != FULL)
+    return {FULL: "grey", **{arm: cycle[i % len(cycle)] for i, arm in enumerate(arms)}}
+
+
 def _plots(frame: pd.DataFrame, summary: pd.DataFrame, plots: Path) -> list[tuple[str, str]]:
-    images = []
+    images, colour = [], _colours(frame)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     full = frame[frame["arm"] == FULL]["eval_loss"]
     if len(full):
@@ -128,7 +241,8 @@ def _plots(frame: pd.DataFrame, summary: pd.DataFrame, plots: Path) -> list[tupl
     for (arm, mode), group in summary[summary["arm"] != FULL].groupby(["arm", "mode"]):
         ax.errorbar(
             1 - group["alpha"], group["eval_loss_mean"], yerr=group["eval_loss_std"].fillna(0),
-            marker="o", capsize=3, label=f"{arm} ({mode})",
+            marker="o" if mode == "offline" else "s", capsize=3, label=f"{arm} ({mode})",
+            color=colour[arm],
         )  # fmt: skip
     ax.set(
         xlabel="fraction of data kept (1 - alpha)", ylabel="eval loss", title="Eval loss vs data"
@@ -138,7 +252,7 @@ def _plots(frame: pd.DataFrame, summary: pd.DataFrame, plots: Path) -> list[tupl
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for arm, group in frame.groupby("arm"):
-        ax.scatter(group["flops_total"], group["eval_loss"], label=arm, s=18)
+        ax.scatter(group["flops_total"], group["eval_loss"], label=arm, s=18, color=colour[arm])
     front = _pareto(frame[["flops_total", "eval_loss"]].to_numpy())
     ax.plot(front[:, 0], front[:, 1], "k--", lw=1, label="Pareto front")
     ax.set(xlabel="training FLOPs (estimate)", ylabel="eval loss", title="Eval loss vs compute")
@@ -146,14 +260,17 @@ def _plots(frame: pd.DataFrame, summary: pd.DataFrame, plots: Path) -> list[tupl
     images.append(("Eval loss vs FLOPs", _save(fig, plots / "loss_vs_flops.png")))
 
     tasks = [c for c in frame.columns if c.startswith("eval_loss[task=")]
-    at = frame[(frame["alpha"].round(6) == 0.3) | (frame["arm"] == FULL)]
-    if tasks and len(at):
+    alphas = sorted(frame.loc[frame["arm"] != FULL, "alpha"].unique())
+    if tasks and alphas:
+        middle = alphas[len(alphas) // 2]  # an alpha the grid has
+        at = frame[(frame["alpha"] == middle) | (frame["arm"] == FULL)]
         table = at.groupby("arm")[tasks].mean().T
         table.index = [t.removeprefix("eval_loss[task=").rstrip("]") for t in table.index]
         fig, ax = plt.subplots(figsize=(7, 0.3 * len(table) * max(1, len(table.columns)) + 2))
-        table.plot.barh(ax=ax)
-        ax.set(xlabel="eval loss", title="Per-task eval loss at alpha 0.3 (and full data)")
-        images.append(("Per-task eval loss at alpha 0.3", _save(fig, plots / "per_task.png")))
+        table.plot.barh(ax=ax, color=[colour[a] for a in table.columns])
+        title = f"Per-task eval loss at alpha {middle:g} (and full data)"
+        ax.set(xlabel="eval loss", title=title)
+        images.append((title, _save(fig, plots / "per_task.png")))
     return images
 
 
@@ -175,6 +292,36 @@ def _save(fig, path: Path) -> str:
     return f"plots/{path.name}"
 
 
+def trial_rows_reader(sweep_dir: Path) -> Callable[[pd.Series], dict | None]:
+    """A trial's held-out rows (ids, sources, tokens, loss sums) from its metrics.json, or None
+    for a trial that did not keep them (older runs)."""
+
+    def rows_of(trial: pd.Series) -> dict | None:
+        name = trial_name(trial["arm"], trial["mode"], float(trial["alpha"]), int(trial["seed"]))
+        path = sweep_dir / "trials" / name / "metrics.json"
+        if not path.is_file():
+            return None
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        rows = metrics.get("eval_rows") or {}
+        if "source" not in rows:
+            return None
+        return {**rows, "ids": metrics["eval_ids"]}
+
+    return rows_of
+
+
+INTRO = (
+    "Two primary metrics, declared before the runs: **eval loss**, the held-out response-token "
+    "loss (token-weighted, so long answers weigh more), and **macro loss**, each source's loss "
+    "averaged with equal weight. `vs random`: the mean paired difference to the `random` arm at "
+    "the same mode, alpha and seed (negative = better) with its 95% interval: held-out rows "
+    "resampled within each source and seeds resampled, where the trials kept their rows, else "
+    "Student's t over seeds. An arm **beats random** only if both intervals lie below 0. "
+    "Trained tokens: response and prompt tokens back-propagated. `vs full`: mean relative gap to "
+    "the full-data run of the same seed."
+)
+
+
 def write_results(
     rows: list[dict], config: SlapConfig, sweep_dir: Path, planned: int | None = None
 ) -> Path:
@@ -183,13 +330,13 @@ def write_results(
     done = [
         {k: v for k, v in r.items() if k not in ("trial", "error")} for r in rows if not r["error"]
     ]
-    frame = pd.DataFrame(done)
+    frame = add_macro(pd.DataFrame(done))
     frame = frame.sort_values(KEYS, kind="stable").reset_index(drop=True)
     keep = KEYS + OPTIONS + [c for c in frame.columns if c not in KEYS + OPTIONS]
     frame = frame[[c for c in keep if c in frame.columns]]
     with atomic_path(sweep_dir / "results.csv") as tmp:  # read while the sweep runs
         frame.to_csv(tmp, index=False)
-    summary = summary_table(frame, config.sweep.bootstrap_samples)
+    summary = summary_table(frame, config.sweep.bootstrap_samples, trial_rows_reader(sweep_dir))
     plots = sweep_dir / "plots"
     plots.mkdir(exist_ok=True)
     images = _plots(frame, summary, plots)
@@ -199,15 +346,18 @@ def write_results(
         f"Model `{config.model.name}`, {config.train.finetuning} fine-tuning, "
         f"{len(frame)} trials ({len(rows) - len(done)} failed"
         + (f", {planned - len(rows)} of {planned} not finished yet" if planned else "")
-        + f"); seeds {config.sweep.seeds}. "
-        "Eval loss: held-out response-token loss after training. `vs random`: mean paired "
-        "difference to the `random` arm at the same mode, alpha and seed (negative = better), with a "
-        "95% bootstrap interval over seeds. `vs full`: mean relative gap to the full-data run of "
-        "the same seed.",
+        + f"); seeds {config.sweep.seeds}. Alpha is the fraction of each batch PRUNED.",
+        "",
+        INTRO,
         "",
         *_markdown(summary, frame),
         "",
     ]
+    per_source = per_source_lines(frame)
+    if per_source:
+        lines += ["## Per source: arm minus random (paired over seeds, 95% t-interval)", ""]
+        lines += [*per_source, ""]
     for title, image in images:
         lines += [f"## {title}", "", f"![{title}]({image})", ""]
+    write_text_atomic(sweep_dir / "answer.txt", "\n".join(answer_lines(summary)) + "\n")
     return write_text_atomic(sweep_dir / "results.md", "\n".join(lines))

@@ -1,0 +1,114 @@
+"""The sweep report's primary metrics and intervals against hand computations (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slap_ray.config import build_config
+from slap_ray.reporting.intervals import PairedRows, hierarchical_interval, t_interval
+from slap_ray.reporting.sweep import add_macro, summary_table, write_results
+
+
+def results_frame() -> pd.DataFrame:
+    """A fixed results.csv: random and two arms at alpha 0.3, three seeds, two sources."""
+    rows = []
+    losses = {  # (arm, seed) -> (token-weighted, source a, source b)
+        ("random", 0): (2.00, 1.0, 3.0), ("random", 1): (2.10, 1.1, 3.1),
+        ("random", 2): (2.20, 1.2, 3.2),
+        ("slap", 0): (1.99, 1.0, 2.9), ("slap", 1): (2.08, 1.05, 3.0),
+        ("slap", 2): (2.17, 1.2, 3.0),
+        ("better", 0): (1.90, 0.9, 2.9), ("better", 1): (2.00, 1.0, 3.0),
+        ("better", 2): (2.11, 1.1, 3.1),
+    }  # fmt: skip
+    for (arm, seed), (loss, a, b) in losses.items():
+        rows.append(
+            {
+                "arm": arm,
+                "method": "random" if arm == "random" else "slap",
+                "mode": "offline",
+                "alpha": 0.3,
+                "seed": seed,
+                "eval_loss": loss,
+                "eval_loss[source=a]": a,
+                "eval_loss[source=b]": b,
+                "flops_total": 1e12,
+                "train_rows": 132,
+                "backward_tokens": 38000 + seed,
+            }  # fmt: skip
+        )
+    return pd.DataFrame(rows)
+
+
+def test_macro_and_t_intervals_equal_a_hand_computation():
+    frame = add_macro(results_frame())
+    assert frame.loc[(frame["arm"] == "slap") & (frame["seed"] == 1), "macro_loss"].item() == (
+        pytest.approx((1.05 + 3.0) / 2)
+    )
+    summary = summary_table(frame, samples=2000).set_index("arm")
+    slap = summary.loc["slap"]
+    # token-weighted: differences -0.01, -0.02, -0.03 -> mean -0.02, sd 0.01, t(0.975, 2)
+    half = 4.302652729911275 * 0.01 / np.sqrt(3)
+    assert slap["eval_loss_vs_random"] == pytest.approx(-0.02)
+    assert slap["eval_loss_t"] == pytest.approx((-0.02 - half, -0.02 + half))
+    # macro: (0-0.1)/2, (-0.05-0.1)/2, (0-0.2)/2 = -0.05, -0.075, -0.1
+    macro = np.array([-0.05, -0.075, -0.1])
+    assert slap["macro_loss_vs_random"] == pytest.approx(macro.mean())
+    half = 4.302652729911275 * macro.std(ddof=1) / np.sqrt(3)
+    assert slap["macro_loss_t"] == pytest.approx((macro.mean() - half, macro.mean() + half))
+    # slap's token-weighted interval crosses 0: it does not beat random; "better" does on both
+    assert not slap["beats_random"]
+    assert summary.loc["better", "beats_random"]
+    assert summary.loc["better", "backward_tokens_mean"] == pytest.approx(38001)
+    assert all(np.isnan(t_interval(np.array([0.5]))))
+
+
+def test_row_level_interval_is_exact_for_a_constant_shift_and_wider_with_row_noise():
+    rng = np.random.default_rng(0)
+    sources = np.array(["a"] * 30 + ["b"] * 10)
+    pairs = []
+    for _ in range(4):
+        tokens = rng.integers(5, 50, size=40)
+        random = rng.gamma(2.0, 1.0, size=40) * tokens
+        pairs.append(PairedRows(arm=random - 0.1 * tokens, random=random, tokens=tokens,
+                                sources=sources))  # fmt: skip
+    exact = hierarchical_interval(pairs, samples=500)
+    for metric in ("eval_loss", "macro_loss"):
+        assert exact[metric] == pytest.approx((-0.1, -0.1))
+    noisy = [
+        PairedRows(p.arm + rng.normal(0, 0.5, 40) * p.tokens, p.random, p.tokens, p.sources)
+        for p in pairs
+    ]
+    low, high = hierarchical_interval(noisy, samples=2000)["eval_loss"]
+    assert low < -0.1 < high and high - low > 0.05
+
+
+def test_report_uses_trials_rows_and_prints_the_answer(tmp_path):
+    frame = results_frame()
+    rng = np.random.default_rng(1)
+    ids = [f"row-{i}" for i in range(20)]
+    for _, trial in frame.iterrows():
+        folder = tmp_path / "trials" / f"{trial['arm']}-offline-a0.3-s{trial['seed']}"
+        folder.mkdir(parents=True)
+        tokens = [10] * 20
+        shift = {"random": 0.0, "slap": -0.02, "better": -0.1}[trial["arm"]]
+        sums = (np.full(20, 2.0) + shift + rng.normal(0, 0.01, 20)) * 10
+        rows = {
+            "source": ["a"] * 10 + ["b"] * 10,
+            "tokens": tokens,
+            "final_loss_sum": sums.tolist(),
+        }
+        (folder / "metrics.json").write_text(json.dumps({"eval_ids": ids, "eval_rows": rows}))
+    config = build_config({"sweep": {"seeds": [0, 1, 2], "bootstrap_samples": 500}})
+    report = write_results(
+        [{**r, "error": None} for r in frame.to_dict("records")], config, tmp_path
+    )
+    text = report.read_text()
+    assert "macro loss" in text and "beats random" in text and "Per source" in text
+    answer = (tmp_path / "answer.txt").read_text()
+    assert "alpha 0.3, eval loss: `better`" in answer
+    saved = pd.read_csv(tmp_path / "results.csv")
+    assert "macro_loss" in saved and len(saved) == 9
