@@ -38,6 +38,7 @@ class BatchScores:
     # 1 / (1 - r) on kept low-loss rows, 1 on every other kept row)
     weight: dict[str, np.ndarray] = field(default_factory=dict)
     num_tokens: int = 0
+    forward_passes: int = 1  # over the whole batch: one, whatever the selections need
 
 
 def losses_and_features(
@@ -132,19 +133,21 @@ def selections_for(spec: SelectionSpec, alphas: Sequence[float], seed: int) -> l
 
 def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk,
                   cache, buffer):  # fmt: skip
-    """Losses (B,) and the feature matrices the selections need, {preconditioner: (B, V)},
-    all from one forward pass; none when no selection is SLAP (the others rank by loss)."""
+    """Losses (B,), the feature matrices the selections need, {preconditioner: (B, V)}, and
+    how many forward passes over the batch made them (one: every kind comes from the same
+    hidden states); no features when no selection is SLAP (the others rank by loss)."""
     wanted = sorted({s.spec.preconditioner for s in selections if s.spec.needs_features})
     if second_moment is None and len(wanted) > 1:  # every kind is the raw norm then
         losses, features = losses_and_feature_sets(
             model, input_ids, labels, pad, None, mb, wanted[:1], eps=eps, vocab_chunk=chunk,
             preconditioners=cache, logits_buffer=buffer,
         )  # fmt: skip
-        return losses, dict.fromkeys(wanted, features[wanted[0]])
-    return losses_and_feature_sets(
+        return losses, dict.fromkeys(wanted, features[wanted[0]]), 1
+    losses, features = losses_and_feature_sets(
         model, input_ids, labels, pad, second_moment, mb, wanted, eps=eps, vocab_chunk=chunk,
         preconditioners=cache, logits_buffer=buffer,
     )  # fmt: skip
+    return losses, features, 1
 
 
 def score_batch(
@@ -175,11 +178,12 @@ def score_batch(
     (``losses_and_features``). ``groups`` (B,): each row's distribution stratum (its cluster),
     which ``keep_mix`` selections keep in proportion.
     """
-    losses, features = _features_for(
+    losses, features, passes = _features_for(
         model, input_ids, labels, pad_token_id, second_moment, selections,
         micro_batch_size, eps, vocab_chunk, preconditioners, logits_buffer,
     )  # fmt: skip
     scores = BatchScores(
+        forward_passes=passes,
         losses=losses,
         loss_strata=loss_strata(losses, num_strata, strata),
         num_tokens=sum(len(x) for x in input_ids),

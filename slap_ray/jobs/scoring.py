@@ -155,7 +155,7 @@ def score(
     done = finished_batches(scored_dir, selections)
     moment = _calibrate(config, run_dir, num_batches, manifest)
     todo = num_batches - len(done)
-    rows_now = 0
+    rows_now = passes = 0
     with manifest.stage("score"):
         if todo:
             # Read before the scorers start: they may hold every CPU a read task would need.
@@ -182,9 +182,11 @@ def score(
             with progress_bar(config, "score", total=num_batches, initial=len(done)) as bar:
                 for part in results.iter_batches(batch_size=None, batch_format="pandas"):
                     rows_now += int(part["rows"].sum())
+                    passes += int(part["forward_passes"].sum())
                     bar.update(len(part))
     seconds = manifest.data["timings_s"]["score"]
     manifest.count(
-        "score", batches=num_batches, resumed_batches=len(done), rows_scored_now=rows_now
-    )
+        "score", batches=num_batches, resumed_batches=len(done), rows_scored_now=rows_now,
+        forward_passes_now=passes,
+    )  # fmt: skip
     manifest.set("scorer_throughput_rows_per_s", round(rows_now / seconds, 3) if seconds else None)

@@ -102,6 +102,7 @@ class Scorer:
             "keep": scores.keep,
             "weight": scores.weight,
             "num_tokens": scores.num_tokens,
+            "forward_passes": scores.forward_passes,
         }
 
 
@@ -164,14 +165,22 @@ class BatchScorer:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, packed: pd.DataFrame) -> pd.DataFrame:
-        frames = [self._scored(row) for _, row in packed.iterrows()]
+        scored = [self._scored(row) for _, row in packed.iterrows()]
+        frames = [frame for frame, _ in scored]
         batch_ids = [int(b) for b in packed["batch_id"]]
         if frames:
             self._write(pd.concat(frames, ignore_index=True), batch_ids)
-        rows = [len(frame) for frame in frames]
-        return pd.DataFrame({"batch_id": batch_ids, "rows": rows}, columns=["batch_id", "rows"])
+        return pd.DataFrame(
+            {
+                "batch_id": batch_ids,
+                "rows": [len(frame) for frame in frames],
+                "forward_passes": [passes for _, passes in scored],
+            },
+            columns=["batch_id", "rows", "forward_passes"],
+        )
 
-    def _scored(self, row: pd.Series) -> pd.DataFrame:
+    def _scored(self, row: pd.Series) -> tuple[pd.DataFrame, int]:
+        """One batch's scored rows, and how many forward passes over the batch made them."""
         batch_id = int(row["batch_id"])
         result = self.scorer.score(
             batch_id, _lists(row["input_ids"]), _lists(row["labels"]), list(row["cluster"])
@@ -190,7 +199,7 @@ class BatchScorer:
             frame[weight_column(key)] = np.asarray(result["weight"][key], dtype=np.float64)
         frame["messages"] = list(row["messages"])
         frame["scorer_node"] = self.node
-        return frame
+        return frame, int(result["forward_passes"])
 
     def _write(self, frame: pd.DataFrame, batch_ids: list[int]) -> None:
         """Atomically: a killed call leaves no scored file."""

@@ -113,7 +113,7 @@ def summary_table(
         for metric in PRIMARY:
             entry[f"{metric}_mean"] = group[metric].mean()
             entry[f"{metric}_std"] = group[metric].std(ddof=1) if len(group) > 1 else np.nan
-        for column in ("flops_total", "train_rows", "backward_tokens"):
+        for column in ("flops_total", "flops_with_selection", "train_rows", "backward_tokens"):
             entry[f"{column}_mean"] = group[column].mean() if column in group else np.nan
         if group["method"].iloc[0] not in (BASELINE, FULL):
             pairs = _row_pairs(frame, group, rows_of) if rows_of else []
@@ -162,7 +162,7 @@ def _markdown(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
     lines = [
         "| arm | mode | alpha | seeds | eval loss (token-weighted) | macro loss (per source) "
         "| eval vs random | macro vs random | beats random | trained rows | trained tokens "
-        "| vs full | FLOPs |",
+        "| vs full | FLOPs (training + selection) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for _, r in summary.iterrows():
@@ -176,7 +176,7 @@ def _markdown(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
             f"| {'-' if not isinstance(beats, bool) else ('**yes**' if beats else 'no')} "
             f"| {_fmt(r['train_rows_mean'], 1)} | {_fmt(r['backward_tokens_mean'], 0)} "
             f"| {'-' if not np.isfinite(full_gap) else f'{full_gap:+.2f}%'} "
-            f"| {r['flops_total_mean']:.3g} |"
+            f"| {r['flops_with_selection_mean']:.3g} |"
         )
     lines += ["", *answer_lines(summary)]
     return lines
@@ -251,11 +251,15 @@ def _plots(frame: pd.DataFrame, summary: pd.DataFrame, plots: Path) -> list[tupl
     images.append(("Eval loss vs fraction kept", _save(fig, plots / "loss_vs_kept.png")))
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    compute = (
+        "flops_with_selection" if frame["flops_with_selection"].notna().all() else "flops_total"
+    )
     for arm, group in frame.groupby("arm"):
-        ax.scatter(group["flops_total"], group["eval_loss"], label=arm, s=18, color=colour[arm])
-    front = _pareto(frame[["flops_total", "eval_loss"]].to_numpy())
+        ax.scatter(group[compute], group["eval_loss"], label=arm, s=18, color=colour[arm])
+    front = _pareto(frame[[compute, "eval_loss"]].to_numpy())
     ax.plot(front[:, 0], front[:, 1], "k--", lw=1, label="Pareto front")
-    ax.set(xlabel="training FLOPs (estimate)", ylabel="eval loss", title="Eval loss vs compute")
+    xlabel = "FLOPs: training + selection pass" if compute != "flops_total" else "training FLOPs"
+    ax.set(xlabel=f"{xlabel} (estimate)", ylabel="eval loss", title="Eval loss vs compute")
     ax.legend(fontsize=7)
     images.append(("Eval loss vs FLOPs", _save(fig, plots / "loss_vs_flops.png")))
 
@@ -292,6 +296,35 @@ def _save(fig, path: Path) -> str:
     return f"plots/{path.name}"
 
 
+FREE_SELECTION = (BASELINE, FULL)  # methods that never score the pool
+
+
+def add_selection_cost(frame: pd.DataFrame, selection_dir: Path, scoring_model: str):
+    """What the selection pass costs each offline arm that needs it (all but random and full):
+    ``flops_selection`` = 2 N_score per scored token (one forward over the scored pool; the
+    features and calibration left out), ``seconds_selection`` the pass's calibration and
+    scoring time, and ``flops_with_selection`` = training + selection, the compute an arm pays
+    to be used once. Unknown (NaN) where the scores or the scorer's size are not at hand."""
+    from slap_ray.assets import parameter_count
+
+    frame = frame.copy()
+    scores, manifest = selection_dir / "scores.parquet", selection_dir / "manifest.json"
+    flops = seconds = float("nan")
+    parameters = parameter_count(scoring_model)
+    if scores.is_file() and parameters:
+        table = pd.read_parquet(scores, columns=["batch_id", "num_tokens"])
+        flops = 2.0 * parameters * float(table.loc[table["batch_id"].notna(), "num_tokens"].sum())
+    if manifest.is_file():
+        timings = json.loads(manifest.read_text(encoding="utf-8")).get("timings_s", {})
+        seconds = float(timings.get("calibrate", 0.0) + timings.get("score", 0.0))
+    # On-policy arms select inside training: their forwards are in the training FLOPs already.
+    pays = ~frame["method"].isin(FREE_SELECTION) & (frame["mode"] == "offline")
+    frame["flops_selection"] = np.where(pays, flops, 0.0)
+    frame["seconds_selection"] = np.where(pays, seconds, 0.0)
+    frame["flops_with_selection"] = frame["flops_total"] + frame["flops_selection"]
+    return frame
+
+
 def trial_rows_reader(sweep_dir: Path) -> Callable[[pd.Series], dict | None]:
     """A trial's held-out rows (ids, sources, tokens, loss sums) from its metrics.json, or None
     for a trial that did not keep them (older runs)."""
@@ -317,7 +350,9 @@ INTRO = (
     "the same mode, alpha and seed (negative = better) with its 95% interval: held-out rows "
     "resampled within each source and seeds resampled, where the trials kept their rows, else "
     "Student's t over seeds. An arm **beats random** only if both intervals lie below 0. "
-    "Trained tokens: response and prompt tokens back-propagated. `vs full`: mean relative gap to "
+    "Trained tokens: response and prompt tokens back-propagated. FLOPs: the training estimate "
+    "plus, for every arm that scores the pool (all but random and full), one forward pass over "
+    "the scored pool (2 N per token). `vs full`: mean relative gap to "
     "the full-data run of the same seed."
 )
 
@@ -331,6 +366,7 @@ def write_results(
         {k: v for k, v in r.items() if k not in ("trial", "error")} for r in rows if not r["error"]
     ]
     frame = add_macro(pd.DataFrame(done))
+    frame = add_selection_cost(frame, sweep_dir / "selection", config.scoring_model)
     frame = frame.sort_values(KEYS, kind="stable").reset_index(drop=True)
     keep = KEYS + OPTIONS + [c for c in frame.columns if c not in KEYS + OPTIONS]
     frame = frame[[c for c in keep if c in frame.columns]]

@@ -76,6 +76,8 @@ def test_tiny_sweep_writes_results_and_selects_once(sweep_run):
     assert manifest["counts"]["trials"] == {"planned": 4, "finished": 4, "failed": 0}
     scored = json.loads((sweep_run / "selection" / "manifest.json").read_text())["counts"]
     assert scored["score"]["rows_scored_now"] == scored["output"]["scored"]  # each row once
+    # one forward pass per batch for all of the grid's selections (test_scoring checks kinds)
+    assert scored["score"]["forward_passes_now"] == scored["score"]["batches"]
 
 
 def kept_list(selection: Path, arm: str, alpha: float) -> list[str]:

@@ -167,3 +167,28 @@ def test_the_logits_buffer_is_left_alone_where_autograd_needs_the_logits():
     assert plain.logits.data_ptr() == taken.data_ptr()  # no autograd: written into the buffer
     assert micro.logits.requires_grad and micro.logits.data_ptr() != taken.data_ptr()
     assert torch.equal(plain.logits, micro.logits.detach())
+
+
+def test_one_forward_pass_serves_every_preconditioner_kind():
+    """A sweep with `adam`, `factored` and `none` arms forwards each batch once, not once per
+    kind: the model's forward runs as often as for a single kind (its micro-batches)."""
+    model = load_causal_lm("tiny-bpe")
+    ids, labels = rows(12, seed=4)
+    moment = calibrate_second_moment(model, [(ids[:6], labels[:6])], 0).value()
+    calls = []
+    hook = model.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        grid = [
+            Selection(kind, 0.5, 0, SelectionSpec(preconditioner=kind))
+            for kind in ("adam", "factored", "none")
+        ] + [Selection("random", 0.5, 0, SelectionSpec(method="random"))]
+        common = dict(batch_key=1, pad_token_id=0, second_moment=moment, micro_batch_size=4)
+        scores = score_batch(model, ids, labels, selections=grid, **common)
+        together = len(calls)
+        calls.clear()
+        score_batch(model, ids, labels, selections=grid[:1], **common)
+    finally:
+        hook.remove()
+    assert together == len(calls) == 3  # 12 rows in micro-batches of 4, once
+    assert scores.forward_passes == 1
+    assert len({tuple(scores.keep[k].tolist()) for k in ("adam", "factored", "none")}) >= 2

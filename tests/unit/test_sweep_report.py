@@ -112,3 +112,28 @@ def test_report_uses_trials_rows_and_prints_the_answer(tmp_path):
     assert "alpha 0.3, eval loss: `better`" in answer
     saved = pd.read_csv(tmp_path / "results.csv")
     assert "macro_loss" in saved and len(saved) == 9
+
+
+def test_the_selection_pass_is_charged_to_offline_arms_that_score(tmp_path):
+    from slap_ray.assets import load_causal_lm, parameter_count
+    from slap_ray.reporting.sweep import add_selection_cost
+
+    load_causal_lm("tiny-bpe")  # built once, so its size is known
+    folder = tmp_path / "selection"
+    folder.mkdir()
+    pd.DataFrame({"batch_id": [0, 0, 1, None], "num_tokens": [10, 20, 30, 99]}).to_parquet(
+        folder / "scores.parquet"
+    )  # the unsampled row (no batch) was never scored
+    (folder / "manifest.json").write_text(json.dumps({"timings_s": {"calibrate": 2, "score": 5}}))
+    frame = pd.DataFrame(
+        {
+            "method": ["slap", "random", "slap", "full"],
+            "mode": ["offline", "offline", "online", "offline"],
+            "flops_total": [1e9, 1e9, 2e9, 3e9],
+        }  # fmt: skip
+    )
+    charged = add_selection_cost(frame, folder, "tiny-bpe")
+    expected = 2.0 * parameter_count("tiny-bpe") * 60
+    assert charged["flops_selection"].tolist() == [expected, 0.0, 0.0, 0.0]
+    assert charged["flops_with_selection"].tolist() == [1e9 + expected, 1e9, 2e9, 3e9]
+    assert charged["seconds_selection"].tolist() == [7.0, 0.0, 0.0, 0.0]
