@@ -385,6 +385,47 @@ def parameter_count(name: str) -> int | None:
     return total or None
 
 
+def _in_hub_cache(name: str) -> bool:
+    """Whether a Hub id's files are in the local Hugging Face cache (nothing is fetched)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except HFValidationError:  # not a valid repo id at all
+        return False
+    return isinstance(found, str)
+
+
+def model_name_problem(setting: str, name: str, embedder: bool = False) -> str | None:
+    """Why ``name`` (the value of ``setting``) cannot be loaded on this machine without a
+    download, in one line; None where it can: an offline alias, a local model folder, or a Hub
+    id already in the local cache. ``HF_HUB_OFFLINE=0`` allows downloading other Hub ids."""
+    aliases = _EMBEDDER_ALIASES if embedder else _MODEL_ALIASES
+    if name.strip().lower() in aliases:
+        return None
+    local = _local_folder(name)
+    if local is not None:
+        markers = ("config.json", "modules.json") if embedder else ("config.json",)
+        if any((local / marker).is_file() for marker in markers):
+            return None
+        return f"{setting}: folder {name} holds no model ({' or '.join(markers)} missing)"
+    if name.startswith((".", "/", "~")):
+        return f"{setting}: folder {name} does not exist"
+    if _in_hub_cache(name) or os.environ.get("HF_HUB_OFFLINE") == "0":
+        return None
+    import difflib
+
+    known = sorted(a for a in aliases if "/" not in a)
+    near = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.75)
+    return (
+        f"{setting}: unknown model {name!r}"
+        + (f" (did you mean `{near[0]}`?)" if near else "")
+        + f": not an offline alias ({', '.join(known)}), not a local folder and not in the "
+        "local Hugging Face cache; set HF_HUB_OFFLINE=0 to download it"
+    )
+
+
 def resolve_embedder_path(name: str) -> str:
     """Like :func:`resolve_model_path` for sentence-transformers embedders (``all-minilm-l6-v2``)."""
     return _resolve(name, _EMBEDDER_ALIASES)

@@ -59,10 +59,33 @@ def _config_from(argv: list[str] | None, command: str) -> SlapConfig | None:
         return None
 
 
+def _model_problem(config: SlapConfig, command: str) -> str | None:
+    """The first model setting the command uses that names nothing loadable here without a
+    download (select: the scorer and the embedder; finetune: the trained model)."""
+    from slap_ray.assets import model_name_problem
+
+    checks = []
+    if command != "select" or not config.score.model:
+        checks.append(("model.name", config.model.name, False))
+    if command != "finetune" and config.score.model:
+        checks.append(("score.model", config.score.model, False))
+    if command != "finetune" and config.strata.by == "embedding":
+        checks.append(("embed.model", config.embed.model, True))
+    for setting, name, embedder in checks:
+        problem = model_name_problem(setting, name, embedder)
+        if problem:
+            return problem
+    return None
+
+
 def _entry(command: str, job: Callable[[], Callable[[SlapConfig], int]]):
     def main_for(argv: list[str] | None = None) -> int:
         config = _config_from(argv, command)
         if config is None:
+            return 2
+        problem = _model_problem(config, command)
+        if problem:  # before Ray starts, not a minute into the run
+            print(f"slap {command}: {problem}", file=sys.stderr)
             return 2
         _console_logging(command)
         try:

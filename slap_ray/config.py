@@ -456,9 +456,27 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]).replace("schema_", "schema")
-        reason = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        reason = item["msg"]
+        if item["type"] == "extra_forbidden":
+            reason = "unknown key" + _closest(item["loc"])
         lines.append(f"{key}: {reason}")
+    if len(lines) == 1:
+        return f"invalid config: {lines[0]}"
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _closest(loc: tuple) -> str:
+    """ "; did you mean `select.alphas`?" for the known key nearest to an unknown one (difflib),
+    or nothing where none is near."""
+    import difflib
+
+    from slap_ray.config_help import settings
+
+    known = {key for key, _ in settings(SlapConfig)}
+    known |= {key.rsplit(".", 1)[0] for key in known if "." in key}  # sections too
+    wanted = ".".join("[]" if isinstance(p, int) else str(p) for p in loc).replace(".[]", "[]")
+    match = difflib.get_close_matches(wanted, sorted(known), n=1, cutoff=0.75)
+    return f"; did you mean `{match[0]}`?" if match else ""
 
 
 # Settings that no longer do anything; a resolved config.yaml of an older run still loads

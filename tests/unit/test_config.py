@@ -236,3 +236,21 @@ def test_eval_sample_caps_each_source_then_the_total():
         (i for i in ids if i.startswith("dolly")), key=lambda i: (id_rank_key(0, "eval-rows", i), i)
     )
     assert {i for i in chosen if i.startswith("dolly")} == set(ranked[:12])
+
+
+def test_an_unknown_key_names_the_closest_known_one_on_one_line():
+    cases = {
+        "select.alpha=0.3": "select.alpha: unknown key; did you mean `select.alphas`?",
+        "selct.tau=2": "selct: unknown key; did you mean `select`?",
+        "train.learnig_rate=0.1": "train.learnig_rate: unknown key; did you mean "
+        "`train.learning_rate`?",
+        "sweep.arms=[{method: slap, tua: 2}]": "sweep.arms.0.tua: unknown key; did you mean "
+        "`sweep.arms[].tau`?",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as raised:
+            load_config(None, [override])
+        assert str(raised.value) == f"invalid config: {message}"
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, ["banana=1"])
+    assert str(raised.value) == "invalid config: banana: unknown key"
