@@ -29,6 +29,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, required=True, help="which kept set, e.g. 0.3")
     parser.add_argument("--format", choices=FORMATS, default="jsonl")
     parser.add_argument("--output", required=True, help="file (jsonl, parquet) or folder (hf)")
+    parser.add_argument(
+        "--allow-empty", action="store_true", help="write an empty file when alpha kept no rows"
+    )
     return parser.parse_args(argv)
 
 
@@ -42,18 +45,41 @@ def selected_folder(run_dir: Path, alpha: float) -> Path:
     raise ConfigError(f"--alpha {alpha:g}: {run_dir / 'selected'} has alphas {have}")
 
 
-def export(run_dir: Path, alpha: float, fmt: str, output: Path) -> int:
-    """Write the kept rows at ``alpha`` to ``output``; returns the number of rows."""
+def _check_output(output: Path, fmt: str) -> None:
+    if fmt == "hf" and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ConfigError(f"--output {output}: exists; an hf export writes a new folder")
+    if fmt != "hf" and output.is_dir():
+        raise ConfigError(f"--output {output}: is a folder; a {fmt} export writes one file")
+
+
+def export(run_dir: Path, alpha: float, fmt: str, output: Path, allow_empty: bool = False) -> int:
+    """Write the kept rows at ``alpha`` to ``output``; returns the number of rows. A selection
+    that kept nothing is an error unless ``allow_empty`` (then an empty file or dataset)."""
     folder = selected_folder(run_dir, alpha)
+    _check_output(output, fmt)
+    source = pads.dataset(str(folder), format="parquet")
+    if not allow_empty and source.count_rows() == 0:
+        raise ConfigError(
+            f"--alpha {alpha:g}: the selection in {run_dir} kept no rows at this alpha; "
+            "--allow-empty writes an empty export"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
         from datasets import Dataset, disable_progress_bars
 
         disable_progress_bars()
-        dataset = Dataset.from_parquet(sorted(str(f) for f in folder.glob("*.parquet")))
-        dataset.save_to_disk(str(output))
-        return len(dataset)
-    source = pads.dataset(str(folder), format="parquet")
+        files = sorted(str(f) for f in folder.glob("*.parquet"))
+        rows = source.count_rows()
+        if rows:  # memory-mapped from the parts, never whole in memory
+            Dataset.from_parquet(files).save_to_disk(str(output))
+        else:
+            from datasets import Features
+
+            features = Features.from_arrow_schema(source.schema)
+            empty = {name: [] for name in source.schema.names}
+            # one shard: datasets writes none for 0 rows otherwise, and cannot load that back
+            Dataset.from_dict(empty, features=features).save_to_disk(str(output), num_shards=1)
+        return rows
     rows = 0
     writer = None
     with (
@@ -78,9 +104,14 @@ def export(run_dir: Path, alpha: float, fmt: str, output: Path) -> int:
 def main_export(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        rows = export(Path(args.run_dir), args.alpha, args.format, Path(args.output))
+        rows = export(
+            Path(args.run_dir), args.alpha, args.format, Path(args.output), args.allow_empty
+        )
     except ConfigError as error:
         print(f"slap export: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. no permission to write there
+        print(f"slap export: --output {args.output}: {error.strerror or error}", file=sys.stderr)
         return 2
     print(f"slap export: {rows} rows at alpha {args.alpha:g} -> {args.output} ({args.format})")
     return 0

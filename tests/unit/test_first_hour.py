@@ -46,3 +46,61 @@ def test_each_command_checks_the_models_it_uses(capsys, tmp_path):
     (tmp_path / "not-a-model").mkdir()
     message = one_line_error(capsys, select_main, [f"model.name={tmp_path / 'not-a-model'}"])
     assert "holds no model (config.json missing)" in message
+
+
+def selection_with(tmp_path, rows: list[dict]):
+    """A finished selection's ``selected/alpha-0.3/`` rows, as `slap select` writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "run" / "selected" / "alpha-0.3"
+    folder.mkdir(parents=True)
+    schema = pa.schema(
+        [("id", pa.string()), ("source", pa.string()), ("task", pa.string()),
+         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))]
+    )  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "part-0.parquet")
+    return tmp_path / "run"
+
+
+ROW = {
+    "id": "a-1", "source": "a", "task": "t",
+    "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+}  # fmt: skip
+
+
+def test_export_mistakes_are_one_line_errors(capsys, tmp_path):
+    from slap_ray.jobs.export import main_export
+
+    run = selection_with(tmp_path, [ROW])
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    message = one_line_error(
+        capsys, main_export, [str(run), "--alpha", "0.3", "--output", str(folder)]
+    )
+    assert message == f"slap export: --output {folder}: is a folder; a jsonl export writes one file"
+    (folder / "x").write_text("x")
+    argv = [str(run), "--alpha", "0.3", "--format", "hf", "--output", str(folder)]
+    assert "exists; an hf export writes a new folder" in one_line_error(capsys, main_export, argv)
+    argv = [str(run), "--alpha", "0.5", "--output", str(tmp_path / "o.jsonl")]
+    assert "--alpha 0.5:" in one_line_error(capsys, main_export, argv)
+
+
+def test_an_empty_selection_is_an_error_unless_allowed(capsys, tmp_path):
+    import pyarrow.parquet as pq
+    from datasets import load_from_disk
+
+    from slap_ray.jobs.export import main_export
+
+    run = selection_with(tmp_path, [])
+    for fmt in ("jsonl", "parquet", "hf"):
+        target = tmp_path / f"out-{fmt}"
+        argv = [str(run), "--alpha", "0.3", "--format", fmt, "--output", str(target)]
+        message = one_line_error(capsys, main_export, argv)
+        assert "--alpha 0.3: the selection" in message and "kept no rows" in message
+        assert not target.exists()
+        assert main_export([*argv, "--allow-empty"]) == 0
+        assert "0 rows at alpha 0.3" in capsys.readouterr().out
+    assert (tmp_path / "out-jsonl").read_text() == ""
+    assert pq.read_table(tmp_path / "out-parquet").num_rows == 0
+    assert len(load_from_disk(str(tmp_path / "out-hf"))) == 0
