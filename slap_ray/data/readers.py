@@ -310,6 +310,21 @@ def _restore(text: str) -> str:
     return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
 
 
+def check_dataset_folder(path: str) -> None:
+    """A folder input must be one dataset saved with ``save_to_disk``: a ``DatasetDict`` (its
+    splits in subfolders) or any other folder is a path mistake, raised as ValueError."""
+    folder = Path(path)
+    splits_file = folder / "dataset_dict.json"
+    if splits_file.is_file():
+        splits = json.loads(splits_file.read_text(encoding="utf-8")).get("splits", [])
+        example = folder / splits[0] if splits else folder / "train"
+        raise ValueError(
+            f"{path} is a DatasetDict with splits {splits}: give one split's folder, e.g. {example}"
+        )
+    if not (folder / "state.json").is_file():
+        raise ValueError(f"{path} is a folder but not a dataset saved with save_to_disk")
+
+
 def _read_hf_disk(path: str) -> Iterator[RawRecord]:
     import datasets
 

@@ -4,17 +4,15 @@ alone: a rejected duplicate shares its id with the row that won."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import ray
 
 from slap_ray.config import ConfigError, SlapConfig
-from slap_ray.data.ingest import (
-    BadRowError,
-    SchemaOptions,
-    detect_format,
-    expand_paths,
-    iter_raw_records,
-)
+from slap_ray.data.ingest import SchemaOptions, detect_format, expand_paths, iter_raw_records
+from slap_ray.data.readers import check_dataset_folder
+from slap_ray.errors import BadRowError
 from slap_ray.ray import pool, stages
 from slap_ray.reporting.manifest import Manifest
 
@@ -44,12 +42,17 @@ def input_files(config: SlapConfig, paths: list[str], setting: str) -> list[str]
         files = expand_paths(patterns) if patterns else []
     except FileNotFoundError as error:
         raise ConfigError(f"{setting}: {error.args[0] if error.args else error}") from None
-    if config.data.format == "auto":
-        for path in files:
+    for path in files:
+        if config.data.format == "auto":
             try:
                 detect_format(path)
             except ValueError as error:
                 raise ConfigError(f"data.format: {error}") from None
+        if Path(path).is_dir():
+            try:
+                check_dataset_folder(path)
+            except ValueError as error:
+                raise ConfigError(f"{setting}: {error}") from None
     return files
 
 

@@ -104,3 +104,27 @@ def test_an_empty_selection_is_an_error_unless_allowed(capsys, tmp_path):
     assert (tmp_path / "out-jsonl").read_text() == ""
     assert pq.read_table(tmp_path / "out-parquet").num_rows == 0
     assert len(load_from_disk(str(tmp_path / "out-hf"))) == 0
+
+
+def test_a_dataset_dict_folder_is_a_path_error_naming_a_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from slap_ray.config import ConfigError, build_config
+    from slap_ray.jobs.rows import input_files
+
+    rows = {"prompt": ["q"], "response": ["a"]}
+    DatasetDict({"train": Dataset.from_dict(rows), "test": Dataset.from_dict(rows)}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    Dataset.from_dict(rows).save_to_disk(str(tmp_path / "one"))
+    (tmp_path / "plain").mkdir()
+    config = build_config({})
+    with pytest.raises(ConfigError) as raised:
+        input_files(config, [str(tmp_path / "dd")], "data.paths")
+    assert str(raised.value) == (
+        f"data.paths: {tmp_path / 'dd'} is a DatasetDict with splits ['train', 'test']: give one "
+        f"split's folder, e.g. {tmp_path / 'dd' / 'train'}"
+    )
+    with pytest.raises(ConfigError, match="eval.paths: .*plain is a folder but not a dataset"):
+        input_files(config, [str(tmp_path / "plain")], "eval.paths")
+    assert input_files(config, [str(tmp_path / "one")], "data.paths") == [str(tmp_path / "one")]
