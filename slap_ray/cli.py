@@ -22,9 +22,40 @@ from collections.abc import Callable
 from slap_ray.config import ConfigError, SlapConfig, load_config
 from slap_ray.errors import slap_error_in
 
+# One line per command for `slap --help`, then what each reads and writes for its own --help.
+SUMMARY = {
+    "select": "score and select the pool offline: kept ids per alpha, scores, report",
+    "finetune": "fine-tune with Ray Train on a selection, or select on-policy while training",
+    "run": "select, then fine-tune, evaluate and report, in one run directory",
+    "sweep": "one selection pass, then a Ray Tune grid of fine-tuning trials and a results table",
+    "export": "write a selection's kept rows as JSONL, Parquet or a Hugging Face dataset",
+    "config": "every setting with its value, default and description",
+}
+READS_WRITES = {
+    "select": "Reads data.paths (JSONL, JSON, Parquet, CSV, datasets folders). Writes to "
+    "output_dir: kept/alpha-<a>.txt and selected/alpha-<a>/ per alpha, scores.parquet, "
+    "report.md, manifest.json, config.yaml, logs/.",
+    "finetune": "Reads data.paths and a selection (train.selection_dir, train.alpha), or "
+    "selects on-policy (select.mode=online); eval.paths for held-out loss. Writes to "
+    "output_dir: model/ (the adapter or weights), metrics.json, report.md, train_ids.txt.",
+    "run": "Reads data.paths and eval.paths. Writes output_dir/select/ (as `slap select`) and "
+    "the fine-tuning outputs (as `slap finetune`) in output_dir.",
+    "sweep": "Reads data.paths and eval.paths. Writes to output_dir: selection/, trials/<name>/, "
+    "results.csv, results.md (both primary metrics with paired intervals), plots/.",
+    "config": "Reads --config files and overrides; writes nothing.",
+}
+ALPHA = (
+    "alpha is the fraction of each batch PRUNED (select.alphas=[0.3] keeps 70%). Every setting, "
+    "with its default and meaning: `slap config`."
+)
+
 
 def parse(argv: list[str] | None, command: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"slap {command}", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=f"slap {command}",
+        description=f"{SUMMARY[command][0].upper()}{SUMMARY[command][1:]}. {READS_WRITES[command]}",
+        epilog=ALPHA,
+    )
     parser.add_argument(
         "--config",
         action="append",
@@ -163,14 +194,29 @@ COMMANDS = {
 }
 
 
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: slap <command> [--config CFG ...] [dotted.key=value ...] [--resume]",
+        "       slap export RUN_DIR --alpha A [--format jsonl|parquet|hf] --output PATH",
+        "",
+        "commands:",
+        *(f"  {name.ljust(width)}  {SUMMARY[name]}" for name in COMMANDS),
+        "",
+        ALPHA,
+        "`slap <command> --help` says what a command reads and writes.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(
-            f"usage: slap {{{','.join(COMMANDS)}}} --config CFG [overrides] "
-            "(slap export RUN_DIR --alpha A --format F --output PATH)",
-            file=sys.stderr,
-        )
+        unknown = f"unknown command {argv[0]!r}; " if argv else ""
+        print(f"slap: {unknown}choose one of {', '.join(COMMANDS)} (slap --help)", file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
 

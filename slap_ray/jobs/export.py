@@ -24,7 +24,11 @@ FORMATS = ("jsonl", "parquet", "hf")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="slap export", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="slap export",
+        description=__doc__,
+        epilog="alpha is the fraction of each batch PRUNED: --alpha 0.3 exports the 70% kept.",
+    )
     parser.add_argument("run_dir", help="a `slap select` (or `slap run` selection) directory")
     parser.add_argument("--alpha", type=float, required=True, help="which kept set, e.g. 0.3")
     parser.add_argument("--format", choices=FORMATS, default="jsonl")

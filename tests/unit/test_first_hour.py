@@ -128,3 +128,23 @@ def test_a_dataset_dict_folder_is_a_path_error_naming_a_split(tmp_path):
     with pytest.raises(ConfigError, match="eval.paths: .*plain is a folder but not a dataset"):
         input_files(config, [str(tmp_path / "plain")], "eval.paths")
     assert input_files(config, [str(tmp_path / "one")], "data.paths") == [str(tmp_path / "one")]
+
+
+def test_help_lists_the_commands_and_each_says_what_it_reads_and_writes(capsys):
+    from slap_ray.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for command in COMMANDS:
+        assert f"\n  {command} " in text
+    assert "fraction of each batch PRUNED" in text
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        text = capsys.readouterr().out.replace("\n", " ")
+        assert "PRUNED" in text, command
+        if command not in ("export", "config"):
+            assert "Writes" in text and "slap config" in text, command
+    assert main(["selct"]) == 2
+    assert "unknown command 'selct'" in capsys.readouterr().err
