@@ -78,6 +78,11 @@ def scoring_cost_lines(scoring_model: str | None, cost: dict | None) -> list[str
     if "unknown" in cost:
         return ["", f"Scoring cost: unknown: {cost['unknown']}."]
     shares = ", ".join(f"alpha {a}: {f:.1%}" for a, f in cost["fraction_per_alpha"].items())
+    if not shares:  # alpha 0 only: nothing pruned, nothing to weigh the scoring against
+        return [
+            "",
+            f"Scoring cost (`{scoring_model}`): alpha 0 prunes no training to set it against.",
+        ]
     return [
         "",
         f"Scoring cost (`{scoring_model}`, {cost['scoring_parameters']:,} parameters) as a "

@@ -148,3 +148,14 @@ def test_help_lists_the_commands_and_each_says_what_it_reads_and_writes(capsys):
             assert "Writes" in text and "slap config" in text, command
     assert main(["selct"]) == 2
     assert "unknown command 'selct'" in capsys.readouterr().err
+
+
+def test_an_alpha_zero_report_has_no_empty_scoring_cost_sentence():
+    from slap_ray.reporting.selection import scoring_cost_lines
+
+    cost = {"scoring_parameters": 10, "trained_parameters": 20, "fraction_per_alpha": {}}
+    (line,) = [x for x in scoring_cost_lines("tiny-bpe", cost) if x]
+    assert line.endswith("alpha 0 prunes no training to set it against.")
+    assert ": ." not in line
+    cost["fraction_per_alpha"] = {"0.3": 0.5}
+    assert "alpha 0.3: 50.0%" in scoring_cost_lines("tiny-bpe", cost)[1]
