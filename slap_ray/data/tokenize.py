@@ -46,6 +46,7 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
+    truncated_tokens: int = 0  # tokens of the rendered conversation cut to fit max_length
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -191,9 +192,10 @@ def tokenize_conversation(
     for start, end in spans:
         labels[start:end] = ids[start:end]
     start, end = _window(len(ids), spans, max_length, truncation)
+    cut = len(ids) - (end - start)
     ids, labels = ids[start:end], labels[start:end]
     labels[0] = IGNORE_INDEX
-    example = TokenizedExample(input_ids=ids, labels=labels)
+    example = TokenizedExample(input_ids=ids, labels=labels, truncated_tokens=cut)
     if example.num_response_tokens == 0:
         raise NoResponseTokens(
             f"{truncation} truncation to {max_length} tokens left no assistant token "
@@ -253,6 +255,7 @@ def tokenize_rows(
                     "labels": example.labels,
                     "num_tokens": example.num_tokens,
                     "num_response_tokens": example.num_response_tokens,
+                    "truncated_tokens": example.truncated_tokens,
                 }
             )
     return kept, rejected

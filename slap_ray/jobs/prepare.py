@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from slap_ray.jobs.rows import ORIGIN, marked_rows, raise_first_reject, shuffle_
 from slap_ray.ray import pool, stages
 from slap_ray.reporting.manifest import Manifest
 
+log = logging.getLogger("slap_ray.prepare")
 BATCH_COLUMNS = [
     "id", "source", "task", "path", "line", "cluster", "num_tokens", "messages", "input_ids",
     "labels",
@@ -155,6 +157,25 @@ def _strata(config: SlapConfig, tokens: Dataset, stages_dir: Path, manifest: Man
     return clustered
 
 
+# Above this share of cut rows a run warns: max_length is then shaping what is scored.
+TRUNCATION_WARN_SHARE = 0.05
+
+
+def _count_truncation(config: SlapConfig, tokenized: Dataset, rejected: int, manifest) -> None:
+    """Count (and above a few percent, warn about) the rows cut to ``data.max_length``."""
+    rows, dropped = pool.truncated(tokenized)
+    manifest.count("tokenize", rejected=rejected, truncated_rows=rows, truncated_tokens=dropped)
+    usable = tokenized.count() - rejected
+    if usable and rows / usable > TRUNCATION_WARN_SHARE:
+        message = (
+            f"data.max_length={config.data.max_length}: {rows} of {usable} rows "
+            f"({100 * rows / usable:.0f}%) were cut to fit, {dropped} tokens dropped "
+            f"(data.truncation={config.data.truncation})"
+        )
+        log.warning(message)
+        manifest.warn(message)
+
+
 def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
     """Run every prepare step; workers write ``batches/`` and ``unscored/``; returns counts."""
     with manifest.stage("read"):
@@ -170,7 +191,7 @@ def prepare(config: SlapConfig, stages_dir: Path, manifest: Manifest) -> dict:
         rejected_now = token_rejects.count()
     if config.data.on_bad_rows == "error":
         raise_first_reject(token_rejects)  # e.g. truncation removed every response token
-    manifest.count("tokenize", rejected=rejected_now)
+    _count_truncation(config, tokenized, rejected_now, manifest)
     if tokenized.count() == rejected_now:
         read = manifest.data["counts"]["read"]["rows"]
         raise ConfigError(

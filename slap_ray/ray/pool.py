@@ -150,6 +150,13 @@ def rejected(rows: Dataset) -> Dataset:
     return rows.filter(expr=col("reject_reason").is_not_null())
 
 
+def truncated(rows: Dataset) -> tuple[int, int]:
+    """(rows cut to fit max_length, tokens they lost) of tokenised rows."""
+    cut = rows.filter(expr=col("truncated_tokens") > 0)
+    count = cut.count()
+    return count, int(cut.sum("truncated_tokens") or 0) if count else 0
+
+
 def sampled(rows: Dataset, wanted: bool = True) -> Dataset:
     """The rows ``mark_sampled`` kept (or, with ``wanted=False``, left out)."""
     return rows.filter(expr=col("sampled") if wanted else ~col("sampled"))

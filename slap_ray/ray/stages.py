@@ -119,6 +119,9 @@ def tokenize_batch(
         np.asarray(by_id[i]["labels"] if i in by_id else [], np.int32) for i in batch["id"]
     ]
     out["num_tokens"] = [len(x) for x in out["input_ids"]]
+    out["truncated_tokens"] = [
+        by_id[i]["truncated_tokens"] if i in by_id else 0 for i in batch["id"]
+    ]
     out["reject_reason"] = [reasons.get(i) for i in batch["id"]]
     return out
 

@@ -104,6 +104,10 @@ class Manifest:
     def set(self, key: str, value: Any) -> None:
         self.data[key] = value
 
+    def warn(self, message: str) -> None:
+        """A warning the run's report lists (the job also logs it to the console)."""
+        self.data.setdefault("warnings", []).append(message)
+
     def write(self, path: Path) -> Path:
         self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         return write_text_atomic(path, json.dumps(self.data, indent=2, default=str))

@@ -138,19 +138,22 @@ def write_selection_report(
 
     counts = manifest.get("counts", {})
     output = counts.get("output", {})
+    cut = counts.get("tokenize", {})
     lines = [
         "# SLAP selection report",
         "",
         f"Method `{manifest.get('method')}`, alphas {', '.join(f'{a:g}' for a in alphas)}; "
         f"{output.get('rows', 0)} input rows: {output.get('scored', 0)} "
         f"scored, {output.get('rejected', 0)} rejected (rejected.jsonl), "
-        f"{output.get('not_sampled', 0)} not sampled (data.max_rows).",
+        f"{output.get('not_sampled', 0)} not sampled (data.max_rows); "
+        f"{cut.get('truncated_rows', 0)} cut to data.max_length "
+        f"({cut.get('truncated_tokens', 0)} tokens dropped).",
         "",
     ]
     if manifest.get("warnings"):
         lines += ["## Warnings", "", *(f"- {w}" for w in manifest["warnings"]), ""]
     lines += [
-        "| alpha | kept rows | kept fraction |",
+        "| alpha (pruned) | kept rows | kept fraction |",
         "| ---: | ---: | ---: |",
     ]
     scored = int(groups["rows"].sum())

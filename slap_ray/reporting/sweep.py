@@ -160,7 +160,7 @@ def _interval(entry: pd.Series, metric: str) -> str:
 
 def _markdown(summary: pd.DataFrame, frame: pd.DataFrame) -> list[str]:
     lines = [
-        "| arm | mode | alpha | seeds | eval loss (token-weighted) | macro loss (per source) "
+        "| arm | mode | alpha (pruned) | seeds | eval loss (token-weighted) | macro loss (per source) "
         "| eval vs random | macro vs random | beats random | trained rows | trained tokens "
         "| vs full | FLOPs (training + selection) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",

@@ -83,6 +83,21 @@ def test_smollm2_select_finetune_evaluate_report(smollm2_run):
     assert "| 0.3 | 28 |" in (selection / "report.md").read_text()
     select_manifest = json.loads((selection / "manifest.json").read_text())
     assert select_manifest["counts"]["calibrate"]["batches"] == 1
+    # rows cut to data.max_length are counted, against the tokenizer's own lengths
+    from slap_ray.assets import load_tokenizer
+    from slap_ray.data.tokenize import tokenize_conversation
+
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    lengths = [
+        tokenize_conversation(json.loads(m), tokenizer, 10**6).num_tokens
+        for m in scores["messages"]
+    ]
+    cut = select_manifest["counts"]["tokenize"]
+    assert cut["truncated_rows"] == sum(n > 128 for n in lengths) > 0
+    assert cut["truncated_tokens"] == sum(n - 128 for n in lengths if n > 128)
+    assert (
+        f"{cut['truncated_rows']} cut to data.max_length" in (selection / "report.md").read_text()
+    )
     assert (selection / "stages" / "second_moment.pt").is_file()
 
     # Fine-tuning on exactly the kept ids, evaluation and compute in the run's report.

@@ -99,6 +99,8 @@ def test_keep_response_drops_prompt_from_the_left(tokenizer: PreTrainedTokenizer
     example = tokenize_conversation(messages, tokenizer, max_length=64)
     assert full.num_tokens > 64 and example.num_tokens == 64
     assert example.input_ids == full.input_ids[-64:]
+    # what was cut is counted (the run's manifest and report sum it)
+    assert full.truncated_tokens == 0 and example.truncated_tokens == full.num_tokens - 64
     final = tokenizer.decode(labelled_spans(example)[-1])
     assert final == SHAREGPT[-1]["content"] + END
 
@@ -131,6 +133,7 @@ def test_right_truncation(tokenizer: PreTrainedTokenizerBase) -> None:
     full = tokenize_conversation(SHAREGPT, tokenizer, max_length=4096)
     example = tokenize_conversation(SHAREGPT, tokenizer, max_length=50, truncation="right")
     assert example.input_ids == full.input_ids[:50] and example.labels == full.labels[:50]
+    assert example.truncated_tokens == full.num_tokens - 50
     with pytest.raises(NoResponseTokens, match="right truncation to 20 tokens"):
         tokenize_conversation(SHAREGPT, tokenizer, max_length=20, truncation="right")
 
@@ -175,7 +178,9 @@ def test_tokenize_rows_keeps_and_rejects(tokenizer: PreTrainedTokenizerBase) -> 
     kept, rejected = tokenize_rows(rows, tokenizer, max_length=256, truncation="keep_response")
     assert [row["id"] for row in kept] == ["ok", "np"]
     for row in kept:
-        assert set(row) == {"id", "input_ids", "labels", "num_tokens", "num_response_tokens"}
+        assert set(row) == {
+            "id", "input_ids", "labels", "num_tokens", "num_response_tokens", "truncated_tokens"
+        }  # fmt: skip
         assert row["num_tokens"] == len(row["input_ids"]) == len(row["labels"])
         assert 0 < row["num_response_tokens"] < row["num_tokens"]
     assert {r["id"]: r["reason"].split(":")[0] for r in rejected} == {
