@@ -8,6 +8,7 @@ restarts from its latest checkpoint instead of step 0.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -215,15 +216,48 @@ def _finish(
     return metrics
 
 
+def _base_eval_path(config: SlapConfig, evaluation: dict, folder: Path) -> Path:
+    """Where the untrained model's evaluation of these held-out rows is kept: named by what it
+    depends on (model, dtype, tokenisation, the rows, how they are split and batched)."""
+    key = {
+        "model": config.model.name, "dtype": config.model.dtype,
+        "max_length": config.data.max_length, "truncation": config.data.truncation,
+        "ids": list(evaluation["id"]), "micro_batch": config.eval.micro_batch_size,
+        "workers": config.train.num_workers,
+    }  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return folder / f"base-eval-{digest}.json"
+
+
+def _cached_base_eval(path: Path | None) -> tuple[dict, dict] | None:
+    if path is None or not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved["summary"], saved["rows"]
+
+
+def _keep_base_eval(path: Path | None, metrics: dict) -> None:
+    rows = metrics["eval_rows"]
+    if path is None or path.is_file() or rows.get("base_loss_sum") is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = {"summary": metrics["base_eval"], "rows": {"loss_sum": rows["base_loss_sum"],
+             "tokens": rows["tokens"]}}  # fmt: skip
+    write_text_atomic(path, json.dumps(saved))
+
+
 def finetune_into(
     config: SlapConfig,
     run_dir: Path,
     selection_report: Path | None = None,
     prior_timings: dict[str, float] | None = None,
+    base_eval_dir: Path | None = None,
 ) -> Path:
     """Fine-tune into a locked, prepared run directory; returns the path of report.md.
 
     ``slap run`` passes the selection's report and wall time, so one manifest covers the run.
+    ``base_eval_dir`` (a sweep's): where the untrained model's evaluation is kept, so that
+    only the first trial on the same model and held-out rows computes it.
     """
     input_files(config, config.data.paths, "data.paths")  # bad paths fail before Ray starts
     input_files(config, config.eval.paths, "eval.paths")
@@ -240,12 +274,18 @@ def finetune_into(
             manifest.count("train", planned_steps=steps, mode=config.select.mode)
             from slap_ray.ray.train_loop import make_trainer
 
-            trainer = make_trainer(config, train, evaluation, steps, storage, RUN_NAME)
+            cache = _base_eval_path(config, evaluation, base_eval_dir) if base_eval_dir else None
+            base_eval = _cached_base_eval(cache)
+            manifest.count("prepare", base_eval_reused=base_eval is not None)
+            trainer = make_trainer(
+                config, train, evaluation, steps, storage, RUN_NAME, base_eval=base_eval
+            )
             with manifest.stage("train"):
                 result = trainer.fit()
             metrics = _finish(
                 config, result, run_dir, manifest, evaluation["id"], evaluation["source"]
             )
+            _keep_base_eval(cache, metrics)
             # Exactly the ids trained on (a sweep's trials are checked against their kept list).
             (run_dir / "train_ids.txt").write_text(
                 "".join(i + "\n" for i in train["id"]), encoding="utf-8"

@@ -28,9 +28,10 @@ from slap_ray.selection_spec import SelectionSpec
 
 log = logging.getLogger("slap_ray.sweep")
 SELECTION_DIR, TRIALS_DIR, TUNE_DIR, EXPERIMENT = "selection", "trials", "tune", "sweep"
+BASE_EVAL_DIR = "base_eval"  # the untrained model's evaluation, computed by the first trial
 OWNED = (
     "results.csv", "results.md", "answer.txt", "plots", "manifest.json", "config.yaml", "logs",
-    SELECTION_DIR, TRIALS_DIR, TUNE_DIR,
+    SELECTION_DIR, TRIALS_DIR, TUNE_DIR, BASE_EVAL_DIR,
 )  # fmt: skip
 FULL = FULL_ARM
 TRIAL_RESULT = "trial_result.json"  # written last: the trial is done, its row is final
@@ -176,13 +177,13 @@ def trial_config(tree: dict, spec: TrialSpec, sweep_dir: Path) -> SlapConfig:
     return build_config(tree)
 
 
-def _train_trial(config: SlapConfig, spec: TrialSpec, done: Path) -> None:
+def _train_trial(config: SlapConfig, spec: TrialSpec, done: Path, base_eval_dir: Path) -> None:
     from slap_ray.jobs.finetune import OWNED as FINETUNE_OWNED
     from slap_ray.jobs.finetune import finetune_into
     from slap_ray.reporting.sweep import trial_row
 
     with locked_run_dir(config.output_dir, FINETUNE_OWNED, resume=True) as run_dir:
-        finetune_into(config, run_dir)
+        finetune_into(config, run_dir, base_eval_dir=base_eval_dir)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         manifest = json.loads((run_dir / "manifest.json").read_text())
         write_text_atomic(done, json.dumps(trial_row(spec.row(), metrics, manifest)))
@@ -199,7 +200,8 @@ def run_trial(params: dict) -> None:
     done = Path(config.output_dir) / TRIAL_RESULT
     trained_now = not done.is_file()
     if trained_now:  # else a trial killed after finishing but before Tune heard of it
-        outside_trial_placement_group(_train_trial, config, spec, done)
+        base_eval_dir = Path(shared["sweep_dir"]) / BASE_EVAL_DIR
+        outside_trial_placement_group(_train_trial, config, spec, done, base_eval_dir)
     tune.report({**json.loads(done.read_text(encoding="utf-8")), "trained_now": trained_now})
 
 

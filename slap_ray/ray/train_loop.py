@@ -175,6 +175,9 @@ class WorkerSettings:
     eval_micro_batch: int
     generate_rows: int
     max_new_tokens: int
+    # The untrained model's held-out evaluation (summary, per-row sums) when a sweep's earlier
+    # trial already computed it for the same model and rows; None: evaluate before training.
+    base_eval: tuple[dict, dict] | None = None
 
 
 def train_loop_per_worker(config: dict[str, WorkerSettings]) -> None:
@@ -237,6 +240,10 @@ class _WorkerRun:
             self.state["resumed_from_step"] = self.state["step"]
             if self.ema is not None and self.state.get("ema"):
                 self.ema.load_state_dict(self.state["ema"])
+        if self.state["base_eval"] is None and self.settings.base_eval is not None:
+            summary, rows = self.settings.base_eval
+            summary = {**summary, "overall": {**summary["overall"], "seconds": 0.0}}
+            self.state["base_eval"], self.state["base_eval_rows"] = summary, rows
         if self.state["base_eval"] is None:
             self.state["base_eval"], self.state["base_eval_rows"] = self.evaluate()
 
@@ -358,6 +365,7 @@ def make_trainer(
     total_steps: int,
     storage_path: str,
     run_name: str,
+    base_eval: tuple[dict, dict] | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` of a run: scaling, storage, checkpoints and failure policy."""
     train, select = config.train, config.select
@@ -386,6 +394,7 @@ def make_trainer(
         eval_micro_batch=config.eval.micro_batch_size,
         generate_rows=config.eval.generate_rows,
         max_new_tokens=config.eval.max_new_tokens,
+        base_eval=base_eval,
     )
     return TorchTrainer(
         train_loop_per_worker,

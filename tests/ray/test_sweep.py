@@ -76,6 +76,12 @@ def test_tiny_sweep_writes_results_and_selects_once(sweep_run):
     assert manifest["counts"]["trials"] == {"planned": 4, "finished": 4, "failed": 0}
     scored = json.loads((sweep_run / "selection" / "manifest.json").read_text())["counts"]
     assert scored["score"]["rows_scored_now"] == scored["output"]["scored"]  # each row once
+    # the untrained model is evaluated by the first trials only; later ones reuse it
+    trials = sorted((sweep_run / "trials").glob("*/manifest.json"))
+    reused = [json.loads(t.read_text())["counts"]["prepare"]["base_eval_reused"] for t in trials]
+    assert len(trials) == 4 and any(reused) and not all(reused)
+    assert frame["base_eval_loss"].nunique() == 1
+    assert len(list((sweep_run / "base_eval").glob("base-eval-*.json"))) == 1
     # one forward pass per batch for all of the grid's selections (test_scoring checks kinds)
     assert scored["score"]["forward_passes_now"] == scored["score"]["batches"]
 
