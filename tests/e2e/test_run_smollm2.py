@@ -71,7 +71,7 @@ def smollm2_run(
         shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's session logs, outside tmp_path
 
 
-def test_smollm2_select_finetune_evaluate_report(smollm2_run):
+def test_smollm2_select_finetune_evaluate_report(smollm2_run, pool_subset):
     run = smollm2_run[0]
     # The selection stage, in <run>/select.
     selection = run / "select"
@@ -88,9 +88,12 @@ def test_smollm2_select_finetune_evaluate_report(smollm2_run):
     from slap_ray.data.tokenize import tokenize_conversation
 
     tokenizer = load_tokenizer("smollm2-135m-instruct")
+    rows = [
+        json.loads(line) for s in ("gsm8k", "dolly") for line in open(pool_subset / f"{s}.jsonl")
+    ]
+    messages = {row["id"]: row["messages"] for row in rows}
     lengths = [
-        tokenize_conversation(json.loads(m), tokenizer, 10**6).num_tokens
-        for m in scores["messages"]
+        tokenize_conversation(messages[i], tokenizer, 10**6).num_tokens for i in scores["id"]
     ]
     cut = select_manifest["counts"]["tokenize"]
     assert cut["truncated_rows"] == sum(n > 128 for n in lengths) > 0
