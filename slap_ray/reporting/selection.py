@@ -91,15 +91,10 @@ def scoring_cost_lines(scoring_model: str | None, cost: dict | None) -> list[str
     ]
 
 
-def write_selection_report(
-    summary: SelectionSummary, alphas: list[float], run_dir: Path, manifest: dict
-) -> Path:
-    """Plots (cluster sizes, loss kept vs pruned, kept fraction per source/task) and report.md."""
+def _selection_plots(summary: SelectionSummary, alphas: list[float], plots: Path):
+    """The report's images (title, path) and its kept-fraction tables per source and task."""
     groups = summary.groups
-    plots = run_dir / "plots"
-    plots.mkdir(exist_ok=True)
     images: list[tuple[str, str]] = []
-
     fig, ax = plt.subplots(figsize=(6, 3.5))
     groups.groupby("cluster")["rows"].sum().sort_index().plot.bar(ax=ax, color="#4c72b0")
     ax.set(xlabel="cluster", ylabel="rows", title="Distribution strata (clusters)")
@@ -114,11 +109,8 @@ def write_selection_report(
         left, summary.loss_pruned, widths, bottom=summary.loss_kept, align="edge",
         label="pruned", color="#c44e52",
     )  # fmt: skip
-    ax.set(
-        xlabel="mean response-token loss",
-        ylabel="rows",
-        title=f"Loss, kept vs pruned (alpha={middle:g})",
-    )
+    title = f"Loss, kept vs pruned (alpha={middle:g})"
+    ax.set(xlabel="mean response-token loss", ylabel="rows", title=title)
     ax.legend()
     images.append(("Loss histogram", "plots/" + _save(fig, plots / "loss_kept_vs_pruned.png")))
 
@@ -131,14 +123,16 @@ def write_selection_report(
         fig, ax = plt.subplots(figsize=(7, 0.35 * len(fractions) + 1.8))
         fractions.plot.barh(ax=ax)
         ax.set(xlabel="kept fraction", title=f"Kept fraction per {group}")
-        images.append(
-            (f"Kept fraction per {group}", "plots/" + _save(fig, plots / f"kept_per_{group}.png"))
-        )
+        image = "plots/" + _save(fig, plots / f"kept_per_{group}.png")
+        images.append((f"Kept fraction per {group}", image))
         tables.append((group, fractions))
+    return images, tables
 
+
+def _summary_lines(groups: pd.DataFrame, alphas: list[float], manifest: dict) -> list[str]:
+    """The report's opening: rows read, scored, rejected, cut; warnings; kept per alpha."""
     counts = manifest.get("counts", {})
-    output = counts.get("output", {})
-    cut = counts.get("tokenize", {})
+    output, cut = counts.get("output", {}), counts.get("tokenize", {})
     lines = [
         "# SLAP selection report",
         "",
@@ -152,17 +146,26 @@ def write_selection_report(
     ]
     if manifest.get("warnings"):
         lines += ["## Warnings", "", *(f"- {w}" for w in manifest["warnings"]), ""]
-    lines += [
-        "| alpha (pruned) | kept rows | kept fraction |",
-        "| ---: | ---: | ---: |",
-    ]
+    lines += ["| alpha (pruned) | kept rows | kept fraction |", "| ---: | ---: | ---: |"]
     scored = int(groups["rows"].sum())
     for alpha in alphas:
         n = int(groups[keep_column(alpha)].sum())
         lines.append(f"| {alpha:g} | {n} | {n / max(scored, 1):.3f} |")
+    return lines
+
+
+def write_selection_report(
+    summary: SelectionSummary, alphas: list[float], run_dir: Path, manifest: dict
+) -> Path:
+    """Plots (cluster sizes, loss kept vs pruned, kept fraction per source/task) and report.md."""
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    images, tables = _selection_plots(summary, alphas, plots)
+    lines = _summary_lines(summary.groups, alphas, manifest)
     lines += scoring_cost_lines(manifest.get("scoring_model"), manifest.get("scoring_cost"))
     lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v} |" for k, v in manifest.get("timings_s", {}).items()]
+    counts = manifest.get("counts", {})
     lines += ["", "## Row counts", "", "```", *(f"{k}: {v}" for k, v in counts.items()), "```", ""]
     for title, image in images:
         lines += [f"## {title}", "", f"![{title}]({image})", ""]

@@ -43,43 +43,10 @@ def _eval_table(base: dict, final: dict) -> list[str]:
     return lines
 
 
-def write_train_report(
-    config: SlapConfig,
-    metrics: dict,
-    run_dir: Path,
-    manifest: dict,
-    selection_report: Path | None = None,
-) -> Path:
-    plots = run_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    _loss_plot(metrics["history"], plots / "train_loss.png")
-    compute, train = metrics["compute"], config.train
-    prepare = manifest["counts"].get("prepare", {})
-    mode = config.select.mode
-    what = (
-        f"on-policy `{config.select.method}` at alpha {train.alpha:g} per batch of {train.batch_size}"
-        if mode == "online"
-        else f"offline selection ({prepare.get('train_origin')})"
-    )
+def _compute_lines(compute: dict, manifest: dict) -> list[str]:
+    """Examples and tokens forwarded and back-propagated, FLOPs, step and phase times."""
     flops = compute["flops_estimate"]
-    lines = [
-        "# SLAP fine-tuning report",
-        "",
-        f"Model `{config.model.name}`, {train.finetuning} fine-tuning, {what}; "
-        f"{prepare.get('train_rows')} training rows, {compute['steps']} optimizer steps "
-        f"on {train.num_workers} Ray Train worker(s); {prepare.get('eval_rows')} eval rows.",
-        "",
-    ]
-    if selection_report is not None:
-        lines += [f"Selection report: [{selection_report.name}]"
-                  f"({os.path.relpath(selection_report, run_dir)})", ""]  # fmt: skip
-    lines += ["## Held-out evaluation (response tokens only)", ""]
-    lines += _eval_table(metrics["base_eval"], metrics["final_eval"])
-    generation = metrics.get("generation")
-    if generation:
-        lines += ["", f"Greedy generation on {generation['rows']} eval prompts: "
-                  f"ROUGE-L F1 {_fmt(generation['rouge_l'])}."]  # fmt: skip
-    lines += [
+    return [
         "",
         "## Compute",
         "",
@@ -109,6 +76,44 @@ def write_train_report(
         "![Training loss](plots/train_loss.png)",
         "",
     ]
+
+
+def write_train_report(
+    config: SlapConfig,
+    metrics: dict,
+    run_dir: Path,
+    manifest: dict,
+    selection_report: Path | None = None,
+) -> Path:
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    _loss_plot(metrics["history"], plots / "train_loss.png")
+    compute, train = metrics["compute"], config.train
+    prepare = manifest["counts"].get("prepare", {})
+    mode = config.select.mode
+    what = (
+        f"on-policy `{config.select.method}` at alpha {train.alpha:g} per batch of {train.batch_size}"
+        if mode == "online"
+        else f"offline selection ({prepare.get('train_origin')})"
+    )
+    lines = [
+        "# SLAP fine-tuning report",
+        "",
+        f"Model `{config.model.name}`, {train.finetuning} fine-tuning, {what}; "
+        f"{prepare.get('train_rows')} training rows, {compute['steps']} optimizer steps "
+        f"on {train.num_workers} Ray Train worker(s); {prepare.get('eval_rows')} eval rows.",
+        "",
+    ]
+    if selection_report is not None:
+        lines += [f"Selection report: [{selection_report.name}]"
+                  f"({os.path.relpath(selection_report, run_dir)})", ""]  # fmt: skip
+    lines += ["## Held-out evaluation (response tokens only)", ""]
+    lines += _eval_table(metrics["base_eval"], metrics["final_eval"])
+    generation = metrics.get("generation")
+    if generation:
+        lines += ["", f"Greedy generation on {generation['rows']} eval prompts: "
+                  f"ROUGE-L F1 {_fmt(generation['rouge_l'])}."]  # fmt: skip
+    lines += _compute_lines(compute, manifest)
     path = run_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
