@@ -24,6 +24,8 @@ def alpha_key(alpha: float) -> str:
 
 
 FULL_ARM = "full"  # a sweep's full-data reference
+# Id markers of rows planted as noise (bench/noisy_pool.py): a swapped response, a repeat.
+PLANTED_MARKERS = ("~swapped", "~dup")
 
 
 def trial_name(arm: str, mode: str, alpha: float, seed: int) -> str:

@@ -19,7 +19,7 @@ import pandas as pd
 from slap_ray.config import SlapConfig, build_config, config_to_dict
 from slap_ray.core.scoring import Selection
 from slap_ray.errors import JobFailed
-from slap_ray.files import write_text_atomic
+from slap_ray.files import atomic_path, write_text_atomic
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
 from slap_ray.names import ARMS_DIR, FULL_ARM, keep_column, sweep_key, trial_name, weight_column
@@ -29,6 +29,7 @@ from slap_ray.selection_spec import SelectionSpec
 log = logging.getLogger("slap_ray.sweep")
 SELECTION_DIR, TRIALS_DIR, TUNE_DIR, EXPERIMENT = "selection", "trials", "tune", "sweep"
 BASE_EVAL_DIR = "base_eval"  # the untrained model's evaluation, computed by the first trial
+DIAGNOSTICS = "diagnostics.csv"  # in the selection folder: what each arm keeps
 OWNED = (
     "results.csv", "results.md", "answer.txt", "plots", "manifest.json", "config.yaml", "logs",
     SELECTION_DIR, TRIALS_DIR, TUNE_DIR, BASE_EVAL_DIR,
@@ -123,6 +124,18 @@ def selection_finished(selection_dir: Path) -> bool:
     """A sweep's selection pass is done once its scores and every arm view are written
     (``arms/`` appears whole, see ``write_arm_views``)."""
     return (selection_dir / "scores.parquet").exists() and (selection_dir / ARMS_DIR).is_dir()
+
+
+def write_diagnostics(selection_dir: Path, specs: list[TrialSpec]) -> Path:
+    """``diagnostics.csv``: what each offline (arm, seed) keeps, before any training."""
+    from slap_ray.reporting.diagnostics import selection_diagnostics
+
+    keys = {(s.arm, s.alpha, s.seed): s.selection_key for s in specs if s.is_offline_arm}
+    scores = pd.read_parquet(selection_dir / "scores.parquet")
+    path = selection_dir / DIAGNOSTICS
+    with atomic_path(path) as tmp:
+        selection_diagnostics(scores, keys).to_csv(tmp, index=False)
+    return path
 
 
 def write_arm_views(selection_dir: Path, specs: list[TrialSpec]) -> None:
@@ -229,6 +242,8 @@ def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[TrialSpec], ma
         select_config = build_config(tree)
         select_into(select_config, folder, grid_selections(config, specs))
         write_arm_views(folder, specs)
+    if not (folder / DIAGNOSTICS).is_file():  # also for a selection from before it existed
+        write_diagnostics(folder, specs)
     counts = json.loads((folder / "manifest.json").read_text())["counts"]
     manifest.count(
         "selection",

@@ -389,6 +389,13 @@ def write_results(
         *_markdown(summary, frame),
         "",
     ]
+    diagnostics = sweep_dir / "selection" / "diagnostics.csv"
+    if diagnostics.is_file():
+        from slap_ray.reporting.diagnostics import diagnostics_lines
+
+        lines += ["## What each arm keeps, before training (mean over seeds)", ""]
+        lines += ["Share of the kept rows per source; the pool's share first.", ""]
+        lines += [*diagnostics_lines(pd.read_csv(diagnostics)), ""]
     per_source = per_source_lines(frame)
     if per_source:
         lines += ["## Per source: arm minus random (paired over seeds, 95% t-interval)", ""]

@@ -104,6 +104,11 @@ def test_each_trial_trains_on_exactly_its_arms_kept_ids(sweep_run):
     # random keeps the same number of rows per batch as slap, other rows
     assert len(kept_list(selection, "random", 0.4)) == len(kept_list(selection, "slap", 0.4))
     assert kept_list(selection, "random", 0.4) != kept_list(selection, "slap", 0.4)
+    # what each arm keeps, written before training, counts the same rows as the kept lists
+    diagnostics = pd.read_csv(selection / "diagnostics.csv").set_index(["arm", "alpha"])
+    for arm, alpha in (("slap", 0.2), ("slap", 0.4), ("random", 0.4)):
+        assert diagnostics.loc[(arm, alpha), "kept_rows"] == len(kept_list(selection, arm, alpha))
+    assert "What each arm keeps, before training" in (sweep_run / "results.md").read_text()
     full = (sweep_run / "trials" / "full-s0" / "train_ids.txt").read_text().splitlines()
     assert full == sorted(scores.loc[scores["loss"].notna(), "id"])
 

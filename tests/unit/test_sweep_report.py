@@ -137,3 +137,27 @@ def test_the_selection_pass_is_charged_to_offline_arms_that_score(tmp_path):
     assert charged["flops_selection"].tolist() == [expected, 0.0, 0.0, 0.0]
     assert charged["flops_with_selection"].tolist() == [1e9 + expected, 1e9, 2e9, 3e9]
     assert charged["seconds_selection"].tolist() == [7.0, 0.0, 0.0, 0.0]
+
+
+def test_selection_diagnostics_against_a_hand_count():
+    from slap_ray.reporting.diagnostics import diagnostics_lines, selection_diagnostics
+
+    scores = pd.DataFrame(
+        {
+            "id": ["a1", "a2", "b1~swapped", "b2", "c1~dup1", "x"],
+            "source": ["a", "a", "b", "b", "c", "a"],
+            "loss": [1.0, 2.0, 3.0, 4.0, 5.0, np.nan],  # the last row was never scored
+            "num_tokens": [10, 20, 30, 40, 50, 60],
+            "keep_k": [True, False, True, True, False, True],
+        }
+    )
+    frame = selection_diagnostics(scores, {("slap", 0.3, 0): "k"})
+    row = frame.iloc[0]
+    assert row["kept_rows"] == 3 and row["kept_tokens"] == 80
+    assert row["mean_kept_loss"] == pytest.approx(8.0 / 3)
+    assert row["planted_kept"] == pytest.approx(0.5)  # b1~swapped kept, c1~dup1 not
+    assert row["share[a]"] == pytest.approx(1 / 3) and row["share[c]"] == 0.0
+    assert row["pool_share[a]"] == pytest.approx(0.4)  # 2 of the 5 scored rows
+    lines = diagnostics_lines(frame)
+    assert lines[2] == "| (pool) | - | - | - | - | 40.0% | 40.0% | 20.0% |"
+    assert lines[3].startswith("| slap | 0.3 | 80 | 2.6667 | 50.0% |")
