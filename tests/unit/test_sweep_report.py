@@ -161,3 +161,27 @@ def test_selection_diagnostics_against_a_hand_count():
     lines = diagnostics_lines(frame)
     assert lines[2] == "| (pool) | - | - | - | - | 40.0% | 40.0% | 20.0% |"
     assert lines[3].startswith("| slap | 0.3 | 80 | 2.6667 | 50.0% |")
+
+
+def test_the_noisy_pool_plants_exact_shares_and_marks_them():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from noisy_pool import noisy_rows
+
+    rows = [
+        {"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                     {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(40)
+    ]  # fmt: skip
+    noisy = noisy_rows(rows, swap=0.15, repeat=0.10, seed=3)
+    swapped = [r for r in noisy if r["id"].endswith("~swapped")]
+    repeats = [r for r in noisy if r["id"].endswith("~dup1")]
+    assert len(swapped) == 6 and len(repeats) == 4 and len(noisy) == 44
+    for row in swapped:  # another row's answer, never its own
+        own = row["id"].removeprefix("r").removesuffix("~swapped")
+        assert row["messages"][-1]["content"] != f"a{own}"
+        assert row["messages"][0]["content"] == f"q{own}"
+    assert rows[0]["id"] == "r0"  # the input is not changed
+    assert noisy_rows(rows, 0.15, 0.10, seed=3) == noisy
