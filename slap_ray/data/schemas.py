@@ -16,7 +16,9 @@ from typing import Any
 
 from slap_ray.vocabulary import SCHEMAS, Schema  # noqa: E402  (re-exported)
 
-ROLES: frozenset[str] = frozenset({"system", "user", "assistant"})
+ROLES: frozenset[str] = frozenset({"system", "user", "assistant", "tool"})
+# Tool use (OpenAI chat format): carried through every stage and output unchanged.
+TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
 
 # ShareGPT exports name speakers inconsistently; these are the spellings seen in the wild.
 SHAREGPT_ROLES: dict[str, str] = {
@@ -126,7 +128,13 @@ def normalize_record(
     row_id = _row_id(record.get(options.id_field), options.id_field)
     if row_id is None:
         row_id = content_id(source, messages)
-    return {"id": row_id, "source": source, "task": task, "messages": messages}
+    row = {"id": row_id, "source": source, "task": task, "messages": messages}
+    tools = _maybe_json(record.get("tools"), "tools") if _present(record, "tools") else None
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise RowRejected("field 'tools' must be a list of objects")
+        row["tools"] = tools
+    return row
 
 
 def validate_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -141,6 +149,12 @@ def validate_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
         role, content = message["role"], message["content"]
         if role not in ROLES:
             raise RowRejected(f"message {position}: unknown role {role!r}")
+        if role == "assistant" and message.get("tool_calls") is not None:
+            if not isinstance(message["tool_calls"], list) or not message["tool_calls"]:
+                raise RowRejected(f"message {position}: tool_calls must be a non-empty list")
+            if content is None or isinstance(content, str):  # a call may come without text
+                kept.append(message)
+                continue
         if not isinstance(content, str):
             kind = type(content).__name__
             raise RowRejected(f"message {position} ({role}): content must be a string, got {kind}")
@@ -151,9 +165,9 @@ def validate_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
                 raise RowRejected(f"message {position}: a system message is only allowed first")
             if not content.strip():
                 continue
-        elif not content.strip():
+        elif not content.strip() and role != "tool":  # a tool may return nothing
             raise RowRejected(f"message {position} ({role}): empty content")
-        kept.append({"role": role, "content": content})
+        kept.append(message)
     if not any(m["role"] == "user" for m in kept):
         raise RowRejected("conversation has no user turn")
     if kept[-1]["role"] != "assistant":
@@ -217,12 +231,31 @@ def _list_of_objects(record: dict[str, Any], field: str) -> list[dict[str, Any]]
 def _from_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     messages = []
     for position, item in enumerate(_list_of_objects(record, "messages"), start=1):
-        if "role" not in item or "content" not in item:
+        if "role" not in item or ("content" not in item and "tool_calls" not in item):
             raise RowRejected(f"message {position}: needs both 'role' and 'content'")
         if not isinstance(item["role"], str):
             raise RowRejected(f"message {position}: role must be a string")
-        messages.append({"role": item["role"], "content": item["content"]})
+        message = {"role": item["role"], "content": _text_of(item.get("content"), position)}
+        for field in TOOL_FIELDS:
+            if item.get(field) is not None:
+                value = item[field]
+                message[field] = _maybe_json(value, field) if field == "tool_calls" else value
+        messages.append(message)
     return messages
+
+
+def _text_of(content: Any, position: int) -> Any:
+    """OpenAI content parts of type text, joined; any other part type is rejected by name."""
+    parts = isinstance(content, list) and all(isinstance(p, dict) and "type" in p for p in content)
+    if not parts or not content:
+        return content
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise RowRejected(f"message {position}: content part of type {kind!r} (text only)")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _with_system(record: dict[str, Any], options: SchemaOptions) -> list[dict[str, Any]]:

@@ -24,7 +24,8 @@ from slap_ray.core.model import IGNORE_INDEX, pad_batch
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ROLES = frozenset({"system", "user", "assistant"})
+from slap_ray.data.schemas import ROLES, TOOL_FIELDS  # noqa: E402  (one definition)
+
 Truncation = Literal["keep_response", "right"]
 
 
@@ -61,8 +62,9 @@ class TokenizedExample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def _validate(messages: Any) -> list[dict[str, str]]:
-    """Plain ``{role, content}`` dicts; accepts any iterable (Ray batches hold numpy arrays)."""
+def _validate(messages: Any) -> list[dict[str, Any]]:
+    """Plain ``{role, content}`` dicts (with their tool fields); accepts any iterable (Ray
+    batches hold numpy arrays)."""
     if messages is None or isinstance(messages, str | bytes | Mapping):
         raise InvalidConversation("messages must be a list of {role, content}")
     messages = list(messages)
@@ -77,21 +79,46 @@ def _validate(messages: Any) -> list[dict[str, str]]:
             raise InvalidConversation(
                 f"message {index} has role {role!r}; expected {sorted(ROLES)}"
             )
-        if not isinstance(content, str):
+        calls = message.get("tool_calls")
+        if not isinstance(content, str) and not (content is None and calls):
             raise InvalidConversation(f"message {index} content is not a string")
-        clean.append({"role": role, "content": content})
+        extra = {f: message[f] for f in TOOL_FIELDS if message.get(f) is not None}
+        clean.append({"role": role, "content": content, **extra})
     return clean
+
+
+def _check_tool_support(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: Any
+) -> None:
+    """A row with tools, tool calls or tool results needs a chat template that renders them:
+    one that never mentions them would drop them silently, so the row is rejected instead."""
+    template = tokenizer.chat_template or ""
+    needs = []
+    if tools:
+        needs.append("tools")
+    if any(m.get("tool_calls") for m in messages):
+        needs.append("tool_calls")
+    if any(m["role"] == "tool" for m in messages):
+        needs.append("tool")
+    missing = [n for n in needs if n not in template]
+    if missing:
+        raise ChatTemplateError(
+            f"this model's chat template cannot render {', '.join(missing)} (it never uses "
+            "them): pick a model whose template supports tool use, or leave these rows out"
+        )
 
 
 def _render(
     tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     add_generation_prompt: bool = False,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Token ids of the chat-template rendering, whatever container this transformers returns."""
     try:
         out = tokenizer.apply_chat_template(
             messages,
+            tools=tools or None,
             tokenize=True,
             add_generation_prompt=add_generation_prompt,
             return_dict=False,
@@ -127,20 +154,24 @@ def _check_prefix(
 
 
 def assistant_spans(
-    messages: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase
+    messages: Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Full token ids and the ``[start, end)`` token span of every assistant turn.
+    """Full token ids and the ``[start, end)`` token span of every assistant turn (tool-call
+    turns included); ``tools``: the row's tool definitions, rendered by the template.
 
     A span starts after the assistant header and ends after the end-of-turn tokens.
     """
     clean = _validate(messages)
-    full = _render(tokenizer, clean)
+    _check_tool_support(tokenizer, clean, tools)
+    full = _render(tokenizer, clean, tools=tools)
     spans: list[tuple[int, int]] = []
     for index, message in enumerate(clean):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, clean[:index], add_generation_prompt=True)
-        through = _render(tokenizer, clean[: index + 1])
+        before = _render(tokenizer, clean[:index], add_generation_prompt=True, tools=tools)
+        through = _render(tokenizer, clean[: index + 1], tools=tools)
         _check_prefix(tokenizer, before, full, f"the prompt before message {index}")
         _check_prefix(tokenizer, through, full, f"the rendering through message {index}")
         if len(through) < len(before):
@@ -171,6 +202,7 @@ def tokenize_conversation(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     truncation: Truncation = "keep_response",
+    tools: list[dict[str, Any]] | None = None,
 ) -> TokenizedExample:
     """Tokenise ``messages`` with the chat template, labelling assistant turns only.
 
@@ -185,7 +217,7 @@ def tokenize_conversation(
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if truncation not in ("keep_response", "right"):
         raise ValueError(f"truncation must be 'keep_response' or 'right', got {truncation!r}")
-    ids, spans = assistant_spans(messages, tokenizer)
+    ids, spans = assistant_spans(messages, tokenizer, tools)
     if not spans:
         raise NoResponseTokens("conversation has no assistant turn")
     labels = [IGNORE_INDEX] * len(ids)
@@ -240,7 +272,9 @@ def tokenize_rows(
     for row in rows:
         row_id = str(row.get("id"))
         try:
-            example = tokenize_conversation(row.get("messages"), tokenizer, max_length, truncation)
+            example = tokenize_conversation(
+                row.get("messages"), tokenizer, max_length, truncation, row.get("tools")
+            )
         except NoResponseTokens as error:
             rejected.append({"id": row_id, "reason": f"no_response_tokens: {error}"})
         except ChatTemplateError as error:

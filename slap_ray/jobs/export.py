@@ -39,6 +39,26 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+OPTIONAL_MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "name")
+
+
+def as_read(record: dict) -> dict:
+    """A selected row as its input had it: tool calls and tools back to JSON, the optional
+    message fields a message did not have left out (content stays, even when null)."""
+    messages = []
+    for message in record["messages"]:
+        out = {k: v for k, v in message.items() if k not in OPTIONAL_MESSAGE_FIELDS}
+        for field in OPTIONAL_MESSAGE_FIELDS:
+            if message.get(field) is not None:
+                value = message[field]
+                out[field] = json.loads(value) if field == "tool_calls" else value
+        messages.append(out)
+    out = {**{k: v for k, v in record.items() if k != "tools"}, "messages": messages}
+    if record.get("tools") is not None:
+        out["tools"] = json.loads(record["tools"])
+    return out
+
+
 def selected_folder(run_dir: Path, alpha: float) -> Path:
     folder = selected_rows(run_dir, alpha)
     if folder.is_dir():
@@ -93,7 +113,7 @@ def export(run_dir: Path, alpha: float, fmt: str, output: Path, allow_empty: boo
             rows += batch.num_rows
             if fmt == "jsonl":
                 for record in batch.to_pylist():
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    handle.write(json.dumps(as_read(record), ensure_ascii=False) + "\n")
             else:
                 table = pa.Table.from_batches([batch])
                 writer = writer or pq.ParquetWriter(str(output), table.schema)

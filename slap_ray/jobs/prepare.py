@@ -30,15 +30,15 @@ from slap_ray.reporting.manifest import Manifest
 
 log = logging.getLogger("slap_ray.prepare")
 BATCH_COLUMNS = [
-    "id", "source", "task", "path", "line", "cluster", "num_tokens", "messages", "input_ids",
-    "labels",
+    "id", "source", "task", "path", "line", "cluster", "num_tokens", "messages", "tools",
+    "input_ids", "labels",
 ]  # fmt: skip
 _LIST = pa.list_(pa.int64())
 BATCH_SCHEMA = pa.schema(
     [("batch_id", pa.int64())]
     + [(c, pa.list_(pa.string())) for c in ("id", "source", "task", "path")]
     + [(c, _LIST) for c in ("line", "cluster", "num_tokens")]
-    + [("messages", pa.list_(pa.string()))]
+    + [(c, pa.list_(pa.string())) for c in ("messages", "tools")]
     + [(c, pa.list_(_LIST)) for c in ("input_ids", "labels")]
 )
 # Every row's identity and fate, first in each per-row table.

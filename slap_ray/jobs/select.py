@@ -64,10 +64,15 @@ META = [
     ("loss_stratum", pa.int64()),
 ]
 HISTOGRAM_BINS = 40
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# A message as trainers read it; tool calls and tool definitions are JSON text (their shape is
+# free-form), which `slap export` turns back into JSON for JSONL.
+MESSAGE = pa.struct(
+    [("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.string()),
+     ("tool_call_id", pa.string()), ("name", pa.string())]
+)  # fmt: skip
 SELECTED_SCHEMA = pa.schema(
     [("id", pa.string()), ("source", pa.string()), ("task", pa.string()),
-     ("messages", pa.list_(MESSAGE))]
+     ("messages", pa.list_(MESSAGE)), ("tools", pa.string())]
 )  # fmt: skip
 
 
@@ -110,13 +115,24 @@ def _as_scores(frame: pd.DataFrame, schema: pa.Schema, scored: bool) -> pa.Table
     return pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
 
 
+def _stored(message: dict) -> dict:
+    """A normalised message in ``MESSAGE``'s shape (tool calls as JSON text)."""
+    calls = message.get("tool_calls")
+    return {
+        **message,
+        "tool_calls": None if calls is None else json.dumps(calls, ensure_ascii=False),
+    }
+
+
 def _normalised(frame: pd.DataFrame, keep: str) -> pa.Table:
     """Kept rows in the normalised schema (id, source, task, messages as role/content lists)."""
     frame = frame[frame[keep].astype(bool)]
     columns = {
         c: frame[c].astype(object).where(frame[c].notna(), None) for c in ("id", "source", "task")
     }
-    columns["messages"] = [json.loads(m) for m in frame["messages"]]
+    columns["messages"] = [[_stored(m) for m in json.loads(text)] for text in frame["messages"]]
+    tools = frame["tools"] if "tools" in frame else pd.Series([None] * len(frame))
+    columns["tools"] = tools.astype(object).where(tools.notna(), None)
     return pa.Table.from_pydict({k: list(v) for k, v in columns.items()}, schema=SELECTED_SCHEMA)
 
 

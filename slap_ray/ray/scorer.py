@@ -198,6 +198,7 @@ class BatchScorer:
             frame[keep_column(key)] = np.asarray(mask, dtype=bool)
             frame[weight_column(key)] = np.asarray(result["weight"][key], dtype=np.float64)
         frame["messages"] = list(row["messages"])
+        frame["tools"] = list(row["tools"])
         frame["scorer_node"] = self.node
         return frame, int(result["forward_passes"])
 

@@ -29,7 +29,9 @@ EMBEDDED_CHITCHAT = "embedded:chitchat"
 EMBEDDED_CHITCHAT_EVAL = "embedded:chitchat-eval"
 # Embedded sources: the chitchat training side and its held-out conversations.
 EMBEDDED = {EMBEDDED_CHITCHAT: "train", EMBEDDED_CHITCHAT_EVAL: "eval"}
-ROW_COLUMNS = ("id", "source", "task", "messages", "path", "line", "reject_reason", "raw")
+ROW_COLUMNS = (
+    "id", "source", "task", "messages", "tools", "path", "line", "reject_reason", "raw",
+)  # fmt: skip
 
 
 def _row(path: str, line: int, normalised: dict | None, reason: str | None, raw: str | None):
@@ -38,6 +40,10 @@ def _row(path: str, line: int, normalised: dict | None, reason: str | None, raw:
         "source": normalised["source"] if normalised else None,
         "task": normalised["task"] if normalised else None,
         "messages": json.dumps(normalised["messages"], ensure_ascii=False) if normalised else None,
+        # The row's tool definitions (JSON text), None for the many rows without any.
+        "tools": json.dumps(normalised["tools"], ensure_ascii=False)
+        if normalised and normalised.get("tools") is not None
+        else None,
         "path": path,
         "line": int(line),
         "reject_reason": reason,
@@ -104,9 +110,10 @@ def tokenize_batch(
     it rejects keep empty token columns and their ``reject_reason``."""
     from slap_ray.data.tokenize import tokenize_rows
 
+    tools = batch["tools"] if "tools" in batch else [None] * len(batch["id"])
     rows = [
-        {"id": i, "messages": json.loads(m)}
-        for i, m in zip(batch["id"], batch["messages"], strict=True)
+        {"id": i, "messages": json.loads(m), "tools": json.loads(t) if t else None}
+        for i, m, t in zip(batch["id"], batch["messages"], tools, strict=True)
     ]
     kept, rejected = tokenize_rows(rows, _tokenizer(model_name), max_length, truncation)
     by_id = {r["id"]: r for r in kept}

@@ -211,13 +211,15 @@ def test_sharegpt_speaker_names(speaker: str, role: str) -> None:
 
 
 def test_messages_layout_passes_through_and_drops_extra_keys() -> None:
+    """Unknown message keys are dropped; the tool-use fields (here `name`) are carried."""
     record = {
         "id": "m",
         "source": "s",
         "task": "t",
-        "messages": [{**CHAT[0], "name": "x"}, CHAT[1]],
+        "messages": [{**CHAT[0], "name": "x", "weight": 2}, CHAT[1]],
     }
-    assert _norm(record) == {"id": "m", "source": "s", "task": "t", "messages": CHAT}
+    messages = [{**CHAT[0], "name": "x"}, CHAT[1]]
+    assert _norm(record) == {"id": "m", "source": "s", "task": "t", "messages": messages}
 
 
 def test_prompt_response_with_custom_field_names_and_system() -> None:
@@ -277,8 +279,8 @@ BAD_LINES: dict[str, tuple[Any, str]] = {
     "empty_field": ({"instruction": " ", "output": "A"}, "field 'instruction' is empty"),
     "empty_messages": ({"messages": []}, "field 'messages' is empty"),
     "unknown_role": (
-        {"messages": [{"role": "tool", "content": "x"}, *CHAT]},
-        "unknown role 'tool'",
+        {"messages": [{"role": "function", "content": "x"}, *CHAT]},
+        "unknown role 'function'",
     ),
     "non_string_content": (
         {"messages": [CHAT[0], {"role": "assistant", "content": ["x"]}]},
