@@ -239,6 +239,8 @@ def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[TrialSpec], ma
         tree = config_to_dict(config)
         tree["output_dir"] = str(folder)
         tree["resume"] = config.resume
+        # The selection's own kept lists and report count the alphas the sweep trains at.
+        tree["select"]["alphas"] = sorted({s.alpha for s in specs if s.is_offline_arm}) or [0.0]
         select_config = build_config(tree)
         select_into(select_config, folder, grid_selections(config, specs))
         write_arm_views(folder, specs)

@@ -76,6 +76,7 @@ def test_tiny_sweep_writes_results_and_selects_once(sweep_run):
     assert manifest["counts"]["trials"] == {"planned": 4, "finished": 4, "failed": 0}
     scored = json.loads((sweep_run / "selection" / "manifest.json").read_text())["counts"]
     assert scored["score"]["rows_scored_now"] == scored["output"]["scored"]  # each row once
+    assert sorted(scored["output"]["kept_per_alpha"]) == ["0.2", "0.4"]  # the sweep's alphas
     # the untrained model is evaluated by the first trials only; later ones reuse it
     trials = sorted((sweep_run / "trials").glob("*/manifest.json"))
     reused = [json.loads(t.read_text())["counts"]["prepare"]["base_eval_reused"] for t in trials]
