@@ -54,7 +54,7 @@ def as_read(record: dict) -> dict:
                 out[field] = json.loads(value) if field == "tool_calls" else value
         messages.append(out)
     out = {**{k: v for k, v in record.items() if k != "tools"}, "messages": messages}
-    if record.get("tools") is not None:
+    if record.get("tools"):
         out["tools"] = json.loads(record["tools"])
     return out
 

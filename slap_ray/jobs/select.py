@@ -131,8 +131,8 @@ def _normalised(frame: pd.DataFrame, keep: str) -> pa.Table:
         c: frame[c].astype(object).where(frame[c].notna(), None) for c in ("id", "source", "task")
     }
     columns["messages"] = [[_stored(m) for m in json.loads(text)] for text in frame["messages"]]
-    tools = frame["tools"] if "tools" in frame else pd.Series([None] * len(frame))
-    columns["tools"] = tools.astype(object).where(tools.notna(), None)
+    tools = frame["tools"] if "tools" in frame else pd.Series([""] * len(frame))
+    columns["tools"] = [t if isinstance(t, str) and t else None for t in tools]
     return pa.Table.from_pydict({k: list(v) for k, v in columns.items()}, schema=SELECTED_SCHEMA)
 
 

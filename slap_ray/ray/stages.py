@@ -40,10 +40,11 @@ def _row(path: str, line: int, normalised: dict | None, reason: str | None, raw:
         "source": normalised["source"] if normalised else None,
         "task": normalised["task"] if normalised else None,
         "messages": json.dumps(normalised["messages"], ensure_ascii=False) if normalised else None,
-        # The row's tool definitions (JSON text), None for the many rows without any.
+        # The row's tool definitions as JSON text; "" (never None: Arrow would type a block of
+        # only None as null, and Ray Data hand it over as NaN) for the many rows without any.
         "tools": json.dumps(normalised["tools"], ensure_ascii=False)
         if normalised and normalised.get("tools") is not None
-        else None,
+        else "",
         "path": path,
         "line": int(line),
         "reject_reason": reason,
@@ -112,7 +113,11 @@ def tokenize_batch(
 
     tools = batch["tools"] if "tools" in batch else [None] * len(batch["id"])
     rows = [
-        {"id": i, "messages": json.loads(m), "tools": json.loads(t) if t else None}
+        {
+            "id": i,
+            "messages": json.loads(m),
+            "tools": json.loads(t) if isinstance(t, str) and t else None,
+        }
         for i, m, t in zip(batch["id"], batch["messages"], tools, strict=True)
     ]
     kept, rejected = tokenize_rows(rows, _tokenizer(model_name), max_length, truncation)
