@@ -29,6 +29,9 @@ from slap_ray.resources import (
     worker_env,
 )
 
+# How long an actor pool may take to start all its actors (model replicas load for seconds;
+# an autoscaling cluster may add nodes for minutes) before the job fails saying so.
+WAIT_FOR_ACTORS_S, WAIT_FOR_ACTORS_ENV = 900, "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"
 # Keep Ray's own traffic on the loopback address unless a cluster address is given.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Model loading bars and transformers' notices belong in the log file, not the console.
@@ -180,6 +183,10 @@ def ray_session(config: RayConfig, run_dir: Path, kind: str) -> Iterator[None]:
         context.enable_progress_bars = sys.stderr.isatty()
         if SHUFFLE_INPUT_BATCH_BYTES_ENV not in os.environ:  # else Ray's own value stands
             context.shuffle_input_batch_bytes = SHUFFLE_INPUT_BATCH_BYTES
+        if WAIT_FOR_ACTORS_ENV not in os.environ:
+            # An actor pool (scorers, embedders) starts work once all its actors are up: else
+            # the first replica to load takes every queued call and the others idle.
+            context.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
         with run_log(run_dir, kind):
             try:
                 yield

@@ -75,5 +75,10 @@ def test_datasets_of_a_job_shuffle_in_map_tasks_of_bounded_input(
         with ray_session(RayConfig(), tmp_path, "select"):
             made = ray.data.range(4)
         assert made.context.shuffle_input_batch_bytes == expected
+        # actor pools start work once every replica is up (no replica takes every call)
+        from slap_ray.ray.runtime import WAIT_FOR_ACTORS_S
+
+        assert made.context.wait_for_min_actors_s == WAIT_FOR_ACTORS_S
     finally:
         context.shuffle_input_batch_bytes = before
+        context.wait_for_min_actors_s = -1

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from test_scoring import rows
 
-from slap_ray.assets import TINY_BPE_VOCAB, load_causal_lm
+from slap_ray.assets import load_causal_lm
 from slap_ray.core.onpolicy import SelectionSettings, onpolicy_step
 from slap_ray.core.scoring import Selection, calibrate_second_moment, score_batch
 from slap_ray.core.selection import SelectionSpec
@@ -34,17 +35,6 @@ OFFLINE = {
     "full": SelectionSpec(method="full"),
 }
 ONLINE = ("slap", "random", "online_hard", "ccs", "infobatch")
-
-
-def rows(count: int, seed: int):
-    rng = np.random.default_rng(seed)
-    ids, labels = [], []
-    for _ in range(count):
-        length, prompt = int(rng.integers(6, 30)), int(rng.integers(2, 5))
-        tokens = rng.integers(1, TINY_BPE_VOCAB, size=length).tolist()
-        ids.append(tokens)
-        labels.append([-100] * prompt + tokens[prompt:])
-    return ids, labels
 
 
 def offline_kept(model) -> dict:
