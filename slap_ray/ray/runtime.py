@@ -39,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Loggers whose detail goes to the run's log file; on the console only their errors show.
-QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "py.warnings")
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "py.warnings", "tensorboardX")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
