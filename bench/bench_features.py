@@ -152,7 +152,7 @@ class Bench:
         input_ids = torch.tensor([self.ids[j]])
         targets = F.shift_labels(torch.tensor([self.labels[j]]))
         logits = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
-        loss = F.response_token_losses(logits, targets)[0]
+        loss = torch.nn.functional.cross_entropy(logits[0], targets[0], ignore_index=-100)
         loss.backward()
         grad = self.head.weight.grad
         self.model.zero_grad(set_to_none=True)

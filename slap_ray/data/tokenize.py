@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from slap_ray.core.model import IGNORE_INDEX, pad_batch
+from slap_ray.core.model import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -234,26 +234,6 @@ def tokenize_conversation(
             f"(conversation has {len(spans)} assistant turn(s), last at tokens {spans[-1]})"
         )
     return example
-
-
-def collate(
-    examples: Sequence[TokenizedExample],
-    pad_token_id: int,
-    pad_to_multiple_of: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Right-pad examples into ``input_ids``, ``attention_mask`` and ``labels`` of shape (B, T).
-
-    Padding is masked out of attention and labelled -100, so it never contributes to a loss.
-    """
-    if not examples:
-        raise ValueError("collate needs at least one example")
-    input_ids, attention_mask, labels = pad_batch(
-        [e.input_ids for e in examples],
-        [e.labels for e in examples],
-        pad_token_id,
-        pad_to_multiple_of=pad_to_multiple_of,
-    )
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def tokenize_rows(

@@ -13,7 +13,6 @@ from slap_ray.core.features import (
     lm_head_features,
     make_preconditioner,
     response_softmax_,
-    response_token_losses,
     response_token_losses_packed,
     shift_labels,
 )
@@ -120,13 +119,24 @@ def test_example_without_response_tokens_is_zero(model_outputs):
     aligned[2] = IGNORE_INDEX
     features = lm_head_features(hidden, model.lm_head.weight, aligned)
     assert torch.all(features[2] == 0)
-    assert torch.isnan(response_token_losses(model.lm_head(hidden), aligned)[2])
+    packed = model.lm_head(hidden[aligned != IGNORE_INDEX])
+    assert torch.isnan(response_token_losses_packed(packed, aligned)[2])
+
+
+def padded_response_losses(logits: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+    """Reference: mean response-token cross-entropy per row from padded logits (B, T, V)."""
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), aligned, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    mask = aligned != IGNORE_INDEX
+    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).float()
 
 
 def test_response_losses_match_cross_entropy(model_outputs):
     model, hidden, aligned = model_outputs
     logits = model.lm_head(hidden)
-    losses = response_token_losses(logits, aligned)
+    losses = response_token_losses_packed(logits[aligned != IGNORE_INDEX], aligned)
+    torch.testing.assert_close(losses, padded_response_losses(logits, aligned))
     for j in range(4):
         mask = aligned[j] != IGNORE_INDEX
         ref = torch.nn.functional.cross_entropy(logits[j][mask], aligned[j][mask])
@@ -171,7 +181,7 @@ def test_packed_response_logits_give_the_same_losses_and_features(model_outputs)
     packed = model.lm_head(hidden[aligned != IGNORE_INDEX])
     moment = torch.full((VOCAB, HIDDEN), 0.25)
     torch.testing.assert_close(
-        response_token_losses_packed(packed, aligned), response_token_losses(full, aligned)
+        response_token_losses_packed(packed, aligned), padded_response_losses(full, aligned)
     )
     for second in (None, moment):
         torch.testing.assert_close(

@@ -6,12 +6,14 @@ import numpy as np
 import torch
 
 from slap_ray.assets import TINY_BPE_VOCAB, load_causal_lm
-from slap_ray.core.features import (
-    PreconditionerCache,
-    lm_head_features,
-    response_token_losses,
+from slap_ray.core.features import PreconditionerCache, lm_head_features
+from slap_ray.core.model import (
+    IGNORE_INDEX,
+    LogitsBuffer,
+    forward_micro_batches,
+    pad_batch,
+    shift_labels,
 )
-from slap_ray.core.model import LogitsBuffer, forward_micro_batches, pad_batch, shift_labels
 from slap_ray.core.scoring import (
     Selection,
     calibrate_second_moment,
@@ -42,7 +44,9 @@ def test_micro_batched_scores_equal_one_row_at_a_time():
         with torch.no_grad():
             hidden = model.model(input_ids=one_ids, attention_mask=mask).last_hidden_state
             aligned = shift_labels(targets)
-            expected_loss = response_token_losses(model.lm_head(hidden), aligned)[0]
+            expected_loss = torch.nn.functional.cross_entropy(
+                model.lm_head(hidden)[0], aligned[0], ignore_index=IGNORE_INDEX
+            )  # the mean over the row's response tokens
             expected = lm_head_features(hidden, model.lm_head.weight, aligned)[0]
         assert abs(losses[j] - float(expected_loss)) < 1e-4
         torch.testing.assert_close(features[j], expected, rtol=1e-3, atol=1e-6)

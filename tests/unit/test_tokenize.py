@@ -1,4 +1,4 @@
-"""Chat-template tokenisation: assistant-only labels, truncation, rejection and collation."""
+"""Chat-template tokenisation: assistant-only labels, truncation, rejection and padding."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from slap_ray import assets
+from slap_ray.core.model import pad_batch
 from slap_ray.data.tokenize import (
     IGNORE_INDEX,
     ChatTemplateError,
     InvalidConversation,
     NoResponseTokens,
     TokenizedExample,
-    collate,
     tokenize_conversation,
     tokenize_rows,
 )
@@ -189,29 +189,37 @@ def test_tokenize_rows_keeps_and_rejects(tokenizer: PreTrainedTokenizerBase) -> 
     }
 
 
-def test_collate_pads_right() -> None:
+def padded(examples, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """The model's batch of tokenised examples, padded as the scorer and trainer pad them."""
+    ids, mask, labels = pad_batch(
+        [e.input_ids for e in examples], [e.labels for e in examples], pad_token_id,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )  # fmt: skip
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_pad_batch_pads_right() -> None:
     examples = [
         TokenizedExample(input_ids=[5, 6, 7], labels=[-100, 6, 7]),
         TokenizedExample(input_ids=[8], labels=[-100]),
     ]
-    batch = collate(examples, pad_token_id=2)
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    batch = padded(examples, pad_token_id=2)
     assert all(t.shape == (2, 3) and t.dtype == torch.long for t in batch.values())
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
-    padded = collate(examples, pad_token_id=2, pad_to_multiple_of=8)
-    assert padded["input_ids"].shape == (2, 8) and padded["labels"][:, 3:].eq(-100).all()
+    wide = padded(examples, pad_token_id=2, pad_to_multiple_of=8)
+    assert wide["input_ids"].shape == (2, 8) and wide["labels"][:, 3:].eq(-100).all()
     with pytest.raises(ValueError):
-        collate([], pad_token_id=0)
+        pad_batch([], [], pad_token_id=0)
 
 
-def test_collated_batch_trains_the_tiny_model(tokenizer: PreTrainedTokenizerBase) -> None:
+def test_padded_batch_trains_the_tiny_model(tokenizer: PreTrainedTokenizerBase) -> None:
     examples = [
         tokenize_conversation(SHAREGPT, tokenizer, max_length=128),
         tokenize_conversation(SHAREGPT[:2], tokenizer, max_length=128),
     ]
-    batch = collate(examples, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=16)
+    batch = padded(examples, pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=16)
     model = assets.load_causal_lm("tiny-random")
     with torch.no_grad():
         loss = model(**batch).loss
