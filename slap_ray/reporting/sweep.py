@@ -311,7 +311,7 @@ def add_selection_cost(frame: pd.DataFrame, selection_dir: Path, scoring_model: 
     scores, manifest = selection_dir / "scores.parquet", selection_dir / "manifest.json"
     flops = seconds = float("nan")
     parameters = parameter_count(scoring_model)
-    if scores.is_file() and parameters:
+    if scores.exists() and parameters:  # the pipeline writes a folder of parts
         table = pd.read_parquet(scores, columns=["batch_id", "num_tokens"])
         flops = 2.0 * parameters * float(table.loc[table["batch_id"].notna(), "num_tokens"].sum())
     if manifest.is_file():

@@ -62,6 +62,10 @@ def test_tiny_sweep_writes_results_and_selects_once(sweep_run):
     assert len(frame) == 4
     assert sorted(set(frame.index.get_level_values("arm"))) == ["full", "random", "slap"]
     assert frame["eval_loss"].notna().all() and (frame["flops_total"] > 0).all()
+    # the selection pass is charged to the arm that scores, never to random or full
+    charged = frame["flops_selection"]
+    assert (charged.xs("slap", level="arm") > 0).all()
+    assert (charged.drop("slap", level="arm") == 0).all()
     # pruning shows in the compute columns: 0.4 back-propagates fewer rows than 0.2 than full
     rows = frame["backward_examples"]
     assert rows[("slap", "offline", 0.4, 0)] < rows[("slap", "offline", 0.2, 0)]

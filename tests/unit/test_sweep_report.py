@@ -114,16 +114,21 @@ def test_report_uses_trials_rows_and_prints_the_answer(tmp_path):
     assert "macro_loss" in saved and len(saved) == 9
 
 
-def test_the_selection_pass_is_charged_to_offline_arms_that_score(tmp_path):
+@pytest.mark.parametrize("layout", ["file", "folder of parts"])
+def test_the_selection_pass_is_charged_to_offline_arms_that_score(tmp_path, layout):
     from slap_ray.assets import load_causal_lm, parameter_count
     from slap_ray.reporting.sweep import add_selection_cost
 
     load_causal_lm("tiny-bpe")  # built once, so its size is known
     folder = tmp_path / "selection"
     folder.mkdir()
-    pd.DataFrame({"batch_id": [0, 0, 1, None], "num_tokens": [10, 20, 30, 99]}).to_parquet(
-        folder / "scores.parquet"
-    )  # the unsampled row (no batch) was never scored
+    scores = pd.DataFrame({"batch_id": [0, 0, 1, None], "num_tokens": [10, 20, 30, 99]})
+    if layout == "file":  # the unsampled row (no batch) was never scored
+        scores.to_parquet(folder / "scores.parquet")
+    else:  # as the pipeline writes it (a sweep's published selection has one)
+        (folder / "scores.parquet").mkdir()
+        scores[:2].to_parquet(folder / "scores.parquet" / "part-0.parquet")
+        scores[2:].to_parquet(folder / "scores.parquet" / "part-1.parquet")
     (folder / "manifest.json").write_text(json.dumps({"timings_s": {"calibrate": 2, "score": 5}}))
     frame = pd.DataFrame(
         {
