@@ -9,11 +9,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
 from slap_ray.errors import ConfigError
 from slap_ray.selection_spec import SelectionSpec, option_label, optional_options
-from slap_ray.vocabulary import Format, Method, OnPolicyMode, Schema
+from slap_ray.vocabulary import Format, GenerationMetric, Method, OnPolicyMode, Schema
 
 # Marks a field (or a whole section) that changes where or how a job runs, never which rows
 # are prepared, scored and selected: ``--resume`` reuses finished work across a change of it
@@ -274,7 +282,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Held-out evaluation: response-token loss / perplexity, optional generation + ROUGE-L."""
+    """Held-out evaluation: response-token loss / perplexity, and an optional generation check."""
 
     paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat-eval"], min_length=1)
     """Held-out files or globs (same formats as `data.paths`), or `embedded:chitchat-eval`."""
@@ -286,7 +294,20 @@ class EvalConfig(_Section):
     micro_batch_size: int = Field(8, ge=1)
     """Rows per evaluation forward."""
     generate_rows: int = Field(0, ge=0)
-    """Held-out rows answered by greedy generation and scored with ROUGE-L (0: no generation)."""
+    """Held-out rows answered by greedy generation (0: no generation check): the first rows of
+    the eval set, scored with ROUGE-L; with `generate_metrics`, that many rows of each listed
+    source (by id), scored with the source's metric."""
+    generate_metrics: dict[str, GenerationMetric] = Field(default_factory=dict)
+    """Source -> metric of the generation check: `exact_match` (SQuAD-normalised; short answers
+    such as nq_open), `chrf` (sacrebleu, 0-100; translation such as ntrex) or `rouge_l`."""
+
+    @field_validator("generate_metrics")
+    @classmethod
+    def _metrics_need_rows(cls, metrics: dict, info: ValidationInfo) -> dict:
+        if metrics and not info.data.get("generate_rows"):
+            raise ValueError("needs eval.generate_rows > 0 (the rows answered per source)")
+        return metrics
+
     max_new_tokens: int = Field(64, ge=1)
     """New tokens per generated answer at most."""
 

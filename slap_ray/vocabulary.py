@@ -1,6 +1,7 @@
 """The names a user can write in a config, defined once: selection methods, loss-strata kinds,
-preconditioners, on-policy modes, input formats and row schemas. The config's types, the readers and the selection code all take
-them from here (a plain module, so loading a config imports nothing heavy)."""
+preconditioners, on-policy modes, input formats, row schemas and generation metrics. The
+config's types, the readers, the selection and evaluation code all take them from here (a plain
+module, so loading a config imports nothing heavy)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "hf_disk")
 SCHEMAS = ("auto", "messages", "alpaca", "sharegpt", "prompt_response")
 PRECONDITIONERS = ("adam", "factored", "none")
 ONPOLICY_MODES = ("kept_graphs", "recompute")
+GENERATION_METRICS = ("exact_match", "chrf", "rouge_l")
 
 Method = Literal[METHODS]
 StrataKind = Literal[STRATA_KINDS]
@@ -19,3 +21,4 @@ Format = Literal[FORMATS]
 Schema = Literal[SCHEMAS]
 Preconditioner = Literal[PRECONDITIONERS]
 OnPolicyMode = Literal[ONPOLICY_MODES]
+GenerationMetric = Literal[GENERATION_METRICS]

@@ -1,4 +1,5 @@
-"""Held-out evaluation: response-token loss and perplexity per group, and ROUGE-L of generations.
+"""Held-out evaluation: response-token loss and perplexity per group, and the generation check
+(exact match, chrF or ROUGE-L of greedy answers).
 
 Pure PyTorch/NumPy; the trainer shards eval rows over workers and gathers the per-example sums.
 """
@@ -7,12 +8,16 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import string
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from slap_ray import vocabulary
 from slap_ray.core.model import IGNORE_INDEX, forward_micro_batches, lm_head_of, unwrap
+from slap_ray.names import GENERATION_ALL_ROWS
 
 
 def example_loss_sums(
@@ -76,6 +81,71 @@ def _rouge_scorer():
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation (lower case; punctuation, articles and extra spaces out),
+    as open-domain QA scores exact match (Natural Questions open included)."""
+    text = "".join(c for c in text.lower() if c not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def exact_match(candidate: str, reference: str) -> float:
+    """1.0 when the normalised answers are equal, else 0.0."""
+    return float(normalize_answer(candidate) == normalize_answer(reference))
+
+
+def chrf(candidate: str, reference: str) -> float:
+    """Sentence chrF (``sacrebleu``'s defaults: character 6-grams, beta 2), 0-100."""
+    return float(_chrf_metric().sentence_score(candidate, [reference]).score)
+
+
+@functools.cache
+def _chrf_metric():
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
+
+
+GENERATION_METRICS = {"exact_match": exact_match, "chrf": chrf, "rouge_l": rouge_l}
+assert tuple(GENERATION_METRICS) == vocabulary.GENERATION_METRICS  # the names a config takes
+ALL_ROWS = GENERATION_ALL_ROWS  # the plain check: the first rows of the eval set, ROUGE-L
+
+
+def generation_plan(
+    ids: Sequence[str], sources: Sequence[str], metrics: Mapping[str, str], rows: int
+) -> list[tuple[int, str, str]]:
+    """Which eval rows the generation check answers: (row index, group, metric) per row.
+
+    With ``metrics`` (source -> metric) each listed source's first ``rows`` rows by id, scored
+    with its metric, grouped by source; without, the table's first ``rows`` rows with ROUGE-L.
+    """
+    if not metrics:
+        return [(i, ALL_ROWS, "rouge_l") for i in range(min(rows, len(ids)))]
+    plan = []
+    for source, metric in sorted(metrics.items()):
+        mine = sorted((ids[i], i) for i in range(len(ids)) if sources[i] == source)
+        plan += [(i, source, metric) for _, i in mine[:rows]]
+    return plan
+
+
+def summarize_generation(scored: Sequence[tuple[str, str, float]]) -> dict[str, dict]:
+    """(group, metric, score) per answered row -> {group: {"metric", "score" (mean), "rows"}}."""
+    groups: dict[str, dict] = {}
+    for group, metric, score in scored:
+        entry = groups.setdefault(group, {"metric": metric, "scores": []})
+        entry["scores"].append(score)
+    return {
+        group: {
+            "metric": e["metric"],
+            "score": float(np.mean(e["scores"])),
+            "rows": len(e["scores"]),
+        }
+        for group, e in sorted(groups.items())
+    }
 
 
 def last_response_split(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list, list]:

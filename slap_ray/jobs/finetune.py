@@ -269,6 +269,7 @@ def finetune_into(
         with ray_session(config.ray, run_dir, "finetune"):
             check_resources(config, "finetune")
             train, evaluation = prepare_tables(config, manifest)
+            _check_generation_sources(config, evaluation["source"])
             t = config.train
             steps = total_steps(len(train["id"]), t.batch_size, t.epochs, t.max_steps)
             manifest.count("train", planned_steps=steps, mode=config.select.mode)
@@ -293,6 +294,16 @@ def finetune_into(
     finally:
         manifest.write(run_dir / "manifest.json")
     return write_train_report(config, metrics, run_dir, manifest.data, selection_report)
+
+
+def _check_generation_sources(config: SlapConfig, sources: list[str]) -> None:
+    """Every source the generation check names has held-out rows (a typo fails before training)."""
+    missing = sorted(set(config.eval.generate_metrics) - set(sources))
+    if missing:
+        raise ConfigError(
+            f"eval.generate_metrics: no held-out rows of source(s) {', '.join(missing)} "
+            f"(the eval set's sources: {', '.join(sorted(set(sources)))})"
+        )
 
 
 def run_finetune(config: SlapConfig) -> Path:

@@ -28,10 +28,13 @@ from ray.train.torch import TorchTrainer
 
 from slap_ray.config import SlapConfig, TrainConfig
 from slap_ray.core.evaluation import (
+    ALL_ROWS,
+    GENERATION_METRICS,
     example_loss_sums,
+    generation_plan,
     greedy_generate,
     last_response_split,
-    rouge_l,
+    summarize_generation,
     summarize_losses,
 )
 from slap_ray.core.features import SecondMomentEMA
@@ -94,20 +97,26 @@ def _evaluate(
     return summary, {"loss_sum": all_sums.tolist(), "tokens": all_tokens.tolist()}
 
 
-def _generation_eval(model, table: dict, rows: int, max_new_tokens: int, tokenizer) -> dict:
-    scores, samples = [], []
+def _generation_eval(
+    model, table: dict, rows: int, metrics: dict[str, str], max_new_tokens: int, tokenizer
+) -> dict:
+    """Greedy answers to the planned eval rows (``generation_plan``), each scored against the
+    row's last response; per group (source, or ``all``) the mean score, and a few samples."""
+    scored, samples = [], []
     model.eval()
-    for i in range(min(rows, len(table["id"]))):
+    for i, group, metric in generation_plan(table["id"], table["source"], metrics, rows):
         prompt, reference = last_response_split(table["input_ids"][i], table["labels"][i])
         new = greedy_generate(model, prompt, max_new_tokens, tokenizer.eos_token_id)
         reference_text = tokenizer.decode(reference, skip_special_tokens=True)
         text = tokenizer.decode(new, skip_special_tokens=True)
-        scores.append(rouge_l(text, reference_text))
+        scored.append((group, metric, GENERATION_METRICS[metric](text, reference_text)))
         samples.append({"id": table["id"][i], "generated": text, "reference": reference_text})
     model.train()
+    groups = summarize_generation(scored)
     return {
-        "rouge_l": float(np.mean(scores)) if scores else None,
-        "rows": len(scores),
+        "rows": len(scored),
+        "groups": groups,
+        "rouge_l": groups[ALL_ROWS]["score"] if ALL_ROWS in groups else None,
         "samples": samples[:5],
     }
 
@@ -174,6 +183,7 @@ class WorkerSettings:
     eval_ref: ray.ObjectRef
     eval_micro_batch: int
     generate_rows: int
+    generate_metrics: dict[str, str]  # source -> metric; empty: the first rows, ROUGE-L
     max_new_tokens: int
     # The untrained model's held-out evaluation (summary, per-row sums) when a sweep's earlier
     # trial already computed it for the same model and rows; None: evaluate before training.
@@ -347,6 +357,7 @@ class _WorkerRun:
                 self.model,
                 self.eval_table,
                 self.settings.generate_rows,
+                self.settings.generate_metrics,
                 self.settings.max_new_tokens,
                 self.tokenizer,
             )
@@ -393,6 +404,7 @@ def make_trainer(
         eval_ref=ray.put(eval_table),
         eval_micro_batch=config.eval.micro_batch_size,
         generate_rows=config.eval.generate_rows,
+        generate_metrics=dict(config.eval.generate_metrics),
         max_new_tokens=config.eval.max_new_tokens,
         base_eval=base_eval,
     )

@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 
 from slap_ray.config import SlapConfig  # noqa: E402
 from slap_ray.files import atomic_path, write_text_atomic  # noqa: E402
-from slap_ray.names import FULL_ARM, trial_name  # noqa: E402
+from slap_ray.names import FULL_ARM, GENERATION_ALL_ROWS, trial_name  # noqa: E402
 from slap_ray.reporting.intervals import (  # noqa: E402
     PRIMARY,
     PairedRows,
@@ -26,6 +26,7 @@ from slap_ray.reporting.intervals import (  # noqa: E402
     t_interval,
 )
 from slap_ray.selection_spec import SelectionSpec  # noqa: E402
+from slap_ray.vocabulary import GENERATION_METRICS  # noqa: E402
 
 KEYS = ["arm", "method", "mode", "alpha", "seed"]
 OPTIONS = [name for name in SelectionSpec.model_fields if name != "method"]
@@ -44,6 +45,8 @@ def trial_row(spec: dict, metrics: dict, manifest: dict) -> dict:
     for group, values in final.items():
         if group != "overall":
             row[f"eval_loss[{group}]"] = values["loss"]
+    for group, values in ((metrics.get("generation") or {}).get("groups") or {}).items():
+        row[generation_column(values["metric"], group)] = values["score"]
     prepare = manifest["counts"].get("prepare", {})
     row["train_rows"] = prepare.get("train_rows")
     row["steps"] = compute["steps"]
@@ -199,17 +202,35 @@ def answer_lines(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
-def per_source_lines(frame: pd.DataFrame) -> list[str]:
-    """Per source: each arm's mean loss minus random's, paired over seeds (t-interval)."""
-    sources = [c for c in frame.columns if c.startswith("eval_loss[source=")]
+def generation_column(metric: str, group: str) -> str:
+    """results.csv's column of a generation-check score: ``exact_match[source=nq_open]``."""
+    return f"{metric}[{group}]" if group == GENERATION_ALL_ROWS else f"{metric}[source={group}]"
+
+
+def _row_name(column: str) -> str:
+    """``eval_loss[source=gsm8k]`` -> ``gsm8k``; ``chrf[source=ntrex]`` -> ``ntrex (chrf)``."""
+    metric, _, group = column.rstrip("]").partition("[")
+    group = group.removeprefix("source=")
+    return group if metric == "eval_loss" else f"{group} ({metric})"
+
+
+def generation_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.split("[")[0] in GENERATION_METRICS and "[" in c]
+
+
+def per_source_lines(frame: pd.DataFrame, columns: list[str] | None = None) -> list[str]:
+    """Per source (or per generation score): each arm's mean minus random's, paired over seeds
+    (t-interval). ``columns``: the per-source losses when None."""
+    if columns is None:
+        columns = [c for c in frame.columns if c.startswith("eval_loss[source=")]
     arms = list(frame.loc[~frame["method"].isin([BASELINE, FULL]), "arm"].unique())
-    if not sources or not arms or BASELINE not in set(frame["arm"]):
+    if not columns or not arms or BASELINE not in set(frame["arm"]):
         return []
     lines = [
         "| source | " + " | ".join(arms) + " |",
         "| --- |" + " ---: |" * len(arms),
     ]
-    for column in sources:
+    for column in columns:
         cells = []
         for arm in arms:
             group = frame[frame["arm"] == arm]
@@ -218,7 +239,7 @@ def per_source_lines(frame: pd.DataFrame) -> list[str]:
             cells.append(
                 f"{paired.mean():+.3f} [{_fmt(low, 3)}, {_fmt(high, 3)}]" if len(paired) else "-"
             )
-        name = column.removeprefix("eval_loss[source=").rstrip("]")
+        name = _row_name(column)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
@@ -357,6 +378,13 @@ INTRO = (
 )
 
 
+GENERATION_INTRO = (
+    "Greedy answers to held-out prompts (at most `eval.max_new_tokens` new tokens), scored "
+    "against the reference response: `exact_match` after SQuAD normalisation (0-1), `chrf` "
+    "(sacrebleu, 0-100), `rouge_l` (F1, 0-1)."
+)
+
+
 def write_results(
     rows: list[dict], config: SlapConfig, sweep_dir: Path, planned: int | None = None
 ) -> Path:
@@ -400,6 +428,11 @@ def write_results(
     if per_source:
         lines += ["## Per source: arm minus random (paired over seeds, 95% t-interval)", ""]
         lines += [*per_source, ""]
+    generation = per_source_lines(frame, generation_columns(frame))
+    if generation:
+        lines += ["## Generation check: arm minus random (higher is better; paired over seeds, "
+                  "95% t-interval)", "", GENERATION_INTRO, ""]  # fmt: skip
+        lines += [*generation, ""]
     for title, image in images:
         lines += [f"## {title}", "", f"![{title}]({image})", ""]
     write_text_atomic(sweep_dir / "answer.txt", "\n".join(answer_lines(summary)) + "\n")

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from slap_ray.config import SlapConfig  # noqa: E402
+from slap_ray.names import GENERATION_ALL_ROWS  # noqa: E402
 
 
 def _loss_plot(history: list[dict], path: Path) -> None:
@@ -111,9 +112,23 @@ def write_train_report(
     lines += _eval_table(metrics["base_eval"], metrics["final_eval"])
     generation = metrics.get("generation")
     if generation:
-        lines += ["", f"Greedy generation on {generation['rows']} eval prompts: "
-                  f"ROUGE-L F1 {_fmt(generation['rouge_l'])}."]  # fmt: skip
+        lines += ["", *_generation_lines(generation)]
     lines += _compute_lines(compute, manifest)
     path = run_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _generation_lines(generation: dict) -> list[str]:
+    """The generation check: its score per group (a source, or the eval set's first rows)."""
+    plain = {"metric": "rouge_l", "score": generation.get("rouge_l"), "rows": generation["rows"]}
+    groups = generation.get("groups") or {GENERATION_ALL_ROWS: plain}  # an older metrics.json
+    scores = "; ".join(
+        f"{'first eval rows' if group == GENERATION_ALL_ROWS else group}: "
+        f"{GENERATION_LABELS[e['metric']]} {_fmt(e['score'])} ({e['rows']} rows)"
+        for group, e in groups.items()
+    )
+    return [f"Greedy generation on {generation['rows']} eval prompts: {scores}."]
+
+
+GENERATION_LABELS = {"exact_match": "exact match", "chrf": "chrF", "rouge_l": "ROUGE-L F1"}

@@ -49,7 +49,8 @@ def smollm2_run(
         "eval": {
             "paths": [str(shared_data / "eval" / f"{s}.jsonl") for s in sources],
             "max_rows": 12,
-            "generate_rows": 2,
+            "generate_rows": 1,  # per source named below
+            "generate_metrics": {"gsm8k": "exact_match", "dolly": "chrf"},
             "max_new_tokens": 16,
         },
         "ray": {"num_cpus": 2, "object_store_memory": 200_000_000},
@@ -113,9 +114,14 @@ def test_smollm2_select_finetune_evaluate_report(smollm2_run, pool_subset):
     assert len(metrics["history"]) == 4  # ceil(28 / 8)
     final, base = metrics["final_eval"]["overall"], metrics["base_eval"]["overall"]
     assert np.isfinite(final["loss"]) and 0.2 < base["loss"] < 6.0
-    assert metrics["generation"]["rows"] == 2 and 0.0 <= metrics["generation"]["rouge_l"] <= 1.0
+    generation = metrics["generation"]
+    assert generation["rows"] == 2 and generation["groups"].keys() == {"dolly", "gsm8k"}
+    assert generation["groups"]["gsm8k"]["metric"] == "exact_match"
+    assert generation["groups"]["gsm8k"]["score"] in (0.0, 1.0)
+    assert 0.0 <= generation["groups"]["dolly"]["score"] <= 100.0  # chrF
     text = (run / "report.md").read_text()
     assert "source=gsm8k" in text and "estimated total FLOPs" in text and "select/report.md" in text
+    assert "gsm8k: exact match" in text and "dolly: chrF" in text
     assert (run / "model" / "adapter_model.safetensors").is_file()
     kept = set((selection / "kept" / "alpha-0.3.txt").read_text().splitlines())
     assert set((run / "train_ids.txt").read_text().splitlines()) == kept
