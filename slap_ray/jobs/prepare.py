@@ -29,18 +29,18 @@ from slap_ray.ray import pool, stages
 from slap_ray.reporting.manifest import Manifest
 
 log = logging.getLogger("slap_ray.prepare")
-BATCH_COLUMNS = [
-    "id", "source", "task", "path", "line", "cluster", "num_tokens", "messages", "tools",
-    "input_ids", "labels",
-]  # fmt: skip
-_LIST = pa.list_(pa.int64())
+_LIST, _STRINGS = pa.list_(pa.int64()), pa.list_(pa.string())
+# A composed batch as one Parquet row: its id, then one list per row column (in row order).
 BATCH_SCHEMA = pa.schema(
-    [("batch_id", pa.int64())]
-    + [(c, pa.list_(pa.string())) for c in ("id", "source", "task", "path")]
-    + [(c, _LIST) for c in ("line", "cluster", "num_tokens")]
-    + [(c, pa.list_(pa.string())) for c in ("messages", "tools")]
-    + [(c, pa.list_(_LIST)) for c in ("input_ids", "labels")]
+    [
+        ("batch_id", pa.int64()),
+        *((c, _STRINGS) for c in ("id", "source", "task", "path")),
+        *((c, _LIST) for c in ("line", "cluster", "num_tokens")),
+        *((c, _STRINGS) for c in ("messages", "tools")),
+        *((c, pa.list_(_LIST)) for c in ("input_ids", "labels")),
+    ]
 )
+BATCH_COLUMNS = BATCH_SCHEMA.names[1:]  # the row columns packed into each batch
 # Every row's identity and fate, first in each per-row table.
 ROW_FIELDS = [
     ("id", pa.string()),
