@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from slap_ray.errors import ConfigError
+from slap_ray.names import EMBEDDED_CHITCHAT, EMBEDDED_CHITCHAT_EVAL
 from slap_ray.selection_spec import SelectionSpec, option_label, optional_options
 from slap_ray.vocabulary import Format, GenerationMetric, Method, OnPolicyMode, Schema
 
@@ -42,7 +43,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where rows come from and how they are normalised and tokenised."""
 
-    paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat"], min_length=1)
+    paths: list[str] = Field(default_factory=lambda: [EMBEDDED_CHITCHAT], min_length=1)
     """Input files or globs (JSONL, JSON, Parquet, CSV, gzip, `datasets` folders), or
     `embedded:chitchat` for the bundled sample."""
     format: Format = "auto"
@@ -284,7 +285,7 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """Held-out evaluation: response-token loss / perplexity, and an optional generation check."""
 
-    paths: list[str] = Field(default_factory=lambda: ["embedded:chitchat-eval"], min_length=1)
+    paths: list[str] = Field(default_factory=lambda: [EMBEDDED_CHITCHAT_EVAL], min_length=1)
     """Held-out files or globs (same formats as `data.paths`), or `embedded:chitchat-eval`."""
     max_rows: int | None = Field(256, ge=1)
     """Held-out rows evaluated at most (None: all)."""

@@ -15,6 +15,10 @@ KEEP_PREFIX, WEIGHT_PREFIX = "keep_", "weight_"
 ALPHA_PREFIX = "alpha-"
 # A sweep's selection folder holds one `slap select`-shaped view per (arm, seed) under here.
 ARMS_DIR = "arms"
+# The bundled sample, as `data.paths` / `eval.paths` name it: chitchat's training side and its
+# held-out conversations.
+EMBEDDED_CHITCHAT = "embedded:chitchat"
+EMBEDDED_CHITCHAT_EVAL = "embedded:chitchat-eval"
 # The generation check's group when no source is named: the eval set's first rows.
 GENERATION_ALL_ROWS = "all"
 _PLAIN_KEY = re.compile(r"a([0-9.]+)")

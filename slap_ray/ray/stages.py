@@ -23,10 +23,9 @@ from slap_ray.data.ingest import (
     normalize_record,
     source_for_path,
 )
+from slap_ray.names import EMBEDDED_CHITCHAT, EMBEDDED_CHITCHAT_EVAL
 from slap_ray.ray.embed import Embedder
 
-EMBEDDED_CHITCHAT = "embedded:chitchat"
-EMBEDDED_CHITCHAT_EVAL = "embedded:chitchat-eval"
 # Embedded sources: the chitchat training side and its held-out conversations.
 EMBEDDED = {EMBEDDED_CHITCHAT: "train", EMBEDDED_CHITCHAT_EVAL: "eval"}
 ROW_COLUMNS = (
