@@ -3,7 +3,7 @@ embedded local instance; resource checks before work starts; run logs in the run
 
 Ray's worker output never reaches the console: ``log_to_driver`` is off, and at the end of each
 job the session's worker logs (Ray's own files) are copied into the run's ``logs/ray-workers/``.
-Only public Ray API is used here (a unit test checks that no module imports ``ray._private``).
+Only public Ray API is used here (a unit test checks that no module uses a private Ray module).
 """
 
 from __future__ import annotations
