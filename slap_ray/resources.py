@@ -100,7 +100,14 @@ IDLE_WORKER_KEEP_MS = 600_000
 # held 1.32 GiB idle after a Parquet read and a shuffle; purged at once, 0.67 GiB at most
 # (docs/performance.md). glibc's own knobs (MALLOC_TRIM_/MMAP_THRESHOLD_) also gave memory back
 # but slowed a SmolLM2 training step by 25%, so torch's allocator is left as it is.
-WORKER_ENV = {"MIMALLOC_PURGE_DELAY": "0"}
+# Ray Data 2.60 plans every ``read_parquet`` with a pool of footer-reading actors, 32 by default,
+# each a fresh worker process that is killed once the listing is done. The jobs read Parquet
+# only for their own outputs (tens of files, each footer a few KiB), which one actor with its
+# 128 concurrent reads lists at once; the 32 only cost process starts: in the selection tests
+# they were 18 of 151 processes, and with footer actors capped, those tests took 16% fewer
+# CPU-seconds (docs/performance.md). Ray's own variable, when set, wins.
+PARQUET_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+WORKER_ENV = {"MIMALLOC_PURGE_DELAY": "0", PARQUET_FOOTER_ACTORS_ENV: "1"}
 
 
 # Ray Data's hash shuffle (2.60) coalesces a node's input blocks up to this many bytes into one
@@ -125,7 +132,12 @@ def quiet_worker_pool(num_cpus: int | None) -> dict:
     are kept (``warm_workers``). The raylet warns on the driver's console (through its error
     channel, which ``log_to_driver`` does not silence) once 4x this many Python workers exist,
     which the warm pool alone reaches on a 2-CPU machine at Ray's default (the CPU count)."""
-    return {"worker_maximum_startup_concurrency": warm_workers(num_cpus)["num_workers_soft_limit"]}
+    return {
+        "worker_maximum_startup_concurrency": warm_workers(num_cpus)["num_workers_soft_limit"],
+        # An embedded instance serves one short job: the workers Ray starts in advance for its
+        # first driver went unused (counted among the selection tests' never-used workers).
+        "prestart_worker_first_driver": False,
+    }
 
 
 def warm_workers(num_cpus: int | None) -> dict:
