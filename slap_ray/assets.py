@@ -457,3 +457,16 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32) -> PreTrainedM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)
     return model.eval()
+
+
+def load_saved_model(name: str, folder: str | Path) -> PreTrainedModel:
+    """A fine-tuning run's saved ``model/`` folder in eval mode: a LoRA adapter (peft's
+    ``adapter_config.json``) over the causal LM ``name``, or full weights saved whole."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_causal_lm(name), str(folder)).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

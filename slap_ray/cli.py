@@ -1,4 +1,4 @@
-"""The `slap` command: `slap {select,finetune,run,sweep} --config CFG [dotted.key=value ...] [--resume]`.
+"""The `slap` command: `slap {select,finetune,run,sweep,evaluate} --config CFG [dotted.key=value ...] [--resume]`.
 
 - `select`: offline SLAP over the pool (kept ids per alpha, scores, report).
 - `finetune`: Ray Train fine-tuning on a selection (`train.selection_dir`, `train.alpha`) or
@@ -6,6 +6,7 @@
 - `run`: select -> fine-tune -> evaluate -> report in one run directory.
 - `sweep`: one selection pass, then a Ray Tune grid of fine-tuning trials over arms (methods and
   ablations), alphas, seeds and modes, plus the full-data reference; results table and plots.
+- `evaluate`: a saved model (a fine-tuning run's `model/`) scored on held-out rows, no training.
 - `config`: every setting with its value, default and description (after `--config` files and
   overrides).
 - `export RUN_DIR --alpha A --format jsonl|parquet|hf --output PATH`: a selection's kept rows
@@ -28,6 +29,7 @@ SUMMARY = {
     "finetune": "fine-tune with Ray Train on a selection, or select on-policy while training",
     "run": "select, then fine-tune, evaluate and report, in one run directory",
     "sweep": "one selection pass, then a Ray Tune grid of fine-tuning trials and a results table",
+    "evaluate": "score a saved model (a run's model/) on held-out rows, without training",
     "export": "write a selection's kept rows as JSONL, Parquet or a Hugging Face dataset",
     "config": "every setting with its value, default and description",
 }
@@ -42,6 +44,10 @@ READS_WRITES = {
     "the fine-tuning outputs (as `slap finetune`) in output_dir.",
     "sweep": "Reads data.paths and eval.paths. Writes to output_dir: selection/, trials/<name>/, "
     "results.csv, results.md (both primary metrics with paired intervals), plots/.",
+    "evaluate": "Reads eval.model_dir (a fine-tuning run's model/; start from that run's "
+    "config.yaml) and eval.paths, less the rows in the run's train_ids.txt. Writes to "
+    "output_dir: metrics.json (loss per row, source and task; the generation check), "
+    "manifest.json, config.yaml, logs/.",
     "config": "Reads --config files and overrides; writes nothing.",
 }
 ALPHA = (
@@ -92,15 +98,16 @@ def _config_from(argv: list[str] | None, command: str) -> SlapConfig | None:
 
 def _model_problem(config: SlapConfig, command: str) -> str | None:
     """The first model setting the command uses that names nothing loadable here without a
-    download (select: the scorer and the embedder; finetune: the trained model)."""
+    download (select: the scorer and the embedder; finetune and evaluate: the trained model)."""
     from slap_ray.assets import model_name_problem
 
     checks = []
     if command != "select" or not config.score.model:
         checks.append(("model.name", config.model.name, False))
-    if command != "finetune" and config.score.model:
+    selects = command in ("select", "run", "sweep")
+    if selects and config.score.model:
         checks.append(("score.model", config.score.model, False))
-    if command != "finetune" and config.strata.by == "embedding":
+    if selects and config.strata.by == "embedding":
         checks.append(("embed.model", config.embed.model, True))
     for setting, name, embedder in checks:
         problem = model_name_problem(setting, name, embedder)
@@ -150,6 +157,12 @@ def _run():
     return main_run
 
 
+def _evaluate():
+    from slap_ray.jobs.evaluate import main_evaluate
+
+    return main_evaluate
+
+
 def _sweep():
     from slap_ray.jobs.sweep import main_sweep
 
@@ -160,6 +173,7 @@ select_main = _entry("select", _select)
 finetune_main = _entry("finetune", _finetune)
 run_main = _entry("run", _run)
 sweep_main = _entry("sweep", _sweep)
+evaluate_main = _entry("evaluate", _evaluate)
 
 
 def config_main(argv: list[str] | None = None) -> int:
@@ -189,6 +203,7 @@ COMMANDS = {
     "finetune": finetune_main,
     "run": run_main,
     "sweep": sweep_main,
+    "evaluate": evaluate_main,
     "export": export_main,
     "config": config_main,
 }

@@ -311,6 +311,10 @@ class EvalConfig(_Section):
 
     max_new_tokens: int = Field(64, ge=1)
     """New tokens per generated answer at most."""
+    model_dir: str | None = None
+    """`slap evaluate` only: the saved model to score, a fine-tuning run's `model/` folder
+    (a LoRA adapter over `model.name`, or full weights). Rows listed in the run's
+    `train_ids.txt` beside it are never evaluated."""
 
 
 Mode = Literal["offline", "online"]

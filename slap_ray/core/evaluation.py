@@ -10,7 +10,9 @@ import functools
 import math
 import re
 import string
+import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +20,9 @@ import torch
 from slap_ray import vocabulary
 from slap_ray.core.model import IGNORE_INDEX, forward_micro_batches, lm_head_of, unwrap
 from slap_ray.names import GENERATION_ALL_ROWS
+
+if TYPE_CHECKING:
+    from slap_ray.core.onpolicy import Collective
 
 
 def example_loss_sums(
@@ -176,3 +181,56 @@ def greedy_generate(
     )
     new = out[0, ids.shape[1] :].tolist()
     return new[: new.index(eos_token_id)] if eos_token_id in new else new
+
+
+def evaluate_rows(
+    model, table: dict, collective: Collective, micro_batch_size: int, pad_token_id: int
+) -> tuple[dict, dict]:
+    """Loss / perplexity of the eval rows, sharded over the collective's workers, identical
+    result on each; and each row's response-loss sum and token count (the table's order, N
+    rows), so that intervals can resample rows. ``table``: columns id, input_ids, labels,
+    source, task (N each)."""
+    start = time.perf_counter()
+    mine = list(range(collective.rank, len(table["id"]), collective.world_size))
+    model.eval()
+    sums, tokens = example_loss_sums(
+        model,
+        [table["input_ids"][i] for i in mine],
+        [table["labels"][i] for i in mine],
+        pad_token_id,
+        micro_batch_size,
+    )
+    model.train()
+    parts = collective.all_gather((mine, sums.tolist(), tokens.tolist()))
+    all_sums, all_tokens = np.zeros(len(table["id"])), np.zeros(len(table["id"]), dtype=np.int64)
+    for rows, s, t in parts:
+        all_sums[rows], all_tokens[rows] = s, t
+    summary = summarize_losses(
+        all_sums, all_tokens, {"source": table["source"], "task": table["task"]}
+    )
+    summary["overall"]["seconds"] = round(time.perf_counter() - start, 3)
+    return summary, {"loss_sum": all_sums.tolist(), "tokens": all_tokens.tolist()}
+
+
+def generation_check(
+    model, table: dict, rows: int, metrics: dict[str, str], max_new_tokens: int, tokenizer
+) -> dict:
+    """Greedy answers to the planned eval rows (``generation_plan``), each scored against the
+    row's last response; per group (source, or ``all``) the mean score, and a few samples."""
+    scored, samples = [], []
+    model.eval()
+    for i, group, metric in generation_plan(table["id"], table["source"], metrics, rows):
+        prompt, reference = last_response_split(table["input_ids"][i], table["labels"][i])
+        new = greedy_generate(model, prompt, max_new_tokens, tokenizer.eos_token_id)
+        reference_text = tokenizer.decode(reference, skip_special_tokens=True)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        scored.append((group, metric, GENERATION_METRICS[metric](text, reference_text)))
+        samples.append({"id": table["id"][i], "generated": text, "reference": reference_text})
+    model.train()
+    groups = summarize_generation(scored)
+    return {
+        "rows": len(scored),
+        "groups": groups,
+        "rouge_l": groups[ALL_ROWS]["score"] if ALL_ROWS in groups else None,
+        "samples": samples[:5],
+    }

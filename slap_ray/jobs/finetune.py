@@ -131,14 +131,9 @@ def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
         if any(weights[i] != 1.0 for i in train["id"]):
             train["weight"] = [weights[i] for i in train["id"]]  # offline InfoBatch
         missing = len(wanted - set(train["id"])) - train_rejected
-        evals = read_rows(config, config.eval.paths, "eval.paths", manifest, "eval_read")
-        evals = pool.where_in(pool.accepted(evals), "id", wanted, inside=False)
-        chosen = _eval_sample(config, evals.select_columns(["id", "source"]).to_pandas())
-        evaluation, eval_rejected = _tokenized_table(config, pool.where_in(evals, "id", chosen))
+        evaluation = prepare_eval(config, manifest, exclude=wanted)
     if not train["id"]:
         raise ConfigError(f"no training rows: {origin} selects none of data.paths")
-    if not evaluation["id"]:
-        raise ConfigError(f"eval.paths {config.eval.paths}: no usable eval rows")
     manifest.count(
         "prepare",
         train_origin=origin,
@@ -146,10 +141,22 @@ def prepare_tables(config: SlapConfig, manifest: Manifest) -> tuple[dict, dict]:
         train_rows=len(train["id"]),
         train_rows_rejected=train_rejected,
         train_ids_not_found=max(missing, 0),
-        eval_rows=len(evaluation["id"]),
-        eval_rows_rejected=eval_rejected,
     )
     return train, evaluation
+
+
+def prepare_eval(config: SlapConfig, manifest: Manifest, exclude: set[str]) -> dict:
+    """The held-out rows evaluated, tokenised: ``eval.paths`` less the ``exclude`` ids (rows
+    trained on), sampled per ``eval.max_rows_per_source`` and ``eval.max_rows``."""
+    evals = read_rows(config, config.eval.paths, "eval.paths", manifest, "eval_read")
+    evals = pool.where_in(pool.accepted(evals), "id", exclude, inside=False)
+    chosen = _eval_sample(config, evals.select_columns(["id", "source"]).to_pandas())
+    evaluation, rejected = _tokenized_table(config, pool.where_in(evals, "id", chosen))
+    if not evaluation["id"]:
+        raise ConfigError(f"eval.paths {config.eval.paths}: no usable eval rows")
+    manifest.count("prepare", eval_rows=len(evaluation["id"]), eval_rows_rejected=rejected)
+    _check_generation_sources(config, evaluation["source"])
+    return evaluation
 
 
 def _finish(
@@ -269,7 +276,6 @@ def finetune_into(
         with ray_session(config.ray, run_dir, "finetune"):
             check_resources(config, "finetune")
             train, evaluation = prepare_tables(config, manifest)
-            _check_generation_sources(config, evaluation["source"])
             t = config.train
             steps = total_steps(len(train["id"]), t.batch_size, t.epochs, t.max_steps)
             manifest.count("train", planned_steps=steps, mode=config.select.mode)

@@ -27,16 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from slap_ray.config import SlapConfig, TrainConfig
-from slap_ray.core.evaluation import (
-    ALL_ROWS,
-    GENERATION_METRICS,
-    example_loss_sums,
-    generation_plan,
-    greedy_generate,
-    last_response_split,
-    summarize_generation,
-    summarize_losses,
-)
+from slap_ray.core.evaluation import evaluate_rows, generation_check
 from slap_ray.core.features import SecondMomentEMA
 from slap_ray.core.model import device_for, lm_head_of
 from slap_ray.core.onpolicy import (
@@ -67,58 +58,6 @@ def mix_groups(sources: list, tasks: list) -> list[str]:
     proportion: its source, or its task where no row has a known source."""
     known = any(s not in (None, "unknown") for s in sources)
     return [str(s) for s in sources] if known else [str(t) for t in tasks]
-
-
-def _evaluate(
-    model, table: dict, collective, micro_batch_size: int, pad_token_id: int
-) -> tuple[dict, dict]:
-    """Loss / perplexity of the eval rows, sharded over workers, identical result on each; and
-    each row's response-loss sum and token count (in the table's order), so that intervals can
-    resample rows."""
-    start = time.perf_counter()
-    mine = list(range(collective.rank, len(table["id"]), collective.world_size))
-    model.eval()
-    sums, tokens = example_loss_sums(
-        model,
-        [table["input_ids"][i] for i in mine],
-        [table["labels"][i] for i in mine],
-        pad_token_id,
-        micro_batch_size,
-    )
-    model.train()
-    parts = collective.all_gather((mine, sums.tolist(), tokens.tolist()))
-    all_sums, all_tokens = np.zeros(len(table["id"])), np.zeros(len(table["id"]), dtype=np.int64)
-    for rows, s, t in parts:
-        all_sums[rows], all_tokens[rows] = s, t
-    summary = summarize_losses(
-        all_sums, all_tokens, {"source": table["source"], "task": table["task"]}
-    )
-    summary["overall"]["seconds"] = round(time.perf_counter() - start, 3)
-    return summary, {"loss_sum": all_sums.tolist(), "tokens": all_tokens.tolist()}
-
-
-def _generation_eval(
-    model, table: dict, rows: int, metrics: dict[str, str], max_new_tokens: int, tokenizer
-) -> dict:
-    """Greedy answers to the planned eval rows (``generation_plan``), each scored against the
-    row's last response; per group (source, or ``all``) the mean score, and a few samples."""
-    scored, samples = [], []
-    model.eval()
-    for i, group, metric in generation_plan(table["id"], table["source"], metrics, rows):
-        prompt, reference = last_response_split(table["input_ids"][i], table["labels"][i])
-        new = greedy_generate(model, prompt, max_new_tokens, tokenizer.eos_token_id)
-        reference_text = tokenizer.decode(reference, skip_special_tokens=True)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        scored.append((group, metric, GENERATION_METRICS[metric](text, reference_text)))
-        samples.append({"id": table["id"][i], "generated": text, "reference": reference_text})
-    model.train()
-    groups = summarize_generation(scored)
-    return {
-        "rows": len(scored),
-        "groups": groups,
-        "rouge_l": groups[ALL_ROWS]["score"] if ALL_ROWS in groups else None,
-        "samples": samples[:5],
-    }
 
 
 def _digest(params: list[torch.Tensor]) -> str:
@@ -258,7 +197,7 @@ class _WorkerRun:
             self.state["base_eval"], self.state["base_eval_rows"] = self.evaluate()
 
     def evaluate(self) -> tuple[dict, dict]:
-        return _evaluate(
+        return evaluate_rows(
             self.model,
             self.eval_table,
             self.collective,
@@ -353,7 +292,7 @@ class _WorkerRun:
         final_eval, self.state["final_eval_rows"] = self.evaluate()
         generation = None
         if self.settings.generate_rows and self.collective.rank == 0:
-            generation = _generation_eval(
+            generation = generation_check(
                 self.model,
                 self.eval_table,
                 self.settings.generate_rows,

@@ -129,6 +129,34 @@ def test_saved_adapter_loads_outside_ray_with_the_same_eval_loss(online_run, sha
     assert abs(sums.sum() / tokens.sum() - expected) < 1e-4 * expected
 
 
+def test_slap_evaluate_rescores_the_saved_adapter_without_training(online_run, tmp_path):
+    """`slap evaluate` from the run's own config.yaml: the same held-out rows, token counts and
+    per-row losses as the run's final evaluation (which two workers computed, sharded), and the
+    generation check when asked for: a saved model re-scored without training again."""
+    from slap_ray.config import load_config
+    from slap_ray.jobs.evaluate import run_evaluate
+
+    overrides = [
+        f"output_dir={tmp_path / 'rescored'}", f"eval.model_dir={online_run / 'model'}",
+        "eval.generate_rows=1", "eval.generate_metrics={gsm8k: exact_match}",
+        "eval.max_new_tokens=4",
+    ]  # fmt: skip
+    path = run_evaluate(load_config([str(online_run / "config.yaml")], overrides))
+    ours, trained = json.loads(path.read_text()), load(online_run, "metrics.json")
+    assert ours["eval_ids"] == trained["eval_ids"]
+    assert ours["eval_rows"]["tokens"] == trained["eval_rows"]["tokens"]
+    np.testing.assert_allclose(
+        ours["eval_rows"]["final_loss_sum"], trained["eval_rows"]["final_loss_sum"], rtol=1e-4
+    )
+    for key, entry in trained["final_eval"].items():
+        assert ours["final_eval"][key]["loss"] == pytest.approx(entry["loss"], rel=1e-4), key
+    (gsm8k,) = ours["generation"]["groups"].values()
+    assert gsm8k["metric"] == "exact_match" and gsm8k["rows"] == 1
+    manifest = load(tmp_path / "rescored", "manifest.json")
+    assert manifest["model_dir"] == str((online_run / "model").resolve())
+    assert manifest["counts"]["prepare"]["eval_rows"] == len(trained["eval_ids"])
+
+
 def registered_checkpoint(storage: Path) -> str:
     """The latest checkpoint Ray Train has registered (its run snapshot, written once a
     reported checkpoint is persisted), or "". A checkpoint folder alone is not resumable: the

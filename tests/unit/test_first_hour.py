@@ -48,6 +48,27 @@ def test_each_command_checks_the_models_it_uses(capsys, tmp_path):
     assert "holds no model (config.json missing)" in message
 
 
+def test_evaluate_mistakes_are_one_line_errors_before_ray(capsys, tmp_path):
+    from slap_ray.cli import evaluate_main
+
+    out = f"output_dir={tmp_path / 'out'}"
+    message = one_line_error(capsys, evaluate_main, [out, "model.name=tiny-bpe"])
+    assert (
+        message
+        == "slap evaluate: eval.model_dir: `slap evaluate` needs the saved model folder to score"
+    )
+    (tmp_path / "empty").mkdir()
+    message = one_line_error(
+        capsys, evaluate_main, [out, "model.name=tiny-bpe", f"eval.model_dir={tmp_path / 'empty'}"]
+    )
+    assert message.startswith(f"slap evaluate: eval.model_dir: {tmp_path / 'empty'} holds no saved")
+    # evaluate loads model.name (the adapter's base) and never selects: the scorer is not checked
+    message = one_line_error(
+        capsys, evaluate_main, [out, "model.name=tiny-randon", "score.model=x/y"]
+    )
+    assert "model.name" in message and "score.model" not in message
+
+
 def selection_with(tmp_path, rows: list[dict]):
     """A finished selection's ``selected/alpha-0.3/`` rows, as `slap select` writes them."""
     import pyarrow as pa
