@@ -254,3 +254,12 @@ def test_an_unknown_key_names_the_closest_known_one_on_one_line():
     with pytest.raises(ConfigError) as raised:
         load_config(None, ["banana=1"])
     assert str(raised.value) == "invalid config: banana: unknown key"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[2] / "pipelines" / "configs").glob("*.yaml"))
+)
+def test_every_shipped_config_loads(path):
+    """The configs a user starts from (README, studies) are valid: no unknown or bad settings."""
+    config = load_config([str(path)])
+    assert config.output_dir
