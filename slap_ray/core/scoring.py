@@ -131,22 +131,33 @@ def selections_for(spec: SelectionSpec, alphas: Sequence[float], seed: int) -> l
     return [Selection(alpha_key(a), a, seed, spec) for a in alphas]
 
 
-def _features_for(model, input_ids, labels, pad, second_moment, selections, mb, eps, chunk,
-                  cache, buffer):  # fmt: skip
+def _features_for(
+    model: torch.nn.Module,
+    input_ids: Sequence[Sequence[int]],
+    labels: Sequence[Sequence[int]],
+    selections: Sequence[Selection],
+    *,
+    pad_token_id: int,
+    second_moment: torch.Tensor | None,
+    micro_batch_size: int,
+    eps: float,
+    vocab_chunk: int | None,
+    preconditioners: PreconditionerCache | None,
+    logits_buffer: LogitsBuffer | None,
+) -> tuple[np.ndarray, dict[str, torch.Tensor], int]:
     """Losses (B,), the feature matrices the selections need, {preconditioner: (B, V)}, and
     how many forward passes over the batch made them (one: every kind comes from the same
     hidden states); no features when no selection is SLAP (the others rank by loss)."""
     wanted = sorted({s.spec.preconditioner for s in selections if s.spec.needs_features})
-    if second_moment is None and len(wanted) > 1:  # every kind is the raw norm then
-        losses, features = losses_and_feature_sets(
-            model, input_ids, labels, pad, None, mb, wanted[:1], eps=eps, vocab_chunk=chunk,
-            preconditioners=cache, logits_buffer=buffer,
-        )  # fmt: skip
-        return losses, dict.fromkeys(wanted, features[wanted[0]]), 1
+    # Without a second moment every kind is the raw norm: one computed kind serves them all.
+    one_for_all = second_moment is None and len(wanted) > 1
     losses, features = losses_and_feature_sets(
-        model, input_ids, labels, pad, second_moment, mb, wanted, eps=eps, vocab_chunk=chunk,
-        preconditioners=cache, logits_buffer=buffer,
+        model, input_ids, labels, pad_token_id, second_moment, micro_batch_size,
+        wanted[:1] if one_for_all else wanted, eps=eps, vocab_chunk=vocab_chunk,
+        preconditioners=preconditioners, logits_buffer=logits_buffer,
     )  # fmt: skip
+    if one_for_all:
+        features = dict.fromkeys(wanted, features[wanted[0]])
     return losses, features, 1
 
 
@@ -179,8 +190,9 @@ def score_batch(
     which ``keep_mix`` selections keep in proportion.
     """
     losses, features, passes = _features_for(
-        model, input_ids, labels, pad_token_id, second_moment, selections,
-        micro_batch_size, eps, vocab_chunk, preconditioners, logits_buffer,
+        model, input_ids, labels, selections, pad_token_id=pad_token_id,
+        second_moment=second_moment, micro_batch_size=micro_batch_size, eps=eps,
+        vocab_chunk=vocab_chunk, preconditioners=preconditioners, logits_buffer=logits_buffer,
     )  # fmt: skip
     scores = BatchScores(
         forward_passes=passes,
