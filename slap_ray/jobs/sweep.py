@@ -291,7 +291,7 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
     """The whole sweep in a locked run directory; returns the path of results.md."""
     from slap_ray.config import write_resolved_config
     from slap_ray.ray.runtime import check_resources, ray_session
-    from slap_ray.ray.tune import run_trials
+    from slap_ray.ray.tune import TuneRun, run_trials
     from slap_ray.reporting.sweep import write_results
 
     specs = trial_grid(config)
@@ -305,10 +305,12 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
                 _select_once(config, sweep_dir, specs, manifest)
             shared = {"config": _absolute_paths(config), "sweep_dir": str(sweep_dir.resolve())}
             with manifest.stage("trials"):
-                rows = run_trials(
-                    run_trial, [s.as_dict() for s in specs], shared,
-                    storage_for(config, sweep_dir, TUNE_DIR), EXPERIMENT, _name_of,
+                tune_run = TuneRun(
+                    storage_for(config, sweep_dir, TUNE_DIR), EXPERIMENT,
                     config.sweep.max_concurrent_trials, config.sweep.trial_cpus, config.resume,
+                )  # fmt: skip
+                rows = run_trials(
+                    run_trial, [s.as_dict() for s in specs], shared, tune_run, _name_of,
                     on_trial_done=lambda: write_partial_results(config, sweep_dir, specs),
                     untrained=lambda: _untrained(sweep_dir, specs),
                 )  # fmt: skip

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +97,24 @@ class _Progress(tune.Callback):
         self.on_done()
 
 
+@dataclass(frozen=True)
+class TuneRun:
+    """Where a grid of trials keeps its Tune state (``storage``/``name``, restored on
+    ``resume``) and how it runs: trials at once, and CPUs each trial's driver holds."""
+
+    storage: str | Path
+    name: str
+    max_concurrent_trials: int
+    trial_cpus: float
+    resume: bool
+
+
 def run_trials(
     trainable: Callable[[dict], None],
     specs: list[dict],
     shared: dict,
-    storage: str | Path,
-    name: str,
+    run: TuneRun,
     trial_name: Callable[[dict], str],
-    max_concurrent_trials: int,
-    trial_cpus: float,
-    resume: bool,
     on_trial_done: Callable[[], None] = lambda: None,
     untrained: Callable[[], int] | None = None,
 ) -> list[dict]:
@@ -113,6 +122,7 @@ def run_trials(
     return each trial's last reported metrics, with ``error`` set where a trial failed.
     ``on_trial_done`` runs on the driver after each finished trial (partial results);
     ``untrained`` counts the trials that still have to train (for the ETA)."""
+    storage, name, trial_cpus = run.storage, run.name, run.trial_cpus
     # A trial driver only waits on its TorchTrainer: with trial_cpus=0 it holds a token of
     # memory instead (Tune refuses an empty bundle), so the trainer's workers get every CPU.
     resources = {"cpu": trial_cpus} if trial_cpus > 0 else {"memory": float(2**20)}
@@ -121,7 +131,7 @@ def run_trials(
     storage = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
     path = f"{storage.rstrip('/')}/{name}"
     progress = _Progress(len(specs), trial_name, on_trial_done, untrained or (lambda: len(specs)))
-    if resume and tune.Tuner.can_restore(str(path)):
+    if run.resume and tune.Tuner.can_restore(str(path)):
         # The restored run keeps the callbacks it was started with; Tune calls their setup()
         # again, which clears timings from the past session.
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
@@ -130,7 +140,7 @@ def run_trials(
             trainable,
             param_space={"trial": tune.grid_search(specs), "shared": shared},
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent_trials,
+                max_concurrent_trials=run.max_concurrent_trials,
                 trial_name_creator=lambda t: trial_name(t.config["trial"]),
                 trial_dirname_creator=lambda t: trial_name(t.config["trial"]),
             ),

@@ -155,14 +155,15 @@ def test_trials_restore_from_a_relative_output_dir(ray_cluster, tmp_path, monkey
     """`slap sweep --resume` with a relative output_dir (as in the example configs)."""
     from ray import tune
 
-    from slap_ray.ray.tune import run_trials
+    from slap_ray.ray.tune import TuneRun, run_trials
 
     def echo(params: dict) -> None:
         tune.report({"value": params["trial"]["x"] * 10})
 
     monkeypatch.chdir(tmp_path)
     storage = Path("runs") / "tune"
-    common = dict(trial_name=lambda s: f"x{s['x']}", max_concurrent_trials=1, trial_cpus=0.0)
-    first = run_trials(echo, [{"x": 1}, {"x": 2}], {}, storage, "exp", resume=True, **common)
-    again = run_trials(echo, [{"x": 1}, {"x": 2}], {}, storage, "exp", resume=True, **common)
+    run = TuneRun(storage, "exp", max_concurrent_trials=1, trial_cpus=0.0, resume=True)
+    name = lambda s: f"x{s['x']}"  # noqa: E731
+    first = run_trials(echo, [{"x": 1}, {"x": 2}], {}, run, name)
+    again = run_trials(echo, [{"x": 1}, {"x": 2}], {}, run, name)
     assert sorted(r["value"] for r in first) == sorted(r["value"] for r in again) == [10, 20]
