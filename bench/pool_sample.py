@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from slap_ray.data.ingest import ingest
+from slap_ray.data.rows import rows_in_process
 from slap_ray.data.tokenize import tokenize_rows
 
 
@@ -19,7 +20,11 @@ def tokenized_pool_sample(
     paths = sorted(Path(pool).glob("*.jsonl"))
     if not paths:
         raise SystemExit(f"no *.jsonl under {pool}: the shared pool is required")
-    rows = ingest([str(p) for p in paths], on_bad_rows="skip").rows
+    rows = [
+        {"id": row["id"], "source": row["source"], "messages": json.loads(row["messages"])}
+        for row in rows_in_process([str(p) for p in paths])
+        if row["reject_reason"] is None
+    ]
     order = np.random.default_rng(seed).permutation(len(rows))
     picked: list[dict[str, Any]] = []
     for start in range(0, len(order), need):

@@ -12,7 +12,7 @@ import ray
 from slap_ray.config import ConfigError, SlapConfig
 from slap_ray.data.ingest import SchemaOptions, detect_format, expand_paths, iter_raw_records
 from slap_ray.data.readers import check_dataset_folder
-from slap_ray.errors import BadRowError
+from slap_ray.data.rows import bad_row_error
 from slap_ray.ray import pool, stages
 from slap_ray.reporting.manifest import Manifest
 
@@ -118,7 +118,7 @@ def raise_first_reject(rejects: ray.data.Dataset) -> None:
     """``on_bad_rows: error``: the first rejected row by origin stops the run."""
     first = pool.first_by_origin(rejects)
     if first is not None:
-        raise BadRowError(first["path"], int(first["line"]), first["reject_reason"])
+        raise bad_row_error(first)
 
 
 def raw_text(rejected: pd.DataFrame, fmt: str) -> list[str]:

@@ -28,6 +28,7 @@ from slap_ray.core.strata import (
     rank_within_clusters,
     stratified_positions,
 )
+from slap_ray.data.rows import origin_key, reject_duplicates
 
 HISTOGRAM_BITS = 12  # rank keys are 63-bit; the top 12 bits pick a histogram bucket
 # Python sha256 per row: keep the pandas work of these steps in plain tasks, one CPU each.
@@ -36,16 +37,6 @@ PANDAS = {"batch_format": "pandas"}
 ROW_GROUP_ROWS = 8192
 # Rows ranked in one compose task: larger strata are ranked in key buckets of about this size.
 COMPOSE_GROUP_ROWS = 50_000
-
-
-def origin_key(paths: pd.Series, lines: pd.Series) -> pd.Series:
-    """(path, line) as one string that sorts like the pair (lines zero-padded)."""
-    return paths.astype(str) + "\x00" + lines.astype("int64").map("{:012d}".format)
-
-
-def _origin_text(key: str) -> str:
-    path, line = key.rsplit("\x00", 1)
-    return f"{path}:{int(line)}"
 
 
 def accumulate(parts: Dataset, keys: list[str]) -> pd.DataFrame:
@@ -77,7 +68,8 @@ def counts_by(ds: Dataset, keys: list[str], sums: tuple[str, ...] = ()) -> pd.Da
 
 
 def mark_duplicates(rows: Dataset, partitions: int) -> Dataset:
-    """Reject every accepted row whose id an earlier (path, line) already holds.
+    """Reject every accepted row whose id an earlier (path, line) already holds
+    (``slap_ray.data.rows.reject_duplicates``).
 
     An exact distributed groupby finds ids held by more than one accepted row and the first
     origin of each; that table (duplicated ids only) travels to the workers by reference.
@@ -106,19 +98,7 @@ def mark_duplicates(rows: Dataset, partitions: int) -> Dataset:
         return fetched["first"]
 
     def reject(batch: pd.DataFrame) -> pd.DataFrame:
-        first = first_origins()
-        if not first:
-            return batch
-        origin = origin_key(batch["path"], batch["line"])
-        reasons = batch["reject_reason"].astype(object).where(batch["reject_reason"].notna(), None)
-        for i in np.flatnonzero(batch["id"].isin(first).to_numpy()):
-            row_id = batch["id"].iat[i]
-            if reasons.iat[i] is None and origin.iat[i] != first[row_id]:
-                reasons.iat[i] = (
-                    f"duplicate id {row_id!r} (first seen at {_origin_text(first[row_id])})"
-                )
-        batch["reject_reason"] = reasons
-        return batch
+        return reject_duplicates(batch, first_origins())
 
     return rows.map_batches(reject, **PANDAS)
 

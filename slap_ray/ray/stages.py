@@ -1,7 +1,6 @@
 """Ray Data stages of the selection job; each wraps one pure function of slap_ray.data/core.
 
-Rows travel with ``messages`` as a JSON string (one Arrow type for any conversation shape) and
-carry ``path``/``line`` so rejects point at their origin.
+Rows have the shape of ``slap_ray.data.rows.pipeline_row``.
 """
 
 from __future__ import annotations
@@ -16,56 +15,13 @@ from ray.data import ActorPoolStrategy, Dataset, TaskPoolStrategy
 
 from slap_ray.core.seeds import id_rank_key
 from slap_ray.core.strata import assign_clusters
-from slap_ray.data.ingest import (
-    RowRejected,
-    SchemaOptions,
-    iter_raw_records,
-    normalize_record,
-    source_for_path,
-)
+from slap_ray.data.ingest import SchemaOptions
+from slap_ray.data.rows import pipeline_row, read_file_rows
 from slap_ray.names import EMBEDDED_CHITCHAT, EMBEDDED_CHITCHAT_EVAL
 from slap_ray.ray.embed import Embedder
 
 # Embedded sources: the chitchat training side and its held-out conversations.
 EMBEDDED = {EMBEDDED_CHITCHAT: "train", EMBEDDED_CHITCHAT_EVAL: "eval"}
-ROW_COLUMNS = (
-    "id", "source", "task", "messages", "tools", "path", "line", "reject_reason", "raw",
-)  # fmt: skip
-
-
-def _row(path: str, line: int, normalised: dict | None, reason: str | None, raw: str | None):
-    return {
-        "id": normalised["id"] if normalised else f"__rejected__:{path}:{line}",
-        "source": normalised["source"] if normalised else None,
-        "task": normalised["task"] if normalised else None,
-        "messages": json.dumps(normalised["messages"], ensure_ascii=False) if normalised else None,
-        # The row's tool definitions as JSON text; "" (never None: Arrow would type a block of
-        # only None as null, and Ray Data hand it over as NaN) for the many rows without any.
-        "tools": json.dumps(normalised["tools"], ensure_ascii=False)
-        if normalised and normalised.get("tools") is not None
-        else "",
-        "path": path,
-        "line": int(line),
-        "reject_reason": reason,
-        "raw": raw,
-    }
-
-
-def read_file_rows(item: dict[str, Any], options: SchemaOptions, fmt: str) -> list[dict]:
-    """One input file -> its rows, normalised or marked rejected (never raised)."""
-    path = item["path"]
-    stem = source_for_path(path)
-    rows = []
-    for raw in iter_raw_records(path, format=fmt):
-        try:
-            if raw.error is not None or raw.record is None:
-                raise RowRejected(raw.error or "no record")
-            rows.append(
-                _row(raw.path, raw.line, normalize_record(raw.record, options, stem), None, None)
-            )
-        except RowRejected as rejected:
-            rows.append(_row(raw.path, raw.line, None, rejected.reason, raw.raw))
-    return rows
 
 
 def read_stage(files: list[str], options: SchemaOptions, fmt: str) -> Dataset:
@@ -89,7 +45,7 @@ def chitchat_stage(mode: str, split: str = "train") -> Dataset:
         from slap_ray.data.chitchat import chitchat_rows
 
         rows = chitchat_rows(item["mode"], split=item["split"])
-        return [_row(name, i, r, None, None) for i, r in enumerate(rows)]
+        return [pipeline_row(name, i, r, None, None) for i, r in enumerate(rows)]
 
     return ray.data.from_items([{"mode": mode, "split": split}]).flat_map(rows_of)
 

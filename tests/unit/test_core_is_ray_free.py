@@ -1,21 +1,29 @@
-"""slap_ray.core must stay importable without Ray: math in the core, Ray at the edges."""
+"""slap_ray.core and slap_ray.data must stay importable without Ray: math and row logic in the
+core and data layers, Ray at the edges."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import slap_ray.core
+import slap_ray.data
 
 CORE = Path(slap_ray.core.__file__).parent
 
 
-def test_every_core_module_is_ray_free():
-    modules = sorted(f"slap_ray.core.{p.stem}" for p in CORE.glob("*.py") if p.stem != "__init__")
-    assert {"slap_ray.core.model", "slap_ray.core.training", "slap_ray.core.onpolicy"} <= set(
-        modules
+def _modules(package) -> list[str]:
+    folder = Path(package.__file__).parent
+    return sorted(
+        f"{package.__name__}.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"
     )
+
+
+def test_every_core_and_data_module_is_ray_free():
+    core, data = _modules(slap_ray.core), _modules(slap_ray.data)
+    assert {"slap_ray.core.model", "slap_ray.core.training", "slap_ray.core.onpolicy"} <= set(core)
+    assert {"slap_ray.data.ingest", "slap_ray.data.rows"} <= set(data)
     code = (
-        f"import sys, importlib\nfor m in {modules!r}: importlib.import_module(m)\n"
+        f"import sys, importlib\nfor m in {core + data!r}: importlib.import_module(m)\n"
         "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,12 +1,15 @@
-"""Ingestion: every reader, every schema, stable ids, and every bad-input case in both policies."""
+"""Ingestion: every reader, every schema, stable ids, and every bad-input case, read as the
+pipeline reads rows (slap_ray.data.rows)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,13 +20,21 @@ from slap_ray.data.ingest import (
     SchemaOptions,
     canonical_json,
     expand_paths,
-    ingest,
     iter_raw_records,
     make_reject,
     normalize_record,
     source_for_path,
     write_rejected,
 )
+from slap_ray.data.rows import (
+    ROW_COLUMNS,
+    bad_row_error,
+    origin_key,
+    read_file_rows,
+    reject_duplicates,
+    rows_in_process,
+)
+from slap_ray.jobs.rows import raw_text
 
 CHAT = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
 
@@ -53,6 +64,24 @@ def _norm(record: dict[str, Any], **options: Any) -> dict[str, Any]:
     return normalize_record(record, SchemaOptions(**options), "stem")
 
 
+def _read(paths: Any, fmt: str = "auto") -> tuple[list[dict], list[dict]]:
+    """(accepted, rejected) rows of `paths`, duplicates marked, in (path, line) order."""
+    rows = rows_in_process(paths, SchemaOptions(), fmt)
+    accepted = [r for r in rows if r["reject_reason"] is None]
+    return accepted, [r for r in rows if r["reject_reason"] is not None]
+
+
+def _clean(paths: Any, fmt: str = "auto") -> list[dict]:
+    """The rows of inputs that `on_bad_rows: error` lets through: none may be rejected."""
+    accepted, rejected = _read(paths, fmt)
+    assert rejected == []
+    return accepted
+
+
+def _messages(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return json.loads(row["messages"])
+
+
 # --- readers -----------------------------------------------------------------------------------
 
 
@@ -65,7 +94,8 @@ def test_jsonl_keeps_physical_line_numbers_and_skips_blank_lines(tmp_path: Path)
 
 def test_rows_without_ids_get_file_stem_source_and_hash_ids(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "gsm8k.jsonl", {"prompt": "1+1?", "response": "2"})
-    (row,) = ingest(str(path)).rows
+    (row,) = read_file_rows({"path": str(path)}, SchemaOptions(), "auto")
+    assert row["reject_reason"] is None
     assert row["source"] == "gsm8k" and row["task"] == "general"
     assert row["id"].startswith("gsm8k-") and len(row["id"]) == len("gsm8k-") + 16
     assert source_for_path("pool/gsm8k.jsonl") == "gsm8k"
@@ -74,15 +104,14 @@ def test_rows_without_ids_get_file_stem_source_and_hash_ids(tmp_path: Path) -> N
 def test_json_array_uses_row_indices(tmp_path: Path) -> None:
     path = tmp_path / "a.json"
     path.write_text(json.dumps([_row(1), _row(2)], indent=2))
-    result = ingest(str(path))
-    assert [r["id"] for r in result.rows] == ["r1", "r2"]
+    assert [r["id"] for r in _clean(str(path))] == ["r1", "r2"]
     assert [r.line for r in iter_raw_records(path)] == [0, 1]
 
 
 def test_json_extension_holding_json_lines_is_read_as_jsonl(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "a.json", _row(1), _row(2))
     assert [r.line for r in iter_raw_records(path)] == [1, 2]
-    assert ingest(str(path)).counts["accepted"] == 2
+    assert len(_clean(str(path))) == 2
 
 
 def test_parquet_with_nested_messages_and_null_columns(tmp_path: Path) -> None:
@@ -94,11 +123,11 @@ def test_parquet_with_nested_messages_and_null_columns(tmp_path: Path) -> None:
         ]
     )
     pq.write_table(table, path)
-    result = ingest(str(path))
-    assert result.rows[0]["messages"] == _row(1)["messages"]
-    assert result.rows[1]["messages"][0]["content"] == "Add 2+2"
+    rows = _clean(str(path))
+    assert _messages(rows[0]) == _row(1)["messages"]
+    assert _messages(rows[1])[0]["content"] == "Add 2+2"
     assert [r.line for r in iter_raw_records(path)] == [0, 1]
-    assert {r["source"] for r in result.rows} == {"mixed"}
+    assert {r["source"] for r in rows} == {"mixed"}
 
 
 def test_csv_multiline_field_line_numbers_and_json_messages_column(tmp_path: Path) -> None:
@@ -113,18 +142,18 @@ def test_csv_multiline_field_line_numbers_and_json_messages_column(tmp_path: Pat
     raws = list(iter_raw_records(path))
     assert [r.line for r in raws] == [2, 4]
     assert raws[0].raw == 'c1,"Line one\nline two",,Out,'
-    result = ingest(str(path))
-    assert result.rows[0]["messages"][0]["content"] == "Line one\nline two"
-    assert result.rows[1]["messages"] == CHAT
+    rows = _clean(str(path))
+    assert _messages(rows[0])[0]["content"] == "Line one\nline two"
+    assert _messages(rows[1]) == CHAT
 
 
 def test_hf_save_to_disk_directory(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     folder = tmp_path / "hfset"
     datasets.Dataset.from_list([_row(1), _row(2)]).save_to_disk(str(folder))
-    result = ingest(str(folder))
-    assert [r["id"] for r in result.rows] == ["r1", "r2"]
-    assert result.rows[0]["source"] == "hfset"
+    rows = _clean(str(folder))
+    assert [r["id"] for r in rows] == ["r1", "r2"]
+    assert rows[0]["source"] == "hfset"
     assert [r.line for r in iter_raw_records(folder)] == [0, 1]
 
 
@@ -132,16 +161,16 @@ def test_hf_dataset_dict_is_a_reject_not_a_crash(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     folder = tmp_path / "dd"
     datasets.DatasetDict({"train": datasets.Dataset.from_list([_row(1)])}).save_to_disk(str(folder))
-    result = ingest(str(folder), on_bad_rows="skip")
-    assert result.rows == [] and "DatasetDict" in result.rejected[0]["reason"]
-    assert ingest(str(folder / "train")).counts["accepted"] == 1
+    accepted, rejected = _read(str(folder))
+    assert accepted == [] and "DatasetDict" in rejected[0]["reject_reason"]
+    assert len(_clean(str(folder / "train"))) == 1
 
 
 def test_format_override_and_unknown_extension(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "data.txt", _row(1))
     with pytest.raises(ValueError, match="data.txt"):
-        ingest(str(path))
-    assert ingest(str(path), format="jsonl").counts["accepted"] == 1
+        _read(str(path))
+    assert len(_clean(str(path), fmt="jsonl")) == 1
     with pytest.raises(ValueError, match="unknown format"):
         list(iter_raw_records(path, format="xml"))  # type: ignore[arg-type]
 
@@ -162,11 +191,25 @@ def test_expand_paths_sorts_globs_and_names_missing_patterns(tmp_path: Path) -> 
 def test_result_does_not_depend_on_listing_order(tmp_path: Path) -> None:
     a = _jsonl(tmp_path / "a.jsonl", _row(1), _row(2))
     b = _jsonl(tmp_path / "b.jsonl", _row(2), _row(3))
-    first = ingest([str(b), str(a)], on_bad_rows="skip")
-    second = ingest([str(a), str(b)], on_bad_rows="skip")
-    assert first.rows == second.rows and first.rejected == second.rejected
-    assert [r["id"] for r in first.rows] == ["r1", "r2", "r3"]
-    assert first.rejected[0]["path"] == str(b) and first.rejected[0]["line"] == 1
+    assert rows_in_process([str(b), str(a)]) == rows_in_process([str(a), str(b)])
+    accepted, rejected = _read([str(b), str(a)])
+    assert [r["id"] for r in accepted] == ["r1", "r2", "r3"]
+    assert rejected[0]["path"] == str(b) and rejected[0]["line"] == 1
+
+
+def test_duplicate_rule_on_a_block_keeps_the_first_origin_and_earlier_rejects() -> None:
+    """The block step ray.pool.mark_duplicates runs, with its table of duplicated ids only."""
+    batch = pd.DataFrame(
+        [
+            {"id": "d", "path": "b.jsonl", "line": 1, "reject_reason": None},
+            {"id": "d", "path": "a.jsonl", "line": 10, "reject_reason": None},
+            {"id": "d", "path": "a.jsonl", "line": 12, "reject_reason": "malformed JSON"},
+            {"id": "u", "path": "a.jsonl", "line": 11, "reject_reason": None},
+        ]
+    )
+    first = {"d": origin_key(pd.Series(["a.jsonl"]), pd.Series([10])).iat[0]}
+    reasons = reject_duplicates(batch, first)["reject_reason"].tolist()
+    assert reasons == ["duplicate id 'd' (first seen at a.jsonl:10)", None, "malformed JSON", None]
 
 
 # --- schemas -----------------------------------------------------------------------------------
@@ -321,24 +364,31 @@ def bad_file(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, str]
 
 def test_bad_row_error_mode_names_file_line_and_reason(bad_file: tuple[Path, str]) -> None:
     path, reason = bad_file
-    with pytest.raises(BadRowError) as caught:
-        ingest(str(path))
-    message = str(caught.value)
+    _, rejected = _read(str(path))
+    error = bad_row_error(rejected[0])  # what `on_bad_rows: error` raises for the first reject
+    message = str(error)
+    assert isinstance(error, BadRowError)
     assert message.startswith(f"{path}:2: ") and "pool.jsonl" in message and reason in message
-    assert (caught.value.path, caught.value.line) == (str(path), 2)
+    assert (error.path, error.line) == (str(path), 2)
 
 
 def test_bad_row_skip_mode_writes_rejected_jsonl(
     bad_file: tuple[Path, str], tmp_path: Path
 ) -> None:
     path, reason = bad_file
-    result = ingest(str(path), on_bad_rows="skip")
-    counts = result.counts
-    assert [r["id"] for r in result.rows] == ["r1", "r3"]
-    assert counts["read"] == counts["accepted"] + counts["rejected"] == 3
-    assert counts["files"][str(path)] == {"read": 3, "accepted": 2, "rejected": 1}
+    accepted, rejected = _read(str(path))
+    assert [r["id"] for r in accepted] == ["r1", "r3"]
+    assert len(list(iter_raw_records(path))) == len(accepted) + len(rejected) == 3
+    assert {r["path"] for r in accepted + rejected} == {str(path)} and len(rejected) == 1
+    # the reject records `slap select` writes: a duplicate's own line is read again (raw_text)
+    frame = pd.DataFrame(rejected)
+    texts = raw_text(frame, "auto")
+    records = [
+        make_reject(r["path"], r["line"], r["reject_reason"], text)
+        for r, text in zip(rejected, texts, strict=True)
+    ]
     (tmp_path / "out").mkdir()
-    written = write_rejected(result.rejected, tmp_path / "out")
+    written = write_rejected(records, tmp_path / "out")
     assert written == tmp_path / "out" / "rejected.jsonl"
     (reject,) = [json.loads(line) for line in written.read_text(encoding="utf-8").splitlines()]
     assert reject["path"] == str(path) and reject["line"] == 2 and reason in reject["reason"]
@@ -347,7 +397,7 @@ def test_bad_row_skip_mode_writes_rejected_jsonl(
 
 def test_invalid_utf8_raw_text_is_kept_readable(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "a.jsonl", b'{"prompt": "caf\xe9"}')
-    (reject,) = ingest(str(path), on_bad_rows="skip").rejected
+    (reject,) = _read(str(path))[1]
     assert reject["raw"] == '{"prompt": "caf\\xe9"}'
 
 
@@ -372,11 +422,10 @@ def test_file_format_specific_bad_input(
 ) -> None:
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(BadRowError, match=f"{name}:{line}: .*{reason}"):
-        ingest(str(path))
-    result = ingest(str(path), on_bad_rows="skip")
-    assert result.counts["read"] == result.counts["accepted"] + result.counts["rejected"]
-    assert result.rejected[-1]["line"] == line and reason in result.rejected[-1]["reason"]
+    accepted, rejected = _read(str(path))
+    assert re.search(f"{name}:{line}: .*{reason}", str(bad_row_error(rejected[0])))
+    assert len(list(iter_raw_records(path))) == len(accepted) + len(rejected)
+    assert rejected[-1]["line"] == line and reason in rejected[-1]["reject_reason"]
 
 
 def test_make_reject_and_write_rejected_to_a_file(tmp_path: Path) -> None:
@@ -394,23 +443,19 @@ def test_make_reject_and_write_rejected_to_a_file(tmp_path: Path) -> None:
     assert write_rejected([], tmp_path).read_text() == ""
 
 
-def test_invalid_policy_is_refused(tmp_path: Path) -> None:
-    path = _jsonl(tmp_path / "a.jsonl", _row(1))
-    with pytest.raises(ValueError, match="on_bad_rows"):
-        ingest(str(path), on_bad_rows="ignore")  # type: ignore[arg-type]
-
-
 # --- the real pool -----------------------------------------------------------------------------
 
 
 def test_real_pool_is_accepted_whole(shared_data: Path) -> None:
-    result = ingest(str(shared_data / "pool" / "*.jsonl"))
-    assert result.counts["read"] == result.counts["accepted"] == len(result.rows) == 18_352
-    assert result.rejected == []
-    ids = [row["id"] for row in result.rows]
+    files = sorted((shared_data / "pool").glob("*.jsonl"))
+    rows = _clean(str(shared_data / "pool" / "*.jsonl"))
+    assert sum(len(list(iter_raw_records(p))) for p in files) == len(rows) == 18_352
+    ids = [row["id"] for row in rows]
     assert len(set(ids)) == len(ids)
-    for row in result.rows:
-        assert set(row) == {"id", "source", "task", "messages"}
-        assert row["messages"][-1]["role"] == "assistant"
-        assert {m["role"] for m in row["messages"]} <= {"system", "user", "assistant"}
-    assert set(result.counts["sources"]) == {Path(p).stem for p in result.counts["files"]}
+    for row in rows:
+        # no normalised row carries more than id, source, task and messages (no tool definitions)
+        assert set(row) == set(ROW_COLUMNS) and row["tools"] == ""
+        messages = _messages(row)
+        assert messages[-1]["role"] == "assistant"
+        assert {m["role"] for m in messages} <= {"system", "user", "assistant"}
+    assert {row["source"] for row in rows} == {p.stem for p in files}

@@ -12,7 +12,8 @@ from filelock import FileLock
 from slap_ray.cli import select_main
 from slap_ray.config import ConfigError, build_config
 from slap_ray.core.model import device_for
-from slap_ray.data.ingest import ingest, iter_raw_records
+from slap_ray.data.ingest import iter_raw_records
+from slap_ray.data.rows import read_file_rows
 from slap_ray.data.schemas import RowRejected, SchemaOptions, normalize_record
 from slap_ray.errors import DeviceError, JobFailed, slap_error_in
 from slap_ray.jobs.rundir import LOCK_FILE, locked_run_dir
@@ -141,8 +142,8 @@ def test_gzip_jsonl_and_csv_read_like_plain_files(tmp_path):
     csv_gz = tmp_path / "c.csv.gz"
     with gzip.open(csv_gz, "wt", encoding="utf-8") as handle:
         handle.write('id,prompt,response\nx1,hello,"hi, there"\n')
-    result = ingest([str(csv_gz)], SchemaOptions(schema="prompt_response"))
-    assert [r["id"] for r in result.rows] == ["x1"]
+    rows = read_file_rows({"path": str(csv_gz)}, SchemaOptions(schema="prompt_response"), "auto")
+    assert [(r["id"], r["reject_reason"]) for r in rows] == [("x1", None)]
     broken = tmp_path / "d.jsonl.gz"
     payload = "".join(
         json.dumps({"id": f"z{i}", "n": i * 7919 % 104729}) + "\n" for i in range(500)
