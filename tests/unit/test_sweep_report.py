@@ -190,3 +190,33 @@ def test_the_noisy_pool_plants_exact_shares_and_marks_them():
         assert row["messages"][0]["content"] == f"q{own}"
     assert rows[0]["id"] == "r0"  # the input is not changed
     assert noisy_rows(rows, 0.15, 0.10, seed=3) == noisy
+
+
+def test_the_noisy_sample_is_the_pipelines_max_rows_sample_with_both_copies():
+    """``--sample N``: the N rows ``data.max_rows: N`` samples (the smallest seeded rank keys
+    over all files, brute force here), kept per file in file order; planted into that sample,
+    every repeat meets its original."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from noisy_pool import noisy_rows, pipeline_sample
+
+    from slap_ray.core.seeds import id_rank_key
+
+    def row(i: int) -> dict:
+        return {"id": f"r{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                            {"role": "assistant", "content": f"a{i}"}]}  # fmt: skip
+
+    files = {"a.jsonl": [row(i) for i in range(30)], "b.jsonl": [row(i) for i in range(30, 50)]}
+    sample = pipeline_sample(files, 12, seed=5)
+    everyone = [r["id"] for rows in files.values() for r in rows]
+    expected = sorted(everyone, key=lambda i: (id_rank_key(5, "max-rows", i), i))[:12]
+    assert sorted(r["id"] for rows in sample.values() for r in rows) == sorted(expected)
+    for name, rows in sample.items():
+        order = [r["id"] for r in files[name]]
+        assert [order.index(r["id"]) for r in rows] == sorted(order.index(r["id"]) for r in rows)
+    noisy = noisy_rows(sample["a.jsonl"] + sample["b.jsonl"], swap=0.0, repeat=0.5, seed=1)
+    ids = {r["id"] for r in noisy}
+    repeats = [i for i in ids if i.endswith("~dup1")]
+    assert repeats and all(i.removesuffix("~dup1") in ids for i in repeats)
