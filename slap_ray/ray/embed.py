@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from slap_ray.core.model import device_for
 from slap_ray.files import atomic_path
 
 
@@ -36,9 +34,13 @@ class Embedder:
         num_cpus: float = 1,
         persist_dir: str | None = None,
     ) -> None:
+        # torch and the model stack load here, in the actor: the selection's task workers
+        # import this module for its stage functions and never need them.
+        import torch
         from sentence_transformers import SentenceTransformer
 
         from slap_ray.assets import resolve_embedder_path
+        from slap_ray.core.model import device_for
 
         torch.set_num_threads(max(1, int(num_cpus)))
         device = device_for(use_gpu, "embed.num_gpus_per_actor")
