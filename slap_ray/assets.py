@@ -23,6 +23,7 @@ see a half-written folder; a per-folder ``filelock`` keeps them from all convert
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -320,6 +321,11 @@ _MODEL_ALIASES: dict[str, tuple[str, Callable[[Path], dict[str, Any]]]] = {
     TINY_BPE_NAME: ("tiny-bpe-llama-tied", _tiny_bpe_builder(True)),
     TINY_BPE_UNTIED_NAME: ("tiny-bpe-llama-untied", _tiny_bpe_builder(False)),
 }
+# What resolving a model alias does: build its cache folder once, then find it there.
+_MODEL_FOLDERS: dict[str, Callable[[], Path]] = {
+    alias: functools.partial(_build_once, folder, build)
+    for alias, (folder, build) in _MODEL_ALIASES.items()
+}
 _EMBEDDER_ALIASES: dict[str, Callable[[], Path]] = {
     MINILM_NAME: minilm_dir,
     # The package holds the full-precision Hub model, so the Hub id can safely resolve offline.
@@ -328,6 +334,8 @@ _EMBEDDER_ALIASES: dict[str, Callable[[], Path]] = {
 
 
 def _resolve(name: str, aliases: dict[str, Callable[[], Path]]) -> str:
+    """An alias's folder (case-insensitive), an existing local folder, else ``name`` (a Hub
+    id): the one resolver of model and embedder names."""
     alias = aliases.get(name.strip().lower())
     if alias is not None:
         return str(alias())
@@ -352,10 +360,7 @@ def resolve_model_path(name: str) -> str:
     (case-insensitive) map to cached local folders (built on first use); an existing local folder maps to itself;
     anything else is returned unchanged (a Hub id).
     """
-    alias = _MODEL_ALIASES.get(name.strip().lower())
-    if alias is not None:
-        return str(_build_once(*alias))
-    return _local_or_hub(name)
+    return _resolve(name, _MODEL_FOLDERS)
 
 
 def built_model_path(name: str) -> Path | None:

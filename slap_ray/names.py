@@ -22,6 +22,13 @@ EMBEDDED_CHITCHAT_EVAL = "embedded:chitchat-eval"
 # The generation check's group when no source is named: the eval set's first rows.
 GENERATION_ALL_ROWS = "all"
 _PLAIN_KEY = re.compile(r"a([0-9.]+)")
+# What every run writes beside its outputs: its manifest, its resolved config, its log files.
+MANIFEST, RESOLVED_CONFIG, LOGS_DIR = "manifest.json", "config.yaml", "logs"
+RUN_RECORDS = (MANIFEST, RESOLVED_CONFIG, LOGS_DIR)
+# A job's human-facing outputs: the report, its plots, a fine-tuning run's (or evaluation's)
+# metrics.
+REPORT, PLOTS_DIR, METRICS = "report.md", "plots", "metrics.json"
+TRAIN_IDS = "train_ids.txt"  # the ids a fine-tuning run trained on, never evaluated after
 
 
 def alpha_key(alpha: float) -> str:

@@ -24,7 +24,9 @@ with e_v the T_j residuals of vocabulary row v: O(T^2 (V + H)) per example inste
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -302,50 +304,85 @@ def lm_head_features(
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} mismatch")
-    weight = lm_head_weight.detach().float()
-    vocab, width = weight.shape
-    if preconditioner is None and second_moment is not None:
-        # Shared by every example of the call: computed once here.
-        preconditioner = inverse_root(second_moment, eps)
-    factored = isinstance(preconditioner, FactoredPreconditioner)
-    if factored:
-        if preconditioner.row.shape != (vocab,) or preconditioner.col.shape != (width,):
-            raise ValueError(f"factored preconditioner does not match weight {(vocab, width)}")
-    elif preconditioner is not None and preconditioner.shape != weight.shape:
-        raise ValueError(f"second moment {tuple(preconditioner.shape)} != weight {(vocab, width)}")
-    # Raw and factored norms are a row scale times ||sum_t e_t (b * h_t)||.
-    dense = None if factored else preconditioner
-    col_scale = preconditioner.col if factored else None
-    features = torch.zeros(hidden.shape[0], vocab, dtype=torch.float32, device=hidden.device)
     if probabilities is not None and logits is not None:
         raise ValueError("pass logits or their probabilities, not both")
+    weight = lm_head_weight.detach().float()
+    scaling = _Scaling.of(weight, second_moment, preconditioner, eps)
+    features = torch.zeros(
+        hidden.shape[0], weight.shape[0], dtype=torch.float32, device=hidden.device
+    )
     source = probabilities if probabilities is not None else logits
     with torch.no_grad():
         for j, h, y, z in _examples(
             hidden.detach(), labels, None if source is None else source.detach()
         ):
-            tokens = h.shape[0]
-            chunk = _chunk_size(vocab_chunk, tokens, width, vocab)
-            residual = _ExampleResidual(h, y, weight, z, chunk, probabilities is not None)
-            scaled = h if col_scale is None else h * col_scale
-            # Gram form: ||sum_t e_t h_t||^2 = e^T (H H^T) e, cheaper than V x H when T < H.
-            gram = scaled @ scaled.T if dense is None and tokens < width else None
-            for start in range(0, vocab, chunk):
-                stop = min(start + chunk, vocab)
-                if gram is not None:
-                    e = residual.chunk(start, stop)  # (T, Vc)
-                    rows = (e * (gram @ e)).sum(0).clamp(min=0).sqrt()
-                else:
-                    grad = residual.gradient(start, stop, scaled)  # (Vc, H)
-                    if dense is not None:
-                        grad.mul_(dense[start:stop])
-                    rows = torch.linalg.vector_norm(grad, dim=-1)
-                if factored:
-                    rows = rows * preconditioner.row[start:stop]
-                elif dense is None:
-                    rows = rows / (1.0 + eps)
-                features[j, start:stop] = rows / tokens
+            normalised = probabilities is not None
+            residual_of = partial(_ExampleResidual, h, y, weight, z, normalised=normalised)
+            features[j] = _example_row_norms(h, weight, scaling, vocab_chunk, residual_of)
     return features
+
+
+@dataclass(frozen=True)
+class _Scaling:
+    """How the LM-head gradient is preconditioned: a dense (V, H) factor, or a factored one as
+    a column (H,) and a row (V,) scale, or neither (raw norms, divided by 1 + eps)."""
+
+    dense: torch.Tensor | None
+    col: torch.Tensor | None
+    row: torch.Tensor | None
+    eps: float
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, second_moment, preconditioner, eps: float) -> _Scaling:
+        vocab, width = weight.shape
+        if preconditioner is None and second_moment is not None:
+            # Shared by every example of the call: computed once here.
+            preconditioner = inverse_root(second_moment, eps)
+        if isinstance(preconditioner, FactoredPreconditioner):
+            if preconditioner.row.shape != (vocab,) or preconditioner.col.shape != (width,):
+                raise ValueError(f"factored preconditioner does not match weight {(vocab, width)}")
+            return cls(None, preconditioner.col, preconditioner.row, eps)
+        if preconditioner is not None and preconditioner.shape != weight.shape:
+            raise ValueError(
+                f"second moment {tuple(preconditioner.shape)} != weight {(vocab, width)}"
+            )
+        return cls(preconditioner, None, None, eps)
+
+
+def _example_row_norms(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    scaling: _Scaling,
+    vocab_chunk: int | None,
+    residual_of: Callable[..., _ExampleResidual],
+) -> torch.Tensor:
+    """One example's (V,) feature: each vocabulary row's norm of its preconditioned gradient
+    over the example's T response positions (h: (T, H)), divided by T, chunk by chunk."""
+    tokens = h.shape[0]
+    vocab, width = weight.shape
+    chunk = _chunk_size(vocab_chunk, tokens, width, vocab)
+    residual = residual_of(chunk)
+    # Raw and factored norms are a row scale times ||sum_t e_t (b * h_t)||.
+    scaled = h if scaling.col is None else h * scaling.col
+    # Gram form: ||sum_t e_t h_t||^2 = e^T (H H^T) e, cheaper than V x H when T < H.
+    gram = scaled @ scaled.T if scaling.dense is None and tokens < width else None
+    out = torch.empty(vocab, dtype=torch.float32, device=h.device)
+    for start in range(0, vocab, chunk):
+        stop = min(start + chunk, vocab)
+        if gram is not None:
+            e = residual.chunk(start, stop)  # (T, Vc)
+            rows = (e * (gram @ e)).sum(0).clamp(min=0).sqrt()
+        else:
+            grad = residual.gradient(start, stop, scaled)  # (Vc, H)
+            if scaling.dense is not None:
+                grad.mul_(scaling.dense[start:stop])
+            rows = torch.linalg.vector_norm(grad, dim=-1)
+        if scaling.row is not None:
+            rows = rows * scaling.row[start:stop]
+        elif scaling.dense is None:
+            rows = rows / (1.0 + scaling.eps)
+        out[start:stop] = rows / tokens
+    return out
 
 
 def lm_head_example_gradient_sum(

@@ -17,11 +17,11 @@ from slap_ray.files import write_text_atomic
 from slap_ray.jobs.finetune import prepare_eval
 from slap_ray.jobs.rows import input_files
 from slap_ray.jobs.rundir import locked_run_dir
+from slap_ray.names import MANIFEST, METRICS, RESOLVED_CONFIG, RUN_RECORDS, TRAIN_IDS
 from slap_ray.ray.runtime import ray_session
 from slap_ray.reporting.manifest import Manifest
 
-OWNED = ("metrics.json", "manifest.json", "config.yaml", "logs")
-TRAIN_IDS = "train_ids.txt"
+OWNED = (METRICS, *RUN_RECORDS)
 
 
 def saved_model_dir(config: SlapConfig) -> Path:
@@ -49,7 +49,7 @@ def run_evaluate(config: SlapConfig) -> Path:
     model_dir = saved_model_dir(config)
     input_files(config, config.eval.paths, "eval.paths")  # bad paths fail before Ray starts
     with locked_run_dir(config.output_dir, OWNED, config.resume) as run_dir:
-        write_resolved_config(config, run_dir / "config.yaml")
+        write_resolved_config(config, run_dir / RESOLVED_CONFIG)
         manifest = Manifest("evaluate")
         manifest.set("model_dir", str(model_dir.resolve()))
         try:
@@ -61,7 +61,7 @@ def run_evaluate(config: SlapConfig) -> Path:
                 with manifest.stage("evaluate"):
                     scored = evaluate_saved(config, model_dir, evaluation)
         finally:
-            manifest.write(run_dir / "manifest.json")
+            manifest.write(run_dir / MANIFEST)
         metrics = {
             "model_dir": str(model_dir.resolve()),
             "final_eval": scored["eval"],
@@ -73,7 +73,7 @@ def run_evaluate(config: SlapConfig) -> Path:
                 "final_loss_sum": scored["eval_rows"]["loss_sum"],
             },
         }
-        return write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        return write_text_atomic(run_dir / METRICS, json.dumps(metrics, indent=2))
 
 
 def main_evaluate(config: SlapConfig) -> int:

@@ -24,7 +24,18 @@ from slap_ray.files import write_text_atomic
 from slap_ray.jobs.rows import input_files, marked_rows, read_rows
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
-from slap_ray.names import alpha_name, kept_list, kept_table
+from slap_ray.names import (
+    MANIFEST,
+    METRICS,
+    PLOTS_DIR,
+    REPORT,
+    RESOLVED_CONFIG,
+    RUN_RECORDS,
+    TRAIN_IDS,
+    alpha_name,
+    kept_list,
+    kept_table,
+)
 from slap_ray.ray import pool, stages
 from slap_ray.ray.runtime import check_resources, ray_session
 from slap_ray.reporting.manifest import Manifest
@@ -35,15 +46,15 @@ RAY_TRAIN_DIR = "ray_train"
 RUN_NAME = "finetune"
 # What a fresh run clears in its output_dir (a resumed run keeps Ray Train's checkpoints).
 OWNED = (
-    "metrics.json", "manifest.json", "report.md", MODEL_DIR, "plots", "config.yaml", "logs",
-    "train_ids.txt",
+    METRICS, REPORT, MODEL_DIR, PLOTS_DIR, *RUN_RECORDS,
+    TRAIN_IDS,
     RAY_TRAIN_DIR,
 )  # fmt: skip
 
 
 def selection_alphas(folder: Path) -> list[float]:
     """The alphas a finished `slap select` run produced (its manifest, else its config)."""
-    manifest = folder / "manifest.json"
+    manifest = folder / MANIFEST
     if not manifest.is_file():
         raise ConfigError(
             f"train.selection_dir: {folder} has no manifest.json; it is not a finished "
@@ -51,7 +62,7 @@ def selection_alphas(folder: Path) -> list[float]:
         )
     alphas = json.loads(manifest.read_text(encoding="utf-8")).get("alphas")
     if alphas is None:
-        alphas = yaml.safe_load((folder / "config.yaml").read_text())["select"]["alphas"]
+        alphas = yaml.safe_load((folder / RESOLVED_CONFIG).read_text())["select"]["alphas"]
     return [float(a) for a in alphas]
 
 
@@ -178,20 +189,8 @@ def _finish(
     from slap_ray.assets import load_tokenizer
 
     load_tokenizer(config.model.name).save_pretrained(target)
-    counters, params = state["counters"], state["parameters"]
-    lora = config.train.finetuning == "lora"
-    flops = flops_estimate(params, counters["forward_tokens"], counters["backward_tokens"], lora)
-    steps = len(state["history"])
-    compute = {
-        **counters,
-        "parameters": params,
-        "flops_estimate": flops,
-        "steps": steps,
-        # step_seconds travels in the checkpoint, so it covers every step, resumed or not.
-        "mean_step_seconds": {
-            k: round(v / max(steps, 1), 4) for k, v in state["step_seconds"].items()
-        },
-    }
+    compute = _compute(state, lora=config.train.finetuning == "lora")
+    params, steps = compute["parameters"], compute["steps"]
     manifest.set("compute", compute)
     manifest.count(
         "train",
@@ -219,8 +218,27 @@ def _finish(
             "final_loss_sum": state["final_eval_rows"]["loss_sum"],
         },
     }
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_text_atomic(run_dir / METRICS, json.dumps(metrics, indent=2))
     return metrics
+
+
+def _compute(state: dict, lora: bool) -> dict:
+    """What the run computed (the loop's counters, from its final checkpoint state): rows and
+    tokens forwarded and back-propagated, parameters, steps, the FLOPs estimate."""
+    counters, params = state["counters"], state["parameters"]
+    steps = len(state["history"])
+    return {
+        **counters,
+        "parameters": params,
+        "flops_estimate": flops_estimate(
+            params, counters["forward_tokens"], counters["backward_tokens"], lora
+        ),
+        "steps": steps,
+        # step_seconds travels in the checkpoint, so it covers every step, resumed or not.
+        "mean_step_seconds": {
+            k: round(v / max(steps, 1), 4) for k, v in state["step_seconds"].items()
+        },
+    }
 
 
 def _base_eval_path(config: SlapConfig, evaluation: dict, folder: Path) -> Path:
@@ -268,7 +286,7 @@ def finetune_into(
     """
     input_files(config, config.data.paths, "data.paths")  # bad paths fail before Ray starts
     input_files(config, config.eval.paths, "eval.paths")
-    write_resolved_config(config, run_dir / "config.yaml")
+    write_resolved_config(config, run_dir / RESOLVED_CONFIG)
     manifest = Manifest("run" if selection_report or prior_timings else "finetune")
     manifest.data["timings_s"].update(prior_timings or {})
     storage = storage_for(config, run_dir, RAY_TRAIN_DIR)
@@ -294,11 +312,11 @@ def finetune_into(
             )
             _keep_base_eval(cache, metrics)
             # Exactly the ids trained on (a sweep's trials are checked against their kept list).
-            (run_dir / "train_ids.txt").write_text(
+            (run_dir / TRAIN_IDS).write_text(
                 "".join(i + "\n" for i in train["id"]), encoding="utf-8"
             )
     finally:
-        manifest.write(run_dir / "manifest.json")
+        manifest.write(run_dir / MANIFEST)
     return write_train_report(config, metrics, run_dir, manifest.data, selection_report)
 
 
@@ -320,7 +338,7 @@ def run_finetune(config: SlapConfig) -> Path:
 
 def main_finetune(config: SlapConfig) -> int:
     report = run_finetune(config)
-    metrics = json.loads((Path(config.output_dir) / "metrics.json").read_text())
+    metrics = json.loads((Path(config.output_dir) / METRICS).read_text())
     base, final = metrics["base_eval"]["overall"], metrics["final_eval"]["overall"]
     print(
         f"slap finetune: done; eval loss {base['loss']:.4f} -> {final['loss']:.4f}; "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from slap_ray.config import ConfigError, SlapConfig, build_config, config_to_dict
 from slap_ray.jobs.rundir import locked_run_dir
+from slap_ray.names import METRICS
 
 SELECT_DIR = "select"
 
@@ -46,7 +47,7 @@ def run_all(config: SlapConfig) -> Path:
 
 def main_run(config: SlapConfig) -> int:
     report = run_all(config)
-    metrics = json.loads((Path(config.output_dir) / "metrics.json").read_text())
+    metrics = json.loads((Path(config.output_dir) / METRICS).read_text())
     base, final = metrics["base_eval"]["overall"], metrics["final_eval"]["overall"]
     compute = metrics["compute"]
     print(

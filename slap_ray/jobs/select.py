@@ -36,6 +36,11 @@ from slap_ray.jobs.scoring import plain_selections, score, scored_files
 from slap_ray.names import (
     ALPHA_PREFIX,
     KEEP_PREFIX,
+    MANIFEST,
+    PLOTS_DIR,
+    REPORT,
+    RESOLVED_CONFIG,
+    RUN_RECORDS,
     WEIGHT_PREFIX,
     keep_column,
     kept_list,
@@ -51,8 +56,8 @@ from slap_ray.reporting.selection import SelectionSummary, scoring_cost, write_s
 log = logging.getLogger("slap_ray.select")
 # What a fresh run clears in its output_dir (a resumed run keeps stages/ and scored/).
 OWNED = (
-    "scores.parquet", "kept", "selected", "rejected.jsonl", "report.md", "plots",
-    "manifest.json", "config.yaml", "stages", "scored", "logs",
+    "scores.parquet", "kept", "selected", "rejected.jsonl", REPORT, PLOTS_DIR, "stages",
+    "scored", *RUN_RECORDS,
 )  # fmt: skip
 META = [
     *ROW_FIELDS,
@@ -261,7 +266,7 @@ def select_into(
     selections = plain_selections(config) + list(extra_selections or [])
     input_files(config, config.data.paths, "data.paths")  # bad paths fail before Ray starts
     (run_dir / "stages").mkdir(exist_ok=True)
-    write_resolved_config(config, run_dir / "config.yaml")
+    write_resolved_config(config, run_dir / RESOLVED_CONFIG)
     manifest = Manifest("select")
     warnings = budget_warnings(config)
     for warning in warnings:
@@ -275,7 +280,7 @@ def select_into(
             with manifest.stage("write"):
                 summary = write_outputs(config, run_dir, manifest, selections)
     finally:
-        manifest.write(run_dir / "manifest.json")
+        manifest.write(run_dir / MANIFEST)
     # Written last, so its timings include every stage.
     return write_selection_report(summary, config.select.alphas, run_dir, manifest.data)
 
@@ -288,7 +293,7 @@ def run_select(config: SlapConfig) -> Path:
 
 def main_select(config: SlapConfig) -> int:
     report = run_select(config)
-    counts = json.loads((Path(config.output_dir) / "manifest.json").read_text())["counts"]
+    counts = json.loads((Path(config.output_dir) / MANIFEST).read_text())["counts"]
     out = counts["output"]
     print(
         f"slap select: {out['rows']} rows read, {out['scored']} scored, {out['rejected']} "

@@ -22,7 +22,19 @@ from slap_ray.errors import JobFailed
 from slap_ray.files import atomic_path, write_text_atomic
 from slap_ray.jobs.rundir import locked_run_dir
 from slap_ray.jobs.storage import storage_for
-from slap_ray.names import ARMS_DIR, FULL_ARM, keep_column, sweep_key, trial_name, weight_column
+from slap_ray.names import (
+    ARMS_DIR,
+    FULL_ARM,
+    MANIFEST,
+    METRICS,
+    PLOTS_DIR,
+    RESOLVED_CONFIG,
+    RUN_RECORDS,
+    keep_column,
+    sweep_key,
+    trial_name,
+    weight_column,
+)
 from slap_ray.reporting.manifest import Manifest
 from slap_ray.selection_spec import SelectionSpec
 
@@ -31,7 +43,7 @@ SELECTION_DIR, TRIALS_DIR, TUNE_DIR, EXPERIMENT = "selection", "trials", "tune",
 BASE_EVAL_DIR = "base_eval"  # the untrained model's evaluation, computed by the first trial
 DIAGNOSTICS = "diagnostics.csv"  # in the selection folder: what each arm keeps
 OWNED = (
-    "results.csv", "results.md", "answer.txt", "plots", "manifest.json", "config.yaml", "logs",
+    "results.csv", "results.md", "answer.txt", PLOTS_DIR, *RUN_RECORDS,
     SELECTION_DIR, TRIALS_DIR, TUNE_DIR, BASE_EVAL_DIR,
 )  # fmt: skip
 FULL = FULL_ARM
@@ -163,7 +175,7 @@ def write_arm_views(selection_dir: Path, specs: list[TrialSpec]) -> None:
         kept = write_kept([frame], alphas, view / "kept")
         method = members[0].selection.method
         manifest = {"alphas": alphas, "method": method, "kept_per_alpha": kept}
-        (view / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        (view / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     (selection_dir / staging).mkdir(exist_ok=True)  # a grid of full-data trials has no arms
     shutil.rmtree(selection_dir / ARMS_DIR, ignore_errors=True)
     (selection_dir / staging).rename(selection_dir / ARMS_DIR)
@@ -197,8 +209,8 @@ def _train_trial(config: SlapConfig, spec: TrialSpec, done: Path, base_eval_dir:
 
     with locked_run_dir(config.output_dir, FINETUNE_OWNED, resume=True) as run_dir:
         finetune_into(config, run_dir, base_eval_dir=base_eval_dir)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        manifest = json.loads((run_dir / "manifest.json").read_text())
+        metrics = json.loads((run_dir / METRICS).read_text())
+        manifest = json.loads((run_dir / MANIFEST).read_text())
         write_text_atomic(done, json.dumps(trial_row(spec.row(), metrics, manifest)))
 
 
@@ -246,7 +258,7 @@ def _select_once(config: SlapConfig, sweep_dir: Path, specs: list[TrialSpec], ma
         write_arm_views(folder, specs)
     if not (folder / DIAGNOSTICS).is_file():  # also for a selection from before it existed
         write_diagnostics(folder, specs)
-    counts = json.loads((folder / "manifest.json").read_text())["counts"]
+    counts = json.loads((folder / MANIFEST).read_text())["counts"]
     manifest.count(
         "selection",
         runs_this_session=0 if done else 1,
@@ -295,7 +307,7 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
     from slap_ray.reporting.sweep import write_results
 
     specs = trial_grid(config)
-    write_resolved_config(config, sweep_dir / "config.yaml")
+    write_resolved_config(config, sweep_dir / RESOLVED_CONFIG)
     manifest = Manifest("sweep")
     manifest.count("trials", planned=len(specs))
     try:
@@ -320,7 +332,7 @@ def sweep_into(config: SlapConfig, sweep_dir: Path) -> Path:
             with manifest.stage("results"):
                 report = write_results(rows, config, sweep_dir)
     finally:
-        manifest.write(sweep_dir / "manifest.json")
+        manifest.write(sweep_dir / MANIFEST)
     if failed:
         names = ", ".join(_name_of(r["trial"]) for r in failed[:5])
         first = failed[0]["error"]

@@ -20,6 +20,7 @@ import ray
 from tqdm import tqdm
 
 from slap_ray.config import ConfigError, RayConfig, SlapConfig
+from slap_ray.names import LOGS_DIR
 from slap_ray.resources import (
     SHUFFLE_INPUT_BATCH_BYTES,
     SHUFFLE_INPUT_BATCH_BYTES_ENV,
@@ -90,7 +91,7 @@ def copy_worker_logs(run_dir: Path) -> int:
     (``ray logs`` or the dashboard reads them)."""
     if not _SESSION_DIR:
         return 0
-    target = run_dir / "logs" / WORKER_LOGS
+    target = run_dir / LOGS_DIR / WORKER_LOGS
     copied = 0
     for path in sorted((Path(_SESSION_DIR) / "logs").glob("worker-*")):
         if path.suffix in (".out", ".err") and path.is_file() and path.stat().st_size:
@@ -125,7 +126,7 @@ def run_log(run_dir: Path, kind: str) -> Iterator[logging.Handler]:
     """Send Ray's detail (driver loggers, warnings) to ``<run_dir>/logs/<kind>.log`` while the
     block runs; the console keeps errors only. Enter after ``ray.init``, which resets the
     ``ray`` logger's handlers."""
-    path = run_dir / "logs" / f"{kind}.log"
+    path = run_dir / LOGS_DIR / f"{kind}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -197,7 +198,7 @@ def ray_session(config: RayConfig, run_dir: Path, kind: str) -> Iterator[None]:
                 logging.getLogger("ray").info(  # the run log only, never the console
                     "Ray worker output: %d log file(s) in %s",
                     copied,
-                    run_dir / "logs" / WORKER_LOGS,
+                    run_dir / LOGS_DIR / WORKER_LOGS,
                 )
     finally:
         if started and ray.is_initialized():

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from slap_ray.names import keep_column  # noqa: E402
+from slap_ray.names import PLOTS_DIR, REPORT, keep_column  # noqa: E402
 
 
 def _markdown_table(frame: pd.DataFrame) -> list[str]:
@@ -158,7 +158,7 @@ def write_selection_report(
     summary: SelectionSummary, alphas: list[float], run_dir: Path, manifest: dict
 ) -> Path:
     """Plots (cluster sizes, loss kept vs pruned, kept fraction per source/task) and report.md."""
-    plots = run_dir / "plots"
+    plots = run_dir / PLOTS_DIR
     plots.mkdir(exist_ok=True)
     images, tables = _selection_plots(summary, alphas, plots)
     lines = _summary_lines(summary.groups, alphas, manifest)
@@ -171,6 +171,6 @@ def write_selection_report(
         lines += [f"## {title}", "", f"![{title}]({image})", ""]
     for group, fractions in tables:
         lines += [f"## Kept fraction per {group}", "", *_markdown_table(fractions), ""]
-    path = run_dir / "report.md"
+    path = run_dir / REPORT
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -17,7 +17,14 @@ import pandas as pd  # noqa: E402
 
 from slap_ray.config import SlapConfig  # noqa: E402
 from slap_ray.files import atomic_path, write_text_atomic  # noqa: E402
-from slap_ray.names import FULL_ARM, GENERATION_ALL_ROWS, trial_name  # noqa: E402
+from slap_ray.names import (  # noqa: E402
+    FULL_ARM,
+    GENERATION_ALL_ROWS,
+    MANIFEST,
+    METRICS,
+    PLOTS_DIR,
+    trial_name,
+)
 from slap_ray.reporting.intervals import (  # noqa: E402
     PRIMARY,
     PairedRows,
@@ -329,7 +336,7 @@ def add_selection_cost(frame: pd.DataFrame, selection_dir: Path, scoring_model: 
     from slap_ray.assets import parameter_count
 
     frame = frame.copy()
-    scores, manifest = selection_dir / "scores.parquet", selection_dir / "manifest.json"
+    scores, manifest = selection_dir / "scores.parquet", selection_dir / MANIFEST
     flops = seconds = float("nan")
     parameters = parameter_count(scoring_model)
     if scores.exists() and parameters:  # the pipeline writes a folder of parts
@@ -352,7 +359,7 @@ def trial_rows_reader(sweep_dir: Path) -> Callable[[pd.Series], dict | None]:
 
     def rows_of(trial: pd.Series) -> dict | None:
         name = trial_name(trial["arm"], trial["mode"], float(trial["alpha"]), int(trial["seed"]))
-        path = sweep_dir / "trials" / name / "metrics.json"
+        path = sweep_dir / "trials" / name / METRICS
         if not path.is_file():
             return None
         metrics = json.loads(path.read_text(encoding="utf-8"))
@@ -401,7 +408,7 @@ def write_results(
     with atomic_path(sweep_dir / "results.csv") as tmp:  # read while the sweep runs
         frame.to_csv(tmp, index=False)
     summary = summary_table(frame, config.sweep.bootstrap_samples, trial_rows_reader(sweep_dir))
-    plots = sweep_dir / "plots"
+    plots = sweep_dir / PLOTS_DIR
     plots.mkdir(exist_ok=True)
     images = _plots(frame, summary, plots)
     lines = [

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from slap_ray.config import SlapConfig  # noqa: E402
-from slap_ray.names import GENERATION_ALL_ROWS  # noqa: E402
+from slap_ray.names import GENERATION_ALL_ROWS, PLOTS_DIR, REPORT  # noqa: E402
 
 
 def _loss_plot(history: list[dict], path: Path) -> None:
@@ -86,7 +86,7 @@ def write_train_report(
     manifest: dict,
     selection_report: Path | None = None,
 ) -> Path:
-    plots = run_dir / "plots"
+    plots = run_dir / PLOTS_DIR
     plots.mkdir(exist_ok=True)
     _loss_plot(metrics["history"], plots / "train_loss.png")
     compute, train = metrics["compute"], config.train
@@ -114,7 +114,7 @@ def write_train_report(
     if generation:
         lines += ["", *_generation_lines(generation)]
     lines += _compute_lines(compute, manifest)
-    path = run_dir / "report.md"
+    path = run_dir / REPORT
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
