@@ -30,6 +30,8 @@ def saved_model_dir(config: SlapConfig) -> Path:
     if not setting:
         raise ConfigError("eval.model_dir: `slap evaluate` needs the saved model folder to score")
     folder = Path(setting)
+    if not folder.is_dir():
+        raise ConfigError(f"eval.model_dir: folder {folder} does not exist")
     if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise ConfigError(
             f"eval.model_dir: {folder} holds no saved model (no adapter_config.json or "

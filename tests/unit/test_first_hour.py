@@ -57,6 +57,9 @@ def test_evaluate_mistakes_are_one_line_errors_before_ray(capsys, tmp_path):
         message
         == "slap evaluate: eval.model_dir: `slap evaluate` needs the saved model folder to score"
     )
+    missing = [out, "model.name=tiny-bpe", f"eval.model_dir={tmp_path / 'nope'}"]
+    message = one_line_error(capsys, evaluate_main, missing)
+    assert message == f"slap evaluate: eval.model_dir: folder {tmp_path / 'nope'} does not exist"
     (tmp_path / "empty").mkdir()
     message = one_line_error(
         capsys, evaluate_main, [out, "model.name=tiny-bpe", f"eval.model_dir={tmp_path / 'empty'}"]
