@@ -17,7 +17,16 @@ from pydantic import (
 
 from slap_ray.names import EMBEDDED_CHITCHAT, EMBEDDED_CHITCHAT_EVAL
 from slap_ray.selection_spec import SelectionSpec, option_label, optional_options
-from slap_ray.vocabulary import Format, GenerationMetric, Method, OnPolicyMode, Schema
+from slap_ray.vocabulary import (
+    BadRowPolicy,
+    ChitchatMode,
+    Format,
+    GenerationMetric,
+    Method,
+    OnPolicyMode,
+    Schema,
+    Truncation,
+)
 
 # Marks a field (or a whole section) that changes where or how a job runs, never which rows
 # are prepared, scored and selected: ``--resume`` reuses finished work across a change of it
@@ -60,17 +69,17 @@ class DataConfig(_Section):
     for gsm8k.jsonl)."""
     task: str | None = None
     """Task label for rows that carry no `task` field (None: a default task)."""
-    on_bad_rows: Literal["error", "skip"] = "error"
+    on_bad_rows: BadRowPolicy = "error"
     """`error` stops at the first malformed row with its file and line; `skip` drops it and
     counts it in rejected/."""
     max_rows: int | None = Field(None, ge=1)
     """Keep a seeded sample of at most this many rows of the pool (None: every row)."""
     max_length: int = Field(512, ge=8)
     """Tokens per row after the chat template; longer rows are truncated (see `truncation`)."""
-    truncation: Literal["keep_response", "right"] = "keep_response"
+    truncation: Truncation = "keep_response"
     """How long rows are cut: `keep_response` drops the oldest tokens first (the response
     survives), `right` cuts the end."""
-    chitchat_mode: Literal["pairs", "multiturn"] = "pairs"
+    chitchat_mode: ChitchatMode = "pairs"
     """For `embedded:chitchat`: one row per adjacent turn pair (`pairs`) or whole conversations
     (`multiturn`)."""
     num_tokenizers: int | None = _run_only(None, ge=1)

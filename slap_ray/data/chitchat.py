@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from slap_ray.vocabulary import CHITCHAT_MODES, ChitchatMode
+
 SOURCE = "chitchat"
 TASK = "dialogue"
 PACKAGE = "chitchat_dataset"
@@ -56,7 +58,7 @@ def conversation_split(conv_id: str) -> str:
 
 
 def chitchat_rows(
-    mode: Literal["pairs", "multiturn"] = "pairs",
+    mode: ChitchatMode = "pairs",
     max_rows: int | None = None,
     max_turns: int | None = None,
     counts: dict[str, int] | None = None,
@@ -78,8 +80,8 @@ def chitchat_rows(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if mode not in ("pairs", "multiturn"):
-        raise ValueError(f"mode must be 'pairs' or 'multiturn', got {mode!r}")
+    if mode not in CHITCHAT_MODES:
+        raise ValueError(f"mode must be one of {CHITCHAT_MODES}, got {mode!r}")
     for name, value in (("max_rows", max_rows), ("max_turns", max_turns)):
         if value is not None and value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")

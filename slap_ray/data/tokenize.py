@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,8 +25,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 from slap_ray.data.schemas import ROLES, TOOL_FIELDS  # noqa: E402  (one definition)
-
-Truncation = Literal["keep_response", "right"]
+from slap_ray.vocabulary import TRUNCATIONS, Truncation  # noqa: E402
 
 
 class NoResponseTokens(ValueError):
@@ -215,8 +214,8 @@ def tokenize_conversation(
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if truncation not in ("keep_response", "right"):
-        raise ValueError(f"truncation must be 'keep_response' or 'right', got {truncation!r}")
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     ids, spans = assistant_spans(messages, tokenizer, tools)
     if not spans:
         raise NoResponseTokens("conversation has no assistant turn")
