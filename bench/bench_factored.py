@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         scoring.Selection(kind, args.alpha, args.seed, SelectionSpec(preconditioner=kind))
         for kind in ("adam", "factored")
     ]
+    settings = scoring.ScoringSettings(pad_token_id=pad, micro_batch_size=args.micro_batch)
     seconds = {"forward": 0.0, "adam": 0.0, "factored": 0.0}
     kept = {"adam": [], "factored": []}
     per_batch = []
@@ -81,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         ids, labels = columns(bench[start : start + args.batch])
         for kind in ("forward", "adam", "factored"):
             seconds[kind] += timed(
-                model, ids, labels, pad, moment, args.micro_batch,
+                model, ids, labels, settings, scoring.ScoringState(second_moment=moment),
                 with_features=kind != "forward",
                 preconditioner="adam" if kind == "forward" else kind,
             )  # fmt: skip
         scores = scoring.score_batch(
-            model, ids, labels, batch_key=b, selections=selections, pad_token_id=pad,
-            second_moment=moment, micro_batch_size=args.micro_batch,
+            model, ids, labels, settings, selections=selections, batch_key=b,
+            state=scoring.ScoringState(second_moment=moment),
         )  # fmt: skip
         sets = {}
         for kind in kept:

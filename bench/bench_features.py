@@ -122,6 +122,9 @@ class Bench:
         data = json.loads((workdir / "data.json").read_text())
         self.ids, self.labels, self.pad = data["input_ids"], data["labels"], data["pad_token_id"]
         self.sources, self.mb = data["source"], args.micro_batch
+        self.settings = scoring.ScoringSettings(
+            pad_token_id=self.pad, micro_batch_size=self.mb, eps=EPS
+        )
         self.moment = torch.load(workdir / "second_moment.pt")
         self.model = load_causal_lm(SMOLLM2_NAME)
         self.head = self.model.get_output_embeddings()
@@ -139,13 +142,14 @@ class Bench:
         the forward and the losses' log-normaliser, no softmax, no ``lm_head_features``)."""
         ids, labels = [self.ids[i] for i in rows], [self.labels[i] for i in rows]
         return scoring.losses_and_features(
-            self.model, ids, labels, self.pad, None, self.mb, EPS, with_features=False
+            self.model, ids, labels, self.settings, with_features=False
         )[0]
 
     def features(self, rows: list[int], moment: torch.Tensor | None) -> tuple:
         """(2): the production call, (losses (B,), features (B, V))."""
         ids, labels = [self.ids[i] for i in rows], [self.labels[i] for i in rows]
-        return scoring.losses_and_features(self.model, ids, labels, self.pad, moment, self.mb, EPS)
+        state = scoring.ScoringState(second_moment=moment)
+        return scoring.losses_and_features(self.model, ids, labels, self.settings, state)
 
     def gradient(self, j: int) -> tuple[torch.Tensor, float]:
         """(3) for example j: LM-head weight gradient (V, H) of its mean response loss."""

@@ -30,7 +30,13 @@ from pool_sample import tokenized_pool_sample  # noqa: E402
 from slap_ray.assets import SMOLLM2_NAME, load_causal_lm, load_tokenizer  # noqa: E402
 from slap_ray.core.features import PreconditionerCache  # noqa: E402
 from slap_ray.core.model import LogitsBuffer  # noqa: E402
-from slap_ray.core.scoring import calibrate_second_moment, score_batch, selections_for  # noqa: E402
+from slap_ray.core.scoring import (  # noqa: E402
+    ScoringSettings,
+    ScoringState,
+    calibrate_second_moment,
+    score_batch,
+    selections_for,
+)
 from slap_ray.selection_spec import SelectionSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,22 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     ]
     model = load_causal_lm(args.model).eval()
     moment = calibrate_second_moment(model, batches[:1], tokenizer.pad_token_id).value()
-    common = dict(
-        selections=selections_for(SelectionSpec(), [0.3], args.seed),
-        pad_token_id=tokenizer.pad_token_id,
-        second_moment=moment,
-        micro_batch_size=args.micro_batch,
-        preconditioners=PreconditionerCache(),
+    settings = ScoringSettings(
+        pad_token_id=tokenizer.pad_token_id, micro_batch_size=args.micro_batch
     )
-    buffer = LogitsBuffer()
+    selections = selections_for(SelectionSpec(), [0.3], args.seed)
+    preconditioners = PreconditionerCache()
+    states = {
+        "fresh": ScoringState(second_moment=moment, preconditioners=preconditioners),
+        "buffer": ScoringState(moment, preconditioners, logits_buffer=LogitsBuffer()),
+    }
     seconds = {"fresh": [], "buffer": []}
     for b, (ids, labels) in enumerate(batches[1:]):
         results = {}
         for way in ("fresh", "buffer") if b % 2 == 0 else ("buffer", "fresh"):
             start = time.perf_counter()
             results[way] = score_batch(
-                model, ids, labels, batch_key=b,
-                logits_buffer=buffer if way == "buffer" else None, **common,
+                model, ids, labels, settings, selections=selections, batch_key=b,
+                state=states[way],
             )  # fmt: skip
             seconds[way].append(time.perf_counter() - start)
         for key, kept in results["fresh"].keep.items():

@@ -109,7 +109,13 @@ def loop_run(config, prepared_path: Path) -> dict:
     import torch
 
     from slap_ray.assets import load_causal_lm, load_tokenizer
-    from slap_ray.core.scoring import calibrate_second_moment, score_batch, selections_for
+    from slap_ray.core.scoring import (
+        ScoringSettings,
+        ScoringState,
+        calibrate_second_moment,
+        score_batch,
+        selections_for,
+    )
     from slap_ray.core.seeds import derive_seed
 
     torch.set_num_threads(1)
@@ -128,6 +134,8 @@ def loop_run(config, prepared_path: Path) -> dict:
     moment = calibrate_second_moment(
         model, [payload[b] for b in calibration], pad, s.beta2, 8
     ).value()
+    settings = ScoringSettings(pad_token_id=pad, micro_batch_size=8)
+    state = ScoringState(second_moment=moment)
     start = time.perf_counter()
     kept = {}
     for b, (ids, labels) in payload.items():
@@ -135,11 +143,10 @@ def loop_run(config, prepared_path: Path) -> dict:
             model,
             ids,
             labels,
-            batch_key=b,
+            settings,
             selections=selections_for(s.spec(), s.alphas, config.seed),
-            pad_token_id=pad,
-            second_moment=moment,
-            micro_batch_size=8,
+            batch_key=b,
+            state=state,
         )
         kept[b] = scores.keep
     seconds = time.perf_counter() - start

@@ -39,12 +39,13 @@ def scoring_seconds_per_row(name: str, rows, batch: int, micro: int) -> float:
     calibration = [([r[0] for r in batches[0]], [r[1] for r in batches[0]])]
     moment = scoring.calibrate_second_moment(model, calibration, pad, 0.999, micro).value()
     selections = [scoring.Selection("slap", 0.3, 0, SelectionSpec())]
+    settings = scoring.ScoringSettings(pad_token_id=pad, micro_batch_size=micro)
+    state = scoring.ScoringState(second_moment=moment)
     start = time.perf_counter()
     for key, part in enumerate(batches[1:]):
         scoring.score_batch(
-            model, [r[0] for r in part], [r[1] for r in part], batch_key=key,
-            selections=selections, pad_token_id=pad, second_moment=moment,
-            micro_batch_size=micro,
+            model, [r[0] for r in part], [r[1] for r in part], settings,
+            selections=selections, batch_key=key, state=state,
         )  # fmt: skip
     return (time.perf_counter() - start) / (len(rows) - batch)
 

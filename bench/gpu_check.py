@@ -54,6 +54,8 @@ from slap_ray.core.features import (  # noqa: E402
 from slap_ray.core.model import LogitsBuffer, forward_micro_batches  # noqa: E402
 from slap_ray.core.onpolicy import SelectionSettings, onpolicy_step  # noqa: E402
 from slap_ray.core.scoring import (  # noqa: E402
+    ScoringSettings,
+    ScoringState,
     Selection,
     calibrate_second_moment,
     losses_and_features,
@@ -367,19 +369,18 @@ SELECTIONS = [
 def score_all(setup: Setup, model: torch.nn.Module, moment: torch.Tensor | None) -> dict:
     """Losses and features per preconditioner (``losses_and_features``), then ``score_batch``;
     one logits buffer and preconditioner cache throughout, as a scorer actor keeps them."""
-    buffer, cache, out = CountingBuffer(), PreconditionerCache(), {}
+    buffer, out = CountingBuffer(), {}
+    settings = ScoringSettings(pad_token_id=setup.pad, micro_batch_size=MICRO)
+    state = ScoringState(moment, PreconditionerCache(), logits_buffer=buffer)
     for kind in ("adam", "factored", "none"):
         losses, features = losses_and_features(
-            model, setup.ids, setup.labels, setup.pad, moment, MICRO, preconditioner=kind,
-            preconditioners=cache, logits_buffer=buffer,
-        )  # fmt: skip
+            model, setup.ids, setup.labels, settings, state, preconditioner=kind
+        )
         out[kind] = features
     out["losses"] = losses
     scores = score_batch(
-        model, setup.ids, setup.labels, batch_key=0, selections=SELECTIONS,
-        pad_token_id=setup.pad, second_moment=moment, micro_batch_size=MICRO,
-        preconditioners=cache, logits_buffer=buffer,
-    )  # fmt: skip
+        model, setup.ids, setup.labels, settings, selections=SELECTIONS, batch_key=0, state=state
+    )
     out["keep"] = {k: np.flatnonzero(v).tolist() for k, v in scores.keep.items()}
     out["strata"] = scores.loss_strata.tolist()
     out["score_losses"] = scores.losses
@@ -758,16 +759,15 @@ def check_throughput(check: Check, setup: Setup, device: torch.device) -> None:
     selections = selections_for(SelectionSpec(), [0.2, 0.3, 0.4], setup.seed)
     losses = {}
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    settings = ScoringSettings(pad_token_id=setup.pad, micro_batch_size=8)
     for name, scorer in (("fp32", model), ("bf16", bf16_model)):
-        buffer, cache = LogitsBuffer(), PreconditionerCache()
+        state = ScoringState(moment, PreconditionerCache(), logits_buffer=LogitsBuffer())
         ids, labels = batches[1]
 
-        def score(scorer=scorer, buffer=buffer, cache=cache, ids=ids, labels=labels):
+        def score(scorer=scorer, state=state, ids=ids, labels=labels):
             return score_batch(
-                scorer, ids, labels, batch_key=0, selections=selections, pad_token_id=setup.pad,
-                second_moment=moment, micro_batch_size=8, preconditioners=cache,
-                logits_buffer=buffer,
-            )  # fmt: skip
+                scorer, ids, labels, settings, selections=selections, batch_key=0, state=state
+            )
 
         reset_peak(device)
         seconds, scores = timed(device, score, args.repeats)

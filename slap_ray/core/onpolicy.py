@@ -150,11 +150,22 @@ def sum_gradients_(model: torch.nn.Module, collective: Collective) -> None:
 
 
 class _Step:
-    """State of one step on one worker: timings, counters, the LM-head gradient for the EMA."""
+    """One step on one worker: what it forwards and how (fixed for the step), and what it
+    accumulates (timings, counters, the LM-head gradient for the EMA).
 
-    def __init__(self, model, examples, lm_head_ema: SecondMomentEMA | None) -> None:
+    ``examples``: this worker's (input_ids, labels); ``positions``: their positions in the
+    global batch of ``batch_size``; ``micro_batch_size``: rows per forward with grad.
+    """
+
+    def __init__(
+        self, model, examples, positions, batch_size, *, pad_token_id, micro_batch_size, autocast,
+        collective: Collective, lm_head_ema: SecondMomentEMA | None,
+    ) -> None:  # fmt: skip
+        self.model, self.examples, self.positions = model, examples, positions
+        self.batch_size, self.pad_token_id = batch_size, pad_token_id
+        self.micro_batch_size, self.autocast = micro_batch_size, autocast
+        self.collective, self.lm_head_ema = collective, lm_head_ema
         self.weight = lm_head_of(model)
-        self.examples = examples
         self.seconds = dict.fromkeys(
             ("forward", "features", "gather", "select", "recompute", "backward", "all_reduce"),
             0.0,
@@ -174,14 +185,18 @@ class _Step:
         finally:
             self.seconds[phase] += time.perf_counter() - start
 
-    def forward(self, model, pad_token_id, micro_batch_size, autocast, grad=True, rows=None):
+    def forward(self, *, grad=True, rows=None, micro_batch_size=None):
         """Forward this worker's rows (or the subset ``rows``), micro-batch by micro-batch
-        (timed); yields (micro-batch, per-row losses) with ``micro.rows`` indexing this worker's
-        examples. A pass over every row records the losses in ``local_losses``."""
+        (timed), in micro-batches of ``micro_batch_size`` (None: the step's); yields
+        (micro-batch, per-row losses) with ``micro.rows`` indexing this worker's examples. A
+        pass over every row records the losses in ``local_losses``."""
         subset = list(range(len(self.examples))) if rows is None else list(rows)
+        if micro_batch_size is None:
+            micro_batch_size = self.micro_batch_size
         micro_batches = forward_micro_batches(
-            model, [self.examples[i][0] for i in subset], [self.examples[i][1] for i in subset],
-            pad_token_id, micro_batch_size, grad=grad, autocast=autocast,
+            self.model, [self.examples[i][0] for i in subset],
+            [self.examples[i][1] for i in subset], self.pad_token_id, micro_batch_size,
+            grad=grad, autocast=self.autocast,
         )  # fmt: skip
         while True:
             with self.timed("forward" if rows is None else "recompute"):
@@ -246,19 +261,19 @@ def onpolicy_step(
             float("nan"),
             skipped=True,
         )
-    step = _Step(model, examples, lm_head_ema)
+    step = _Step(
+        model, examples, positions, batch_size, pad_token_id=pad_token_id,
+        micro_batch_size=micro_batch_size, autocast=autocast, collective=collective,
+        lm_head_ema=lm_head_ema,
+    )  # fmt: skip
     keeps_all = settings.method == "full" or n_keep == batch_size
     if keeps_all and not settings.spec.drop_top:
-        chosen = _full_step(
-            model, step, collective, positions, batch_size, example_weights, pad_token_id,
-            micro_batch_size, autocast,
-        )  # fmt: skip
+        chosen = _full_step(step, example_weights)
     else:
         chosen = _selecting_step(
-            model, step, collective, positions, batch_size, n_keep, settings, rng,
-            pad_token_id, micro_batch_size, second_moment, autocast, groups=groups,
-        )  # fmt: skip
-    backward_examples, backward_tokens = _reduce(model, step, collective, lm_head_ema)
+            step, settings, n_keep, rng, second_moment=second_moment, groups=groups
+        )
+    backward_examples, backward_tokens = _reduce(step)
     return StepStats(
         batch_size=batch_size,
         kept=np.sort(chosen.kept),
@@ -286,20 +301,16 @@ class _Chosen:
     examples_recomputed: int = 0
 
 
-def _full_step(
-    model, step, collective, positions, batch_size, example_weights, pad_token_id,
-    micro_batch_size, autocast,
-) -> _Chosen:  # fmt: skip
+def _full_step(step: _Step, example_weights: Sequence[float] | None) -> _Chosen:
     """Nothing pruned: every row back-propagated, weighted by ``example_weights`` if given."""
+    batch_size = step.batch_size
     weights = (
         np.ones(len(step.examples))
         if example_weights is None
         else np.asarray(example_weights, float)
     )
-    local_losses = _streaming_backward(
-        model, step, batch_size, weights, pad_token_id, micro_batch_size, autocast
-    )
-    gathered = _gather(step, collective, positions, local_losses, None)
+    local_losses = _streaming_backward(step, weights)
+    gathered = _gather(step, local_losses, None)
     losses, tokens, _ = _assemble(gathered, batch_size, None)
     kept, kept_weights = np.arange(batch_size), np.ones(batch_size)
     if example_weights is not None:
@@ -311,40 +322,45 @@ def _full_step(
 
 
 def _selecting_step(
-    model, step, collective, positions, batch_size, n_keep, settings, rng, pad_token_id,
-    micro_batch_size, second_moment, autocast, groups=None,
-) -> _Chosen:  # fmt: skip
+    step: _Step,
+    settings: SelectionSettings,
+    n_keep: int,
+    rng: np.random.Generator,
+    *,
+    second_moment: torch.Tensor | None,
+    groups: Sequence | None,
+) -> _Chosen:
     """Forward every row, select ``n_keep`` on the whole batch, back-propagate the kept rows
     (from the kept graphs, or by forwarding them again in recompute mode)."""
     needs_features = settings.spec.needs_features
     recompute = settings.onpolicy == "recompute"
     graphs, local_losses, local_features = _forward_scoring(
-        model, step, settings, second_moment if needs_features else None, needs_features,
-        pad_token_id, (settings.score_micro_batch_size or batch_size) if recompute
-        else micro_batch_size, autocast, keep_graphs=not recompute,
+        step, settings, second_moment,
+        micro_batch_size=(settings.score_micro_batch_size or step.batch_size) if recompute
+        else step.micro_batch_size,
+        keep_graphs=not recompute,
     )  # fmt: skip
-    gathered = _gather(step, collective, positions, local_losses, local_features)
-    losses, tokens, features = _assemble(gathered, batch_size, settings if needs_features else None)
+    gathered = _gather(step, local_losses, local_features)
+    losses, tokens, features = _assemble(
+        gathered, step.batch_size, settings if needs_features else None
+    )
     with step.timed("select"):
         kept, kept_weights = select_with(settings.spec, losses, features, n_keep, rng, groups)
-    n_keep = len(kept)  # below the budget only where drop_top left fewer candidates
     chosen = _Chosen(losses, tokens, kept, kept_weights)
     if recompute:
-        _recompute_kept(
-            model, step, positions, kept, kept_weights, n_keep, pad_token_id,
-            micro_batch_size, autocast,
-        )  # fmt: skip
+        _recompute_kept(step, chosen)
         chosen.tokens_recomputed, chosen.examples_recomputed = int(tokens[kept].sum()), len(kept)
     else:
-        _backward_kept(step, graphs, positions, kept, kept_weights, n_keep)
+        _backward_kept(step, graphs, chosen)
     return chosen
 
 
-def _reduce(model, step, collective, lm_head_ema) -> tuple[int, int]:
+def _reduce(step: _Step) -> tuple[int, int]:
     """Sum gradients, back-propagated counts and the LM-head EMA term over workers; returns
     the whole batch's (backward examples, backward tokens)."""
+    collective = step.collective
     with step.timed("all_reduce"):
-        sum_gradients_(model, collective)
+        sum_gradients_(step.model, collective)
         counts = torch.tensor(
             [step.backward_examples, step.backward_tokens],
             dtype=torch.float64,
@@ -353,17 +369,18 @@ def _reduce(model, step, collective, lm_head_ema) -> tuple[int, int]:
         collective.all_reduce_sum_(counts)
         if step.ema_grad is not None:
             collective.all_reduce_sum_(step.ema_grad)
-            lm_head_ema.update(step.ema_grad)
+            step.lm_head_ema.update(step.ema_grad)
     return int(counts[0]), int(counts[1])
 
 
-def _streaming_backward(model, step, batch_size, weights, pad_token_id, micro_batch_size, autocast):
+def _streaming_backward(step: _Step, weights: np.ndarray) -> np.ndarray:
     """Nothing is pruned: back-propagate each micro-batch at once (plain gradient accumulation,
-    bounded memory). Returns this worker's per-row losses."""
-    for micro, losses in step.forward(model, pad_token_id, micro_batch_size, autocast):
+    bounded memory), row j scaled by weights[j] / batch_size. Returns this worker's per-row
+    losses."""
+    for micro, losses in step.forward():
         with step.timed("backward"):
             scale = torch.tensor(
-                weights[micro.rows] / batch_size, dtype=torch.float32, device=losses.device
+                weights[micro.rows] / step.batch_size, dtype=torch.float32, device=losses.device
             )
             (losses * scale).sum().backward()
             step.backward_done(micro, scale, list(range(len(micro.rows))))
@@ -372,20 +389,26 @@ def _streaming_backward(model, step, batch_size, weights, pad_token_id, micro_ba
 
 
 def _forward_scoring(
-    model, step, settings, second_moment, needs_features, pad_token_id, micro_batch_size, autocast,
-    keep_graphs,
-):  # fmt: skip
+    step: _Step,
+    settings: SelectionSettings,
+    second_moment: torch.Tensor | None,
+    *,
+    micro_batch_size: int,
+    keep_graphs: bool,
+):
     """Forward every micro-batch, with grad and its graph kept (``keep_graphs``) or without
-    grad; features where the method needs them. Returns (graphs, local losses (n,), local
-    features (n, V) or None); graphs is empty without ``keep_graphs``."""
+    grad; features where the method needs them, preconditioned by ``second_moment`` (V, H).
+    Returns (graphs, local losses (n,), local features (n, V) or None); graphs is empty
+    without ``keep_graphs``."""
+    needs_features = settings.spec.needs_features
     local_features = (
         np.zeros((len(step.examples), step.weight.shape[0]), np.float32) if needs_features else None
     )
-    preconditioner = make_preconditioner(second_moment, settings.spec.preconditioner, settings.eps)
+    preconditioner = make_preconditioner(
+        second_moment if needs_features else None, settings.spec.preconditioner, settings.eps
+    )
     graphs: list[tuple[MicroBatch, torch.Tensor]] = []
-    for micro, losses in step.forward(
-        model, pad_token_id, micro_batch_size, autocast, grad=keep_graphs
-    ):
+    for micro, losses in step.forward(grad=keep_graphs, micro_batch_size=micro_batch_size):
         if keep_graphs:
             graphs.append((micro, losses))
         if needs_features:
@@ -398,18 +421,16 @@ def _forward_scoring(
     return graphs, step.local_losses, local_features
 
 
-def _recompute_kept(
-    model, step, positions, kept, kept_weights, n_keep, pad_token_id, micro_batch_size, autocast
-) -> None:
+def _recompute_kept(step: _Step, chosen: _Chosen) -> None:
     """Forward this worker's kept rows again, with grad, and back-propagate each micro-batch at
     once (gradient accumulation): the same gradient as ``_backward_kept`` for the same model."""
-    weight_of = dict(zip(kept.tolist(), kept_weights.tolist(), strict=True))
+    positions = step.positions
+    weight_of = dict(zip(chosen.kept.tolist(), chosen.weights.tolist(), strict=True))
+    n_keep = len(chosen.kept)  # below the budget only where drop_top left fewer candidates
     mine = [i for i, p in enumerate(positions) if int(p) in weight_of]
     if not mine:
         return
-    for micro, losses in step.forward(
-        model, pad_token_id, micro_batch_size, autocast, grad=True, rows=mine
-    ):
+    for micro, losses in step.forward(rows=mine):
         with step.timed("backward"):
             scale = torch.tensor(
                 [weight_of[int(positions[i])] / n_keep for i in micro.rows], device=losses.device
@@ -418,11 +439,11 @@ def _recompute_kept(
             step.backward_done(micro, scale, list(range(len(micro.rows))))
 
 
-def _gather(step, collective, positions, local_losses, local_features) -> list[dict]:
+def _gather(step: _Step, local_losses, local_features) -> list[dict]:
     with step.timed("gather"):
-        return collective.all_gather(
+        return step.collective.all_gather(
             {
-                "positions": list(positions),
+                "positions": list(step.positions),
                 "losses": local_losses,
                 "features": local_features,
                 "tokens": [len(x[0]) for x in step.examples],
@@ -452,10 +473,12 @@ def _assemble(gathered, batch_size, feature_settings):
     return losses, tokens, features
 
 
-def _backward_kept(step, graphs, positions, kept, kept_weights, n_keep) -> None:
+def _backward_kept(step: _Step, graphs, chosen: _Chosen) -> None:
     """One backward through the kept rows' graphs; pruned micro-batches are never touched."""
+    positions = step.positions
+    n_keep = len(chosen.kept)  # below the budget only where drop_top left fewer candidates
     with step.timed("backward"):
-        weight_of = dict(zip(kept.tolist(), kept_weights.tolist(), strict=True))
+        weight_of = dict(zip(chosen.kept.tolist(), chosen.weights.tolist(), strict=True))
         terms = []
         for micro, losses in graphs:
             scale = torch.tensor(

@@ -41,30 +41,48 @@ class BatchScores:
     forward_passes: int = 1  # over the whole batch: one, whatever the selections need
 
 
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How every batch of a run is forwarded and scored, fixed for the run. A run takes every
+    value from its config (``ray.scorer.ScorerSettings``); the defaults, the config's, serve
+    direct calls (tests, benches)."""
+
+    pad_token_id: int  # the scoring model's tokenizer's
+    micro_batch_size: int = 8  # rows per no-grad forward
+    num_strata: int = 3  # the loss strata recorded beside each row's loss
+    strata: str = "width"  # how those strata are cut (``selection.loss_strata``)
+    eps: float = 1e-6  # added to sqrt(s_hat) when preconditioning the features
+    vocab_chunk: int | None = None  # vocabulary rows per feature chunk (None: sized to memory)
+    projection_seed: int = 0  # seeds the random projection of ``projection_dim`` selections
+
+
+@dataclass
+class ScoringState:
+    """What a scorer carries across its batches: the second moment ``s_hat`` (V, H) that
+    preconditions the features (None: s_hat = 1), a cache of the preconditioners built from it
+    (building the exact one reads all of V x H; keyed on the moment, so replacing it is safe)
+    and a reused logits buffer (``core.model.LogitsBuffer``). None: built afresh per call."""
+
+    second_moment: torch.Tensor | None = None
+    preconditioners: PreconditionerCache | None = None
+    logits_buffer: LogitsBuffer | None = None
+
+
 def losses_and_features(
     model: torch.nn.Module,
     input_ids: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
-    pad_token_id: int,
-    second_moment: torch.Tensor | None,
-    micro_batch_size: int,
-    eps: float = 1e-6,
-    vocab_chunk: int | None = None,
+    settings: ScoringSettings,
+    state: ScoringState | None = None,
+    *,
     with_features: bool = True,
     preconditioner: str = "adam",
-    preconditioners: PreconditionerCache | None = None,
-    logits_buffer: LogitsBuffer | None = None,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
     """Forward a batch in micro-batches: losses (B,) float64 and features (B, V) float32
     (None without ``with_features``: methods other than SLAP need the losses only).
-    ``preconditioner``: ``adam`` | ``factored`` | ``none`` (see ``make_preconditioner``); the
-    other arguments as ``losses_and_feature_sets``."""
+    ``preconditioner``: ``adam`` | ``factored`` | ``none`` (see ``make_preconditioner``)."""
     kinds = (preconditioner,) if with_features else ()
-    losses, features = losses_and_feature_sets(
-        model, input_ids, labels, pad_token_id, second_moment, micro_batch_size, kinds,
-        eps=eps, vocab_chunk=vocab_chunk, preconditioners=preconditioners,
-        logits_buffer=logits_buffer,
-    )  # fmt: skip
+    losses, features = losses_and_feature_sets(model, input_ids, labels, settings, state, kinds)
     return losses, features.get(preconditioner)
 
 
@@ -72,33 +90,27 @@ def losses_and_feature_sets(
     model: torch.nn.Module,
     input_ids: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
-    pad_token_id: int,
-    second_moment: torch.Tensor | None,
-    micro_batch_size: int,
+    settings: ScoringSettings,
+    state: ScoringState | None,
     kinds: Sequence[str],
-    *,
-    eps: float = 1e-6,
-    vocab_chunk: int | None = None,
-    preconditioners: PreconditionerCache | None = None,
-    logits_buffer: LogitsBuffer | None = None,
 ) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
     """One forward of a batch in micro-batches: losses (B,) float64 and, for each
     preconditioner kind in ``kinds``, features (B, V) float32 from the same hidden states.
-    ``preconditioners``: a cache of the built preconditioners (a scorer's, across its batches:
-    building the exact one reads all of V x H). ``logits_buffer``: a scorer's, reused across
-    its batches (``core.model.LogitsBuffer``).
 
     Rows are grouped into micro-batches by length (ties by position) so little padding is
     forwarded; results come back in the input order.
     """
+    state = state or ScoringState()
+    eps = settings.eps
     losses = np.empty(len(input_ids), dtype=np.float64)
     weight = lm_head_of(model)
-    cache = preconditioners if preconditioners is not None else PreconditionerCache()
-    built = {kind: cache.get(second_moment, kind, eps) for kind in kinds}
+    cache = state.preconditioners if state.preconditioners is not None else PreconditionerCache()
+    built = {kind: cache.get(state.second_moment, kind, eps) for kind in kinds}
     features = {kind: torch.empty(len(input_ids), weight.shape[0]) for kind in kinds}
     micro_batches = forward_micro_batches(
-        model, input_ids, labels, pad_token_id, micro_batch_size, logits_buffer=logits_buffer
-    )
+        model, input_ids, labels, settings.pad_token_id, settings.micro_batch_size,
+        logits_buffer=state.logits_buffer,
+    )  # fmt: skip
     for micro in micro_batches:
         rows = micro.rows
         micro_losses, probabilities = response_softmax_(
@@ -107,7 +119,7 @@ def losses_and_feature_sets(
         losses[rows] = micro_losses.double().cpu().numpy()
         for kind in kinds:
             features[kind][rows] = lm_head_features(
-                micro.hidden, weight, micro.aligned, eps=eps, vocab_chunk=vocab_chunk,
+                micro.hidden, weight, micro.aligned, eps=eps, vocab_chunk=settings.vocab_chunk,
                 probabilities=probabilities, preconditioner=built[kind],
             ).cpu()  # fmt: skip
     return losses, features
@@ -136,26 +148,18 @@ def _features_for(
     input_ids: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
     selections: Sequence[Selection],
-    *,
-    pad_token_id: int,
-    second_moment: torch.Tensor | None,
-    micro_batch_size: int,
-    eps: float,
-    vocab_chunk: int | None,
-    preconditioners: PreconditionerCache | None,
-    logits_buffer: LogitsBuffer | None,
+    settings: ScoringSettings,
+    state: ScoringState,
 ) -> tuple[np.ndarray, dict[str, torch.Tensor], int]:
     """Losses (B,), the feature matrices the selections need, {preconditioner: (B, V)}, and
     how many forward passes over the batch made them (one: every kind comes from the same
     hidden states); no features when no selection is SLAP (the others rank by loss)."""
     wanted = sorted({s.spec.preconditioner for s in selections if s.spec.needs_features})
     # Without a second moment every kind is the raw norm: one computed kind serves them all.
-    one_for_all = second_moment is None and len(wanted) > 1
+    one_for_all = state.second_moment is None and len(wanted) > 1
     losses, features = losses_and_feature_sets(
-        model, input_ids, labels, pad_token_id, second_moment, micro_batch_size,
-        wanted[:1] if one_for_all else wanted, eps=eps, vocab_chunk=vocab_chunk,
-        preconditioners=preconditioners, logits_buffer=logits_buffer,
-    )  # fmt: skip
+        model, input_ids, labels, settings, state, wanted[:1] if one_for_all else wanted
+    )
     if one_for_all:
         features = dict.fromkeys(wanted, features[wanted[0]])
     return losses, features, 1
@@ -165,45 +169,34 @@ def score_batch(
     model: torch.nn.Module,
     input_ids: Sequence[Sequence[int]],
     labels: Sequence[Sequence[int]],
+    settings: ScoringSettings,
     *,
-    batch_key: object,
     selections: Sequence[Selection],
-    pad_token_id: int,
-    second_moment: torch.Tensor | None = None,
-    micro_batch_size: int = 8,
-    num_strata: int = 3,
-    strata: str = "width",
-    eps: float = 1e-6,
-    vocab_chunk: int | None = None,
-    projection_seed: int = 0,
-    preconditioners: PreconditionerCache | None = None,
-    logits_buffer: LogitsBuffer | None = None,
+    batch_key: object,
+    state: ScoringState | None = None,
     groups: Sequence | None = None,
 ) -> BatchScores:
     """Score one composed batch and run every selection on it (SLAP_METHOD.md section 3, step 4).
 
     Losses and features do not depend on the selection, so one forward pass serves a whole grid
     of methods, alphas and seeds (a sweep scores each batch once). Each (seed, method, alpha,
-    batch) gets its own derived RNG: results do not depend on which scorer ran it.
-    ``preconditioners``, ``logits_buffer``: the caller's, kept across batches
-    (``losses_and_features``). ``groups`` (B,): each row's distribution stratum (its cluster),
-    which ``keep_mix`` selections keep in proportion.
+    batch) gets its own derived RNG, keyed by ``batch_key``: results do not depend on which
+    scorer ran it. ``state``: the second moment and the caller's caches, kept across batches
+    (``ScoringState``). ``groups`` (B,): each row's distribution stratum (its cluster), which
+    ``keep_mix`` selections keep in proportion.
     """
-    losses, features, passes = _features_for(
-        model, input_ids, labels, selections, pad_token_id=pad_token_id,
-        second_moment=second_moment, micro_batch_size=micro_batch_size, eps=eps,
-        vocab_chunk=vocab_chunk, preconditioners=preconditioners, logits_buffer=logits_buffer,
-    )  # fmt: skip
+    state = state or ScoringState()
+    losses, features, passes = _features_for(model, input_ids, labels, selections, settings, state)
     scores = BatchScores(
         forward_passes=passes,
         losses=losses,
-        loss_strata=loss_strata(losses, num_strata, strata),
+        loss_strata=loss_strata(losses, settings.num_strata, settings.strata),
         num_tokens=sum(len(x) for x in input_ids),
     )
     for s in selections:
         matrix = features.get(s.spec.preconditioner)
         if matrix is not None and s.spec.projection_dim is not None:
-            matrix = project_features(matrix, s.spec.projection_dim, projection_seed)
+            matrix = project_features(matrix, s.spec.projection_dim, settings.projection_seed)
         rng = derive_rng(s.seed, "select", s.spec.method, s.alpha, batch_key)
         n_keep = n_keep_for(len(losses), s.alpha)
         kept, weights = select_with(s.spec, losses, matrix, n_keep, rng, groups)

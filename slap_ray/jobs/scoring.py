@@ -27,6 +27,7 @@ from slap_ray.ray.scorer import (
     BatchScorer,
     ScorerSettings,
     calibrate_task,
+    scorer_threads,
 )
 from slap_ray.reporting.manifest import Manifest
 
@@ -38,26 +39,6 @@ SCORED_FILE_ROWS = 2048
 def plain_selections(config: SlapConfig) -> list[Selection]:
     """`slap select`: ``select.method`` at every ``select.alphas``, seeded by ``seed``."""
     return selections_for(config.select.spec(), config.select.alphas, config.seed)
-
-
-def _settings(config: SlapConfig, selections: list[Selection]) -> ScorerSettings:
-    s = config.select
-    return ScorerSettings(
-        selections=tuple(selections),
-        micro_batch_size=config.score.micro_batch_size,
-        num_strata=s.num_strata,
-        strata=s.strata,
-        eps=s.eps,
-        vocab_chunk=config.score.vocab_chunk,
-        projection_seed=derive_seed(config.seed, "projection"),
-        use_gpu=config.score.num_gpus_per_scorer > 0,
-        torch_threads=_threads(config),
-    )
-
-
-def _threads(config: SlapConfig) -> int:
-    """A CPU scorer runs as many torch threads as CPUs it holds."""
-    return max(1, int(config.score.num_cpus_per_scorer))
 
 
 def _resources(config: SlapConfig) -> dict:
@@ -133,7 +114,7 @@ def _calibrate(config: SlapConfig, run_dir: Path, num_batches: int, manifest: Ma
             ray.get(
                 task.remote(
                     config.scoring_model, config.model.dtype, refs, s.beta2,
-                    config.score.micro_batch_size, str(path), _threads(config),
+                    config.score.micro_batch_size, str(path), scorer_threads(config),
                 )
             )  # fmt: skip
     manifest.count("calibrate", batches=len(chosen))
@@ -170,7 +151,7 @@ def score(
                 fn_constructor_args=(
                     config.scoring_model,
                     config.model.dtype,
-                    _settings(config, selections),
+                    ScorerSettings.from_config(config, selections),
                     moment,
                     str(scored_dir),
                 ),  # fmt: skip

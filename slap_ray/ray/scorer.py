@@ -8,7 +8,8 @@ so a killed run keeps every finished group.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,17 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from slap_ray.config import SlapConfig
 from slap_ray.core.features import PreconditionerCache
 from slap_ray.core.model import LogitsBuffer, device_for
-from slap_ray.core.scoring import Selection, calibrate_second_moment, score_batch
+from slap_ray.core.scoring import (
+    ScoringSettings,
+    ScoringState,
+    Selection,
+    calibrate_second_moment,
+    score_batch,
+)
+from slap_ray.core.seeds import derive_seed
 from slap_ray.files import atomic_path
 from slap_ray.names import keep_column, weight_column
 from slap_ray.ray.pool import fetch_table
@@ -31,25 +40,52 @@ SCORED_GLOB = "scored-*.parquet"
 SCORED_BATCHES_KEY = b"slap.batch_ids"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScorerSettings:
-    """What every scorer replica needs besides its model (sent to the actors once)."""
+    """What every scorer replica needs besides its model (sent to the actors once). Built from
+    the config (``from_config``), which holds every default."""
 
-    selections: tuple[Selection, ...] = ()
-    micro_batch_size: int = 8
-    num_strata: int = 3  # the loss strata recorded beside each row's loss
-    strata: str = "width"
-    eps: float = 1e-6
-    vocab_chunk: int | None = None
-    projection_seed: int = 0
-    use_gpu: bool = False
-    torch_threads: int = 1
+    selections: tuple[Selection, ...]
+    micro_batch_size: int
+    num_strata: int  # the loss strata recorded beside each row's loss
+    strata: str
+    eps: float
+    vocab_chunk: int | None
+    projection_seed: int
+    use_gpu: bool
+    torch_threads: int
 
-    def score_batch_options(self) -> dict[str, Any]:
-        """The keywords of ``core.scoring.score_batch`` that do not change between batches."""
-        options = {f.name: getattr(self, f.name) for f in fields(self)}
-        del options["use_gpu"], options["torch_threads"]
-        return options
+    @classmethod
+    def from_config(cls, config: SlapConfig, selections: Sequence[Selection]) -> ScorerSettings:
+        s = config.select
+        return cls(
+            selections=tuple(selections),
+            micro_batch_size=config.score.micro_batch_size,
+            num_strata=s.num_strata,
+            strata=s.strata,
+            eps=s.eps,
+            vocab_chunk=config.score.vocab_chunk,
+            projection_seed=derive_seed(config.seed, "projection"),
+            use_gpu=config.score.num_gpus_per_scorer > 0,
+            torch_threads=scorer_threads(config),
+        )
+
+    def scoring(self, pad_token_id: int) -> ScoringSettings:
+        """The core's settings for a replica whose tokenizer pads with ``pad_token_id``."""
+        return ScoringSettings(
+            pad_token_id=pad_token_id,
+            micro_batch_size=self.micro_batch_size,
+            num_strata=self.num_strata,
+            strata=self.strata,
+            eps=self.eps,
+            vocab_chunk=self.vocab_chunk,
+            projection_seed=self.projection_seed,
+        )
+
+
+def scorer_threads(config: SlapConfig) -> int:
+    """A CPU scorer runs as many torch threads as CPUs it holds."""
+    return max(1, int(config.score.num_cpus_per_scorer))
 
 
 class Scorer:
@@ -61,22 +97,24 @@ class Scorer:
         torch.set_num_threads(settings.torch_threads)
         self.device = device_for(settings.use_gpu, "score.num_gpus_per_scorer")
         self.model = load_causal_lm(model_name, dtype=getattr(torch, dtype)).to(self.device).eval()
-        self.pad_token_id = load_tokenizer(model_name).pad_token_id
-        self.settings = settings
-        self.second_moment: torch.Tensor | None = None
-        self.preconditioners = PreconditionerCache()  # built once per second moment
-        self.logits_buffer = LogitsBuffer()  # one N x V allocation for all batches
+        self.selections = settings.selections
+        self.settings = settings.scoring(load_tokenizer(model_name).pad_token_id)
+        # The preconditioners are built once per second moment, and one N x V logits
+        # allocation serves every batch.
+        self.state = ScoringState(
+            preconditioners=PreconditionerCache(), logits_buffer=LogitsBuffer()
+        )
 
     def ready(self) -> bool:
         return True
 
     def set_second_moment(self, value: torch.Tensor | None) -> None:
-        self.second_moment = None if value is None else value.to(self.device)
+        self.state.second_moment = None if value is None else value.to(self.device)
 
     def calibrate(self, batches: list[tuple[list, list]], beta2: float) -> torch.Tensor | None:
         ema = calibrate_second_moment(
-            self.model, batches, self.pad_token_id, beta2, self.settings.micro_batch_size,
-            logits_buffer=self.logits_buffer,
+            self.model, batches, self.settings.pad_token_id, beta2,
+            self.settings.micro_batch_size, logits_buffer=self.state.logits_buffer,
         )  # fmt: skip
         return None if ema.value() is None else ema.value().cpu()
 
@@ -84,17 +122,9 @@ class Scorer:
         self, batch_id: int, input_ids: list, labels: list, groups: list | None = None
     ) -> dict[str, Any]:
         scores = score_batch(
-            self.model,
-            input_ids,
-            labels,
-            batch_key=batch_id,
-            pad_token_id=self.pad_token_id,
-            second_moment=self.second_moment,
-            preconditioners=self.preconditioners,
-            logits_buffer=self.logits_buffer,
-            groups=groups,
-            **self.settings.score_batch_options(),
-        )
+            self.model, input_ids, labels, self.settings, selections=self.selections,
+            batch_key=batch_id, state=self.state, groups=groups,
+        )  # fmt: skip
         return {
             "batch_id": batch_id,
             "loss": scores.losses,

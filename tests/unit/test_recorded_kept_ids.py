@@ -18,7 +18,13 @@ from test_scoring import rows
 
 from slap_ray.assets import load_causal_lm
 from slap_ray.core.onpolicy import SelectionSettings, onpolicy_step
-from slap_ray.core.scoring import Selection, calibrate_second_moment, score_batch
+from slap_ray.core.scoring import (
+    ScoringSettings,
+    ScoringState,
+    Selection,
+    calibrate_second_moment,
+    score_batch,
+)
 from slap_ray.core.selection import SelectionSpec
 
 RECORDING = Path(__file__).parent / "data" / "recorded_kept_ids.json"
@@ -45,13 +51,14 @@ def offline_kept(model) -> dict:
         for alpha in (0.25, 0.5)
         for seed in (0, 1)
     ]
+    settings = ScoringSettings(pad_token_id=0, projection_seed=3)
+    state = ScoringState(second_moment=moment)
     recorded = {}
     for batch_key in (0, 1):
         ids, labels = rows(16, seed=10 + batch_key)
         scores = score_batch(
-            model, ids, labels, batch_key=batch_key, selections=grid, pad_token_id=0,
-            second_moment=moment, projection_seed=3,
-        )  # fmt: skip
+            model, ids, labels, settings, selections=grid, batch_key=batch_key, state=state
+        )
         for s in grid:
             name = f"{s.key}#b{batch_key}"
             kept = np.flatnonzero(scores.keep[s.key])

@@ -10,7 +10,7 @@ import pytest
 from filelock import FileLock
 
 from slap_ray.cli import select_main
-from slap_ray.config import ConfigError, build_config
+from slap_ray.config import ConfigError, SlapConfig, build_config
 from slap_ray.core.model import device_for
 from slap_ray.data.ingest import iter_raw_records
 from slap_ray.data.rows import read_file_rows
@@ -62,8 +62,10 @@ def test_granted_gpu_that_torch_cannot_see_is_an_error(monkeypatch):
         device_for(True, "score.num_gpus_per_scorer")
     from slap_ray.ray.scorer import Scorer, ScorerSettings
 
+    on_gpu = ScorerSettings.from_config(SlapConfig(score={"num_gpus_per_scorer": 1}), ())
+    assert on_gpu.use_gpu
     with pytest.raises(DeviceError):
-        Scorer("tiny-random", "float32", ScorerSettings(use_gpu=True))
+        Scorer("tiny-random", "float32", on_gpu)
     # How it reaches the CLI: an actor's failed constructor leaves only Ray's text; a task's
     # error is Ray's RayTaskError whose ``cause`` is ours; a job may chain it with ``from``.
     died = RuntimeError(
