@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recording import assert_matches_recording
 
 from slap_ray.config import build_config
 from slap_ray.core.selection import n_keep_for
@@ -72,6 +73,13 @@ def test_online_lora_two_workers_trains_adapters_only_and_lowers_eval_loss(onlin
     report = (online_run / "report.md").read_text()
     assert "Held-out evaluation" in report and "tokens back-propagated" in report
     assert (online_run / "plots" / "train_loss.png").stat().st_size > 0
+
+
+def test_onpolicy_kept_ids_equal_the_recording(online_run):
+    """On-policy SLAP on two workers: the rows each step kept, in the order the step kept them."""
+    history = load(online_run, "metrics.json")["history"]
+    kept = {f"step-{h['step']}": list(h["kept_ids"]) for h in history}
+    assert_matches_recording("on-policy finetune (slap, 2 workers)", kept)
 
 
 def test_recompute_mode_selects_like_kept_graphs_through_ray_train(

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from recording import assert_matches_recording
 from selections import ALPHAS, kept_ids, tiny_config
 
 from slap_ray.assets import parameter_count, resolve_model_path
@@ -181,3 +182,9 @@ def test_resume_after_kill_matches_uninterrupted_run(baseline_run, pool_subset, 
     scores = pd.read_parquet(out / "scores.parquet")
     assert len(scores) == 160 and scores["id"].is_unique
     assert kept_ids(out) == kept_ids(baseline_run)
+
+
+def test_kept_ids_equal_the_recording(baseline_run):
+    """The 160-row pool, embedding strata, calibration, SLAP at three alphas."""
+    kept = {f"alpha-{alpha:g}": sorted(ids) for alpha, ids in kept_ids(baseline_run).items()}
+    assert_matches_recording("select baseline (slap)", kept)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from recording import assert_matches_recording
 
 from slap_ray.config import build_config
 from slap_ray.jobs.sweep import run_sweep
@@ -116,6 +117,13 @@ def test_each_trial_trains_on_exactly_its_arms_kept_ids(sweep_run):
     assert "What each arm keeps, before training" in (sweep_run / "results.md").read_text()
     full = (sweep_run / "trials" / "full-s0" / "train_ids.txt").read_text().splitlines()
     assert full == sorted(scores.loc[scores["loss"].notna(), "id"])
+
+
+def test_trained_ids_equal_the_recording(sweep_run):
+    """Source strata, no calibration: SLAP at 0.2 and 0.4, random at 0.4, full data."""
+    trials = sorted((sweep_run / "trials").glob("*/train_ids.txt"))
+    trained = {path.parent.name: path.read_text().split() for path in trials}
+    assert_matches_recording("sweep trials (slap, random, full)", trained)
 
 
 def test_killed_sweep_resumes_only_the_missing_trials(
