@@ -149,12 +149,10 @@ def score(
             results = pending.map_batches(
                 BatchScorer,
                 fn_constructor_args=(
-                    config.scoring_model,
-                    config.model.dtype,
                     ScorerSettings.from_config(config, selections),
                     moment,
                     str(scored_dir),
-                ),  # fmt: skip
+                ),
                 compute=ActorPoolStrategy(size=config.score.num_scorers),
                 batch_size=per_call,
                 batch_format="pandas",

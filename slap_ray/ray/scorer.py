@@ -42,44 +42,37 @@ SCORED_BATCHES_KEY = b"slap.batch_ids"
 
 @dataclass(frozen=True, kw_only=True)
 class ScorerSettings:
-    """What every scorer replica needs besides its model (sent to the actors once). Built from
-    the config (``from_config``), which holds every default."""
+    """What every scorer replica needs (sent to the actors once): which model to load and how,
+    the selections to run and the core's scoring settings. Built from the config
+    (``from_config``), which holds every default."""
 
-    selections: tuple[Selection, ...]
-    micro_batch_size: int
-    num_strata: int  # the loss strata recorded beside each row's loss
-    strata: str
-    eps: float
-    vocab_chunk: int | None
-    projection_seed: int
+    model_name: str
+    dtype: str
     use_gpu: bool
     torch_threads: int
+    selections: tuple[Selection, ...]
+    scoring: ScoringSettings
 
     @classmethod
     def from_config(cls, config: SlapConfig, selections: Sequence[Selection]) -> ScorerSettings:
+        from slap_ray.assets import load_tokenizer
+
         s = config.select
         return cls(
-            selections=tuple(selections),
-            micro_batch_size=config.score.micro_batch_size,
-            num_strata=s.num_strata,
-            strata=s.strata,
-            eps=s.eps,
-            vocab_chunk=config.score.vocab_chunk,
-            projection_seed=derive_seed(config.seed, "projection"),
+            model_name=config.scoring_model,
+            dtype=config.model.dtype,
             use_gpu=config.score.num_gpus_per_scorer > 0,
             torch_threads=scorer_threads(config),
-        )
-
-    def scoring(self, pad_token_id: int) -> ScoringSettings:
-        """The core's settings for a replica whose tokenizer pads with ``pad_token_id``."""
-        return ScoringSettings(
-            pad_token_id=pad_token_id,
-            micro_batch_size=self.micro_batch_size,
-            num_strata=self.num_strata,
-            strata=self.strata,
-            eps=self.eps,
-            vocab_chunk=self.vocab_chunk,
-            projection_seed=self.projection_seed,
+            selections=tuple(selections),
+            scoring=ScoringSettings(
+                pad_token_id=load_tokenizer(config.scoring_model).pad_token_id,
+                micro_batch_size=config.score.micro_batch_size,
+                num_strata=s.num_strata,
+                strata=s.strata,
+                eps=s.eps,
+                vocab_chunk=config.score.vocab_chunk,
+                projection_seed=derive_seed(config.seed, "projection"),
+            ),
         )
 
 
@@ -91,14 +84,15 @@ def scorer_threads(config: SlapConfig) -> int:
 class Scorer:
     """One model replica. Created as a Ray actor by ``scorer_actor``; plain class for testing."""
 
-    def __init__(self, model_name: str, dtype: str, settings: ScorerSettings) -> None:
-        from slap_ray.assets import load_causal_lm, load_tokenizer
+    def __init__(self, settings: ScorerSettings) -> None:
+        from slap_ray.assets import load_causal_lm
 
         torch.set_num_threads(settings.torch_threads)
         self.device = device_for(settings.use_gpu, "score.num_gpus_per_scorer")
-        self.model = load_causal_lm(model_name, dtype=getattr(torch, dtype)).to(self.device).eval()
+        dtype = getattr(torch, settings.dtype)
+        self.model = load_causal_lm(settings.model_name, dtype=dtype).to(self.device).eval()
         self.selections = settings.selections
-        self.settings = settings.scoring(load_tokenizer(model_name).pad_token_id)
+        self.settings = settings.scoring
         # The preconditioners are built once per second moment, and one N x V logits
         # allocation serves every batch.
         self.state = ScoringState(
@@ -180,15 +174,8 @@ class BatchScorer:
     selection, the conversation, the scorer's node; the batch ids in the footer) and return
     one small row per batch."""
 
-    def __init__(
-        self,
-        model_name: str,
-        dtype: str,
-        settings: ScorerSettings,
-        moment_path: str | None,
-        scored_dir: str,
-    ) -> None:
-        self.scorer = Scorer(model_name, dtype, settings)
+    def __init__(self, settings: ScorerSettings, moment_path: str | None, scored_dir: str) -> None:
+        self.scorer = Scorer(settings)
         if moment_path and Path(moment_path).exists():
             self.scorer.set_second_moment(torch.load(moment_path))
         self.scored_dir = Path(scored_dir)

@@ -62,10 +62,11 @@ def test_granted_gpu_that_torch_cannot_see_is_an_error(monkeypatch):
         device_for(True, "score.num_gpus_per_scorer")
     from slap_ray.ray.scorer import Scorer, ScorerSettings
 
-    on_gpu = ScorerSettings.from_config(SlapConfig(score={"num_gpus_per_scorer": 1}), ())
+    config = SlapConfig(model={"name": "tiny-random"}, score={"num_gpus_per_scorer": 1})
+    on_gpu = ScorerSettings.from_config(config, ())
     assert on_gpu.use_gpu
     with pytest.raises(DeviceError):
-        Scorer("tiny-random", "float32", on_gpu)
+        Scorer(on_gpu)
     # How it reaches the CLI: an actor's failed constructor leaves only Ray's text; a task's
     # error is Ray's RayTaskError whose ``cause`` is ours; a job may chain it with ``from``.
     died = RuntimeError(

@@ -138,9 +138,8 @@ def test_a_scorers_preconditioner_cache_gives_the_uncached_scores_and_follows_th
     after = features(reshaped, cache)
     torch.testing.assert_close(after, features(reshaped))
     assert not torch.allclose(after, before)  # the new moment mattered
-    scorer = Scorer(
-        "tiny-bpe", "float32", ScorerSettings.from_config(SlapConfig(), common["selections"])
-    )
+    config = SlapConfig(model={"name": "tiny-bpe"})
+    scorer = Scorer(ScorerSettings.from_config(config, common["selections"]))
     scorer.set_second_moment(moment)
     scorer.score(1, ids, labels)
     assert scorer.state.preconditioners.built == [("adam", 1e-6)]
