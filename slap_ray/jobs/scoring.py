@@ -27,7 +27,6 @@ from slap_ray.ray.scorer import (
     BatchScorer,
     ScorerSettings,
     calibrate_task,
-    scorer_threads,
 )
 from slap_ray.reporting.manifest import Manifest
 
@@ -99,7 +98,13 @@ def _packed(run_dir: Path) -> ray.data.Dataset:
     return ray.data.read_parquet(str(run_dir / "stages" / "batches"))
 
 
-def _calibrate(config: SlapConfig, run_dir: Path, num_batches: int, manifest: Manifest) -> str:
+def _calibrate(
+    config: SlapConfig,
+    settings: ScorerSettings,
+    run_dir: Path,
+    num_batches: int,
+    manifest: Manifest,
+) -> str:
     """The second moment over ``select.calibration_batches`` seeded batches, computed once
     on the cluster and saved beside the stages; returns its path."""
     s = config.select
@@ -111,12 +116,7 @@ def _calibrate(config: SlapConfig, run_dir: Path, num_batches: int, manifest: Ma
             picked = pool.where_in(_packed(run_dir), "batch_id", chosen)
             refs = picked.select_columns(["batch_id", "input_ids", "labels"]).to_arrow_refs()
             task = calibrate_task.options(**_resources(config))
-            ray.get(
-                task.remote(
-                    config.scoring_model, config.model.dtype, refs, s.beta2,
-                    config.score.micro_batch_size, str(path), scorer_threads(config),
-                )
-            )  # fmt: skip
+            ray.get(task.remote(settings, refs, s.beta2, str(path)))
     manifest.count("calibrate", batches=len(chosen))
     return str(path)
 
@@ -134,7 +134,8 @@ def score(
     scored_dir = run_dir / "scored"
     scored_dir.mkdir(exist_ok=True)
     done = finished_batches(scored_dir, selections)
-    moment = _calibrate(config, run_dir, num_batches, manifest)
+    settings = ScorerSettings.from_config(config, selections)
+    moment = _calibrate(config, settings, run_dir, num_batches, manifest)
     todo = num_batches - len(done)
     rows_now = passes = 0
     with manifest.stage("score"):
@@ -148,11 +149,7 @@ def score(
             pending = pending.repartition(target_num_rows_per_block=per_call).materialize()
             results = pending.map_batches(
                 BatchScorer,
-                fn_constructor_args=(
-                    ScorerSettings.from_config(config, selections),
-                    moment,
-                    str(scored_dir),
-                ),
+                fn_constructor_args=(settings, moment, str(scored_dir)),
                 compute=ActorPoolStrategy(size=config.score.num_scorers),
                 batch_size=per_call,
                 batch_format="pandas",

@@ -62,7 +62,8 @@ class ScorerSettings:
             model_name=config.scoring_model,
             dtype=config.model.dtype,
             use_gpu=config.score.num_gpus_per_scorer > 0,
-            torch_threads=scorer_threads(config),
+            # A CPU scorer runs as many torch threads as CPUs it holds.
+            torch_threads=max(1, int(config.score.num_cpus_per_scorer)),
             selections=tuple(selections),
             scoring=ScoringSettings(
                 pad_token_id=load_tokenizer(config.scoring_model).pad_token_id,
@@ -74,11 +75,6 @@ class ScorerSettings:
                 projection_seed=derive_seed(config.seed, "projection"),
             ),
         )
-
-
-def scorer_threads(config: SlapConfig) -> int:
-    """A CPU scorer runs as many torch threads as CPUs it holds."""
-    return max(1, int(config.score.num_cpus_per_scorer))
 
 
 class Scorer:
@@ -104,13 +100,6 @@ class Scorer:
 
     def set_second_moment(self, value: torch.Tensor | None) -> None:
         self.state.second_moment = None if value is None else value.to(self.device)
-
-    def calibrate(self, batches: list[tuple[list, list]], beta2: float) -> torch.Tensor | None:
-        ema = calibrate_second_moment(
-            self.model, batches, self.settings.pad_token_id, beta2,
-            self.settings.micro_batch_size, logits_buffer=self.state.logits_buffer,
-        )  # fmt: skip
-        return None if ema.value() is None else ema.value().cpu()
 
     def score(
         self, batch_id: int, input_ids: list, labels: list, groups: list | None = None
@@ -140,28 +129,23 @@ def _lists(values) -> list[list[int]]:
 
 
 @ray.remote
-def calibrate_task(
-    model_name: str,
-    dtype: str,
-    refs: list,
-    beta2: float,
-    micro_batch_size: int,
-    path: str,
-    threads: int,
-) -> bool:
+def calibrate_task(settings: ScorerSettings, refs: list, beta2: float, path: str) -> bool:
     """The second-moment EMA over the calibration batches (packed rows behind ``refs``),
-    saved to ``path``; returns whether there was one."""
-    from slap_ray.assets import load_causal_lm, load_tokenizer
+    computed by the model the scorers load and saved to ``path``; returns whether there was
+    one."""
+    from slap_ray.assets import load_causal_lm
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(settings.torch_threads)
     table = fetch_table(refs)
     if table is None:
         return False
     frame = table.to_pandas().sort_values("batch_id")
-    model = load_causal_lm(model_name, dtype=getattr(torch, dtype)).eval()
-    pad = load_tokenizer(model_name).pad_token_id
+    model = load_causal_lm(settings.model_name, dtype=getattr(torch, settings.dtype)).eval()
     batches = [(_lists(r["input_ids"]), _lists(r["labels"])) for _, r in frame.iterrows()]
-    ema = calibrate_second_moment(model, batches, pad, beta2, micro_batch_size)
+    scoring = settings.scoring
+    ema = calibrate_second_moment(
+        model, batches, scoring.pad_token_id, beta2, scoring.micro_batch_size
+    )
     if ema.value() is None:
         return False
     torch.save(ema.value().cpu(), path)
